@@ -1,0 +1,65 @@
+# vnafs: build, test and demo entry points. Run as root on Debian 12.
+#   make demo   create, mount and fill a demo filesystem under /var/tmp/vnafs-demo
+#   make test   ruff + the whole pytest suite (what CI runs, see .ci/run)
+
+PYTHON ?= python3
+VENV   := .venv
+PYTEST_ARGS ?=
+
+# Debian packages needed to build pyfuse3 and to run the tests
+# (gocryptfs only as a reference point for tools/bench).
+SYSDEPS := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv gocryptfs attr acl rsync
+
+.DEFAULT_GOAL := help
+.PHONY: help sysdeps venv test lint demo bench clean
+
+help:
+	@echo "make demo    install everything, create and mount a demo filesystem with sample DICOM"
+	@echo "make test    install everything, run ruff and the whole test suite"
+	@echo "make lint    ruff check only"
+	@echo "make bench   run tools/bench"
+	@echo "make venv    Debian packages + $(VENV) with vnafs installed editable"
+	@echo "make clean   remove $(VENV) and build artifacts"
+
+# Installs only when a package is missing, so reruns are silent and need no network.
+sysdeps:
+	@missing=""; \
+	for p in $(SYSDEPS); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' \
+			|| missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" -ne 0 ]; then \
+			echo "make sysdeps: missing Debian packages:$$missing; run make as root to install them" >&2; \
+			exit 1; \
+		fi; \
+		echo "make sysdeps: installing$$missing"; \
+		apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSDEPS); \
+	fi
+
+# sysdeps is order-only: it always runs its (cheap) check, but never forces a venv rebuild.
+$(VENV)/.stamp: pyproject.toml | sysdeps
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check --upgrade pip
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.stamp
+
+test: venv
+	$(VENV)/bin/ruff check vnafs tools tests
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+
+lint: venv
+	$(VENV)/bin/ruff check vnafs tools tests
+
+demo: venv
+	$(VENV)/bin/vnafs demo
+
+bench: venv
+	$(VENV)/bin/python -m tools.bench
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,297 @@
+"""The `vnafs` command.
+
+Each subcommand is a thin function over `daemon` (and `fsck`); every error a user can cause
+arrives here as a `VnafsError` and is printed as one line, exit status 1. `mount` forks after
+parsing so that the parent can wait for the daemon to report that the file system is mounted,
+or why it is not: the exit status of `vnafs mount` is always the truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.handlers
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vnafs import __version__
+from vnafs.errors import VnafsError
+
+log = logging.getLogger("vnafs")
+
+
+def _key_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key-file", help="file holding the 256-bit key (from 'vnafs keygen')")
+    p.add_argument("--passphrase-env", metavar="VAR",
+                   help="environment variable holding a passphrase (stretched with scrypt)")
+
+
+def _source(args: argparse.Namespace) -> Any:
+    from vnafs.keys import resolve_kek_source
+
+    return resolve_kek_source(args.key_file, args.passphrase_env)
+
+
+def setup_logging(hot: Path | None, *, stderr: bool, level: int = logging.INFO) -> None:
+    root = logging.getLogger()
+    root.setLevel(level)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if hot is not None:
+        fh = logging.handlers.RotatingFileHandler(hot / "vnafs.log", maxBytes=16 << 20,
+                                                  backupCount=4)
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    if stderr:
+        sh = logging.StreamHandler()
+        sh.setFormatter(fmt)
+        root.addHandler(sh)
+
+
+# -- subcommands ----------------------------------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from vnafs.keys import generate_key_file
+
+    generate_key_file(Path(args.path))
+    print(f"wrote a new 256-bit key to {args.path} (mode 0600); keep a copy off this machine: "
+          "without it the data cannot be read")
+    return 0
+
+
+def cmd_mkfs(args: argparse.Namespace) -> int:
+    from vnafs.daemon import mkfs
+
+    mkfs(Path(args.hot), _source(args), archive_url=args.archive, uid=os.getuid(),
+         gid=os.getgid())
+    print(f"created vnafs hot store {Path(args.hot).resolve()}")
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from vnafs import config, daemon
+
+    hot, mnt = Path(args.hot).resolve(), Path(args.mountpoint).resolve()
+    source = _source(args)
+    daemon.check_dev_fuse()
+    daemon.check_mountpoint(mnt)
+    daemon.read_format(hot)
+    if "," in str(hot):
+        raise VnafsError("the hot store path must not contain a comma: move or rename it")
+    config.apply_mount_options(config.load(hot), args.options)  # validate before forking
+    if args.foreground:
+        setup_logging(hot, stderr=True)
+        return _run_daemon(hot, mnt, source, args.options, lambda msg: None)
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_fd)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        setup_logging(hot, stderr=False)
+
+        def report(msg: str | None) -> None:
+            os.write(write_fd, b"OK\n" if msg is None else b"ERR " + msg.encode() + b"\n")
+
+        code = 1
+        try:
+            code = _run_daemon(hot, mnt, source, args.options, report)
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        line = pipe.readline().decode(errors="replace").strip()
+    if line == "OK":
+        print(f"mounted {hot} at {mnt}")
+        return 0
+    if line.startswith("ERR "):
+        raise VnafsError(line[4:])
+    raise VnafsError(f"the vnafs daemon exited during start-up: see {hot}/vnafs.log")
+
+
+def _run_daemon(hot: Path, mnt: Path, source: Any, options: list[str],
+                report: Callable[[str | None], None]) -> int:
+    import trio
+
+    from vnafs import config, daemon
+
+    reported = False
+
+    def ready(msg: str | None) -> None:
+        nonlocal reported
+        reported = True
+        report(msg)
+
+    try:
+        store = daemon.open_store(hot, source)
+    except VnafsError as exc:
+        ready(str(exc))
+        if report is not None:
+            print(f"vnafs: {exc}", file=sys.stderr)
+        return 1
+    try:
+        config.apply_mount_options(store.config, options)
+        trio.run(daemon.serve, store, mnt, ready)
+        return 0
+    except VnafsError as exc:
+        log.error("%s", exc)
+        if not reported:
+            ready(str(exc))
+        return 1
+    except BaseException:
+        log.exception("vnafs daemon failed")
+        if not reported:
+            ready(f"internal error; see {hot}/vnafs.log")
+        return 1
+    finally:
+        store.close()
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from vnafs import daemon
+
+    mnt = Path(args.mountpoint).resolve()
+    hot = daemon.hot_store_of(mnt)
+    res = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        if "busy" in res.stderr.lower():
+            raise VnafsError(f"{mnt} is busy: close the files and shells using it "
+                             f"(fuser -vm {mnt} lists them), then try again")
+        raise VnafsError(f"unmounting {mnt} failed: {res.stderr.strip()}")
+    # The daemon commits and closes its stores after the kernel lets go: wait for its lock.
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            fd = daemon.lock_store(hot)
+        except VnafsError:
+            time.sleep(0.05)
+            continue
+        os.close(fd)
+        print(f"unmounted {mnt}")
+        return 0
+    raise VnafsError(f"{mnt} is unmounted but the daemon has not finished after "
+                     f"{args.timeout:.0f} s: see {hot}/vnafs.log")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from vnafs import daemon
+
+    hot = daemon.hot_store_of(Path(args.mountpoint))
+    st = daemon.control_request(hot, {"op": "status"})
+    if args.json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+        return 0
+    gib = 1 << 30
+    print(f"vnafs {st['version']} (format {st['format']})  health: {st['health']}")
+    print(f"  mount point   {st['mountpoint']}")
+    disk = st["disk"]
+    print(f"  hot store     {st['hot_store']}  "
+          f"({disk['free_bytes'] / gib:.1f} GiB free of {disk['size_bytes'] / gib:.1f})")
+    print(f"  archive       {st['archive'] or 'none configured'}")
+    print(f"  inodes        {st['inodes']}   directory entries {st['dirents']}")
+    print(f"  blocks        {st['blocks']}  ({st['block_bytes_stored'] / (1 << 20):.1f} MiB "
+          "sealed on disk)")
+    print(f"  open files    {st.get('open_files', 0)}   dirty blocks {st.get('dirty_blocks', 0)}")
+    print(f"  data key      version {st['keys']['current_version']}")
+    return 0
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    from vnafs import daemon, fsck
+
+    store = daemon.open_store(Path(args.hot), _source(args))
+    try:
+        report = fsck.check(store, repair=args.repair, verify_data=not args.no_data,
+                            progress=not args.json)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+    else:
+        print(report.summary())
+    return 0 if report.clean or (args.repair and not report.damage) else 2
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vnafs import demo
+
+    return demo.run(Path(args.dir))
+
+
+# -- entry point ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vnafs",
+        description="Encrypted, compressed archive file system for medical imaging.",
+    )
+    p.add_argument("--version", action="version", version=f"vnafs {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("keygen", help="create a new 256-bit key file (mode 0600)")
+    s.add_argument("path")
+    s.set_defaults(fn=cmd_keygen)
+
+    s = sub.add_parser("mkfs", help="create a hot store")
+    _key_args(s)
+    s.add_argument("--archive", metavar="URL", help="archive URL (file://, s3://, azure://)")
+    s.add_argument("hot")
+    s.set_defaults(fn=cmd_mkfs)
+
+    s = sub.add_parser("mount", help="mount a hot store")
+    _key_args(s)
+    s.add_argument("-o", dest="options", action="append", default=[],
+                   help="mount options: allow_other, sync_on_close, cache_mib=N")
+    s.add_argument("--foreground", "-f", action="store_true", help="do not detach")
+    s.add_argument("hot")
+    s.add_argument("mountpoint")
+    s.set_defaults(fn=cmd_mount)
+
+    s = sub.add_parser("umount", help="unmount (waits until everything is committed)")
+    s.add_argument("--timeout", type=float, default=120.0)
+    s.add_argument("mountpoint")
+    s.set_defaults(fn=cmd_umount)
+
+    s = sub.add_parser("status", help="show the state of a mounted file system")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("mountpoint")
+    s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser("fsck", help="check (and repair) an unmounted hot store")
+    _key_args(s)
+    s.add_argument("--repair", action="store_true", help="fix what can be fixed safely")
+    s.add_argument("--no-data", action="store_true", help="skip reading every block")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("hot")
+    s.set_defaults(fn=cmd_fsck)
+
+    s = sub.add_parser("demo", help="create, mount and fill a demonstration file system")
+    s.add_argument("--dir", default="/var/tmp/vnafs-demo")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except VnafsError as exc:
+        print(f"vnafs: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,387 @@
+"""Wires one hot store into a running file system, and opens stores for offline tools.
+
+`open_store` is the single way in: it checks the format version, unlocks the keyring and opens
+LMDB, each with a one-line error when something is wrong. `serve` runs a mounted file system:
+it sweeps crash leftovers, starts FUSE, the control socket and the background tasks in one trio
+nursery, and on the way out commits what open files still hold before closing the stores.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from vnafs import FORMAT_VERSION, __version__
+from vnafs import config as config_mod
+from vnafs.config import Config
+from vnafs.errors import VnafsError
+from vnafs.keys import KekSource, Keyring
+from vnafs.meta.db import MetaDB
+from vnafs.meta.namespace import Namespace, Tx
+from vnafs.meta.records import BLOCK_SIZE
+from vnafs.seal import Sealer
+from vnafs.store.hot import HotStore
+
+log = logging.getLogger("vnafs.daemon")
+
+FORMAT_FILE = "FORMAT"
+FORMAT_MAGIC = "vnafs-hot-store"
+
+
+@dataclass
+class Store:
+    root: Path
+    config: Config
+    keyring: Keyring
+    sealer: Sealer
+    db: MetaDB
+    ns: Namespace
+    hot: HotStore
+    lock_fd: int | None = None
+
+    def close(self) -> None:
+        self.hot.close()
+        self.db.close()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+def read_format(root: Path) -> int:
+    if not root.exists():
+        raise VnafsError(f"hot store {root} does not exist: create it with 'vnafs mkfs'")
+    if not root.is_dir():
+        raise VnafsError(f"hot store {root} is not a directory: give the directory 'vnafs mkfs' "
+                         "created")
+    try:
+        text = (root / FORMAT_FILE).read_text()
+    except FileNotFoundError:
+        raise VnafsError(f"{root} is not a vnafs hot store (no {FORMAT_FILE} file): create one "
+                         "with 'vnafs mkfs'") from None
+    magic, _, version = text.strip().partition(" ")
+    if magic != FORMAT_MAGIC or not version.isdigit():
+        raise VnafsError(f"{root}/{FORMAT_FILE} is damaged: restore it from a backup")
+    if int(version) > FORMAT_VERSION:
+        raise VnafsError(
+            f"hot store {root} has format version {version}, newer than this vnafs "
+            f"({__version__}, format {FORMAT_VERSION}) understands: upgrade vnafs"
+        )
+    return int(version)
+
+
+def lock_store(root: Path) -> int:
+    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise VnafsError(f"hot store {root} is in use by a running vnafs (mounted?): unmount it "
+                         "first") from None
+    return fd
+
+
+def open_store(root: Path, source: KekSource, *, lock: bool = True) -> Store:
+    root = root.resolve()
+    read_format(root)
+    cfg = config_mod.load(root)
+    lock_fd = lock_store(root) if lock else None
+    try:
+        keyring = Keyring.open(root / "keyring", source)
+        sealer = Sealer(keyring, zstd_level=cfg.store.zstd_level)
+        db = MetaDB(root / "meta", sealer)
+        ns = Namespace(db)
+        hot = HotStore(root, sealer)
+    except BaseException:
+        if lock_fd is not None:
+            os.close(lock_fd)
+        raise
+    return Store(root, cfg, keyring, sealer, db, ns, hot, lock_fd)
+
+
+def mkfs(root: Path, source: KekSource, *, archive_url: str | None, uid: int, gid: int) -> None:
+    root = root.resolve()
+    if root.exists() and any(root.iterdir()):
+        raise VnafsError(f"{root} is not empty: give an empty or new directory for the hot store")
+    cfg = Config()
+    if archive_url:
+        cfg.archive_url = config_mod.validate_archive_url(archive_url)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(root, 0o700)
+    keyring = Keyring.create(root / "keyring", source)
+    sealer = Sealer(keyring, zstd_level=cfg.store.zstd_level)
+    db = MetaDB(root / "meta", sealer)
+    try:
+        Namespace.format(db, uid, gid, time.time_ns())
+    finally:
+        db.close()
+    HotStore(root, sealer).create_layout()
+    (root / config_mod.CONFIG_NAME).write_text(cfg.to_toml())
+    # FORMAT is written last: a store without it is an unfinished mkfs, never half-used.
+    tmp = root / (FORMAT_FILE + ".tmp")
+    tmp.write_text(f"{FORMAT_MAGIC} {FORMAT_VERSION}\n")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    tmp.rename(root / FORMAT_FILE)
+    dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def recover(store: Store) -> dict[str, int]:
+    """Clean up after a crash: half-written blocks and inodes that were unlinked while open."""
+    swept = store.hot.sweep_tmp()
+    orphans = store.ns.orphans()
+    for ino in orphans:
+        with store.db.begin(write=True) as txn:
+            tx = Tx(txn, time.time_ns())
+            store.ns.free_orphan(tx, ino)
+        for block_id in tx.freed_blocks:
+            store.hot.delete(block_id)
+    if swept or orphans:
+        log.info("recovery: removed %d unfinished blocks, freed %d orphaned inodes", swept,
+                 len(orphans))
+    return {"tmp_swept": swept, "orphans_freed": len(orphans)}
+
+
+def status_of(store: Store, engine: Any = None, files: Any = None,
+              mountpoint: str | None = None) -> dict[str, Any]:
+    st = store.hot.usage()
+    out: dict[str, Any] = {
+        "version": __version__,
+        "format": FORMAT_VERSION,
+        "hot_store": str(store.root),
+        "mountpoint": mountpoint,
+        "archive": store.config.archive_url,
+        "health": "ok",
+        "disk": {
+            "size_bytes": st.f_blocks * st.f_frsize,
+            "free_bytes": st.f_bavail * st.f_frsize,
+        },
+        "metadata_bytes": os.path.getsize(store.root / "meta" / "data.mdb"),
+        "keys": {
+            "current_version": store.keyring.current_version,
+            "versions": len(store.keyring.versions),
+        },
+        **store.ns.stats(),
+    }
+    if engine is not None:
+        out["counters"] = dict(engine.stats)
+        out["cache_bytes"] = engine.cache.size
+    if files is not None:
+        out["open_files"] = len(files.open)
+        out["dirty_blocks"] = sum(len(of.dirty) for of in files.open.values())
+    return out
+
+
+class ControlServer:
+    """JSON-lines requests on `<hot>/control.sock` (mode 0600: root only)."""
+
+    def __init__(self, path: Path, handlers: dict[str, Callable[[dict[str, Any]], Any]]) -> None:
+        self.path = path
+        self.handlers = handlers
+
+    async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self.path.unlink(missing_ok=True)
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            await sock.bind(str(self.path))
+        finally:
+            os.umask(old)
+        sock.listen(16)
+        listener = trio.SocketListener(sock)
+        task_status.started()
+        try:
+            await trio.serve_listeners(self._client, [listener])
+        finally:
+            self.path.unlink(missing_ok=True)
+
+    async def _client(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            buf = b""
+            with trio.move_on_after(30):
+                while b"\n" not in buf and len(buf) < 65536:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        return
+                    buf += chunk
+            try:
+                req = json.loads(buf.split(b"\n", 1)[0])
+                handler = self.handlers[req["op"]]
+                reply = {"ok": True, "result": await _maybe_await(handler(req))}
+            except KeyError:
+                reply = {"ok": False, "error": "unknown request"}
+            except VnafsError as exc:
+                reply = {"ok": False, "error": str(exc)}
+            except Exception:
+                log.exception("control request failed")
+                reply = {"ok": False, "error": "internal error; see the vnafs log"}
+            await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+
+async def _maybe_await(value: Any) -> Any:
+    if hasattr(value, "__await__"):
+        return await value
+    return value
+
+
+def fuse_options(store: Store, cfg: Config) -> set[str]:
+    opts = {f"fsname={store.root}", "subtype=vnafs", "default_permissions"}
+    if cfg.mount.allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+async def serve(
+    store: Store, mountpoint: Path, ready: Callable[[str | None], None]
+) -> None:
+    """Mount `store` at `mountpoint` and serve until unmounted or signalled."""
+    import pyfuse3  # only the mounted daemon needs FUSE
+
+    from vnafs.fs.engine import Engine
+    from vnafs.fs.files import Files
+    from vnafs.fs.operations import Operations
+
+    cfg = store.config
+    recover(store)
+    store.ns.start_mount()
+    engine = Engine(
+        store.ns,
+        store.hot,
+        cache_bytes=cfg.store.cache_mib << 20,
+        workers=cfg.store.workers,
+        max_inflight_blocks=max(2, cfg.store.max_inflight_mib * (1 << 20) // BLOCK_SIZE),
+    )
+    async with trio.open_nursery() as nursery:
+        files = Files(engine, nursery, sync_on_close=cfg.mount.sync_on_close)
+        ops = Operations(engine, files, block_size=BLOCK_SIZE)
+        try:
+            pyfuse3.init(ops, str(mountpoint), fuse_options(store, cfg))
+        except RuntimeError as exc:
+            raise VnafsError(f"mounting {mountpoint} failed ({exc}): check that /dev/fuse is "
+                             "usable and the mount point is a free directory") from None
+        control = ControlServer(
+            store.root / "control.sock",
+            {"status": lambda req: status_of(store, engine, files, str(mountpoint))},
+        )
+        await nursery.start(control.serve)
+        nursery.start_soon(_watch_signals, nursery)
+        log.info("mounted %s (vnafs %s)", mountpoint, __version__)
+        ready(None)
+        try:
+            await pyfuse3.main(min_tasks=4, max_tasks=64)
+        finally:
+            for ino in list(files.open):
+                try:
+                    await files.flush(ino)
+                except OSError as exc:
+                    log.error("could not commit inode %d at unmount: %s", ino, exc.strerror)
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", mountpoint)
+            nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(nursery: trio.Nursery) -> None:
+    import pyfuse3
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for _ in signals:
+            log.info("signal received: unmounting")
+            pyfuse3.terminate()
+            return
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    if not mountpoint.exists():
+        raise VnafsError(f"mount point {mountpoint} does not exist: create the directory first")
+    if not mountpoint.is_dir():
+        raise VnafsError(f"mount point {mountpoint} is not a directory")
+    if find_mount(mountpoint) is not None or os.path.ismount(mountpoint):
+        raise VnafsError(f"{mountpoint} is already a mount point: unmount it first or choose "
+                         "another directory")
+    if any(mountpoint.iterdir()):
+        raise VnafsError(f"mount point {mountpoint} is not empty: choose an empty directory")
+
+
+def check_dev_fuse() -> None:
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR)
+    except FileNotFoundError:
+        raise VnafsError("/dev/fuse is missing: install fuse3 and load the fuse module "
+                         "(modprobe fuse)") from None
+    except PermissionError:
+        raise VnafsError("/dev/fuse is not accessible: run vnafs as root or give this user "
+                         "access to /dev/fuse") from None
+    except OSError as exc:
+        if exc.errno in (errno.ENODEV, errno.ENXIO):
+            raise VnafsError("/dev/fuse exists but the fuse kernel module is not loaded: run "
+                             "modprobe fuse") from None
+        raise
+    os.close(fd)
+
+
+def _unescape(field: str) -> str:
+    return field.encode().decode("unicode_escape").encode("latin-1").decode(
+        "utf-8", "surrogateescape")
+
+
+def find_mount(mountpoint: Path) -> tuple[str, str] | None:
+    """(fs type, source) of the mount at `mountpoint`, from /proc/self/mountinfo."""
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if len(fields) < 5 or _unescape(fields[4]) != target:
+                continue
+            rf = right.split()
+            return rf[0], _unescape(rf[1]) if len(rf) > 1 else ""
+    return None
+
+
+def hot_store_of(mountpoint: Path) -> Path:
+    found = find_mount(mountpoint)
+    if found is None or found[0] != "fuse.vnafs":
+        raise VnafsError(f"{mountpoint} is not a mounted vnafs file system: give the mount "
+                         "point, or mount it with 'vnafs mount'")
+    return Path(found[1])
+
+
+def control_request(hot: Path, request: dict[str, Any], timeout: float = 30.0) -> Any:
+    import socket
+
+    path = hot / "control.sock"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise VnafsError(f"the vnafs daemon for {hot} is not answering: check its log "
+                         f"{hot}/vnafs.log") from None
+    except TimeoutError:
+        raise VnafsError(f"the vnafs daemon for {hot} did not answer within {timeout:.0f} s: "
+                         f"check its log {hot}/vnafs.log") from None
+    reply = json.loads(data)
+    if not reply.get("ok"):
+        raise VnafsError(reply.get("error", "request failed"))
+    return reply["result"]

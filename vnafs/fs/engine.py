@@ -1,0 +1,204 @@
+"""The trio-side engine of a mounted store: worker-thread limits, commits, blocks and caches.
+
+Everything that blocks (LMDB commits, sealing, disk I/O) runs in worker threads under
+`CapacityLimiter`s, so the event loop only shuffles buffers:
+
+- `commit(fn, ...)` runs one namespace mutation in a write transaction on the single writer
+  thread, then deletes block files whose last reference the commit dropped;
+- `store_block(data)` computes the block id, skips the write when the block already exists
+  (dedup) and otherwise seals and writes it, on the CPU limiter;
+- `load_block(id)` returns plaintext from a bounded LRU cache or loads it on the read limiter,
+  merging concurrent loads of the same block;
+- `barrier()` is the group commit: callers that need durability share one `syncfs`.
+
+Nothing here imports pyfuse3: the engine is reused by tools that work without a mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import lmdb
+import trio
+
+from vnafs.errors import IntegrityError
+from vnafs.meta.namespace import Namespace, Tx
+from vnafs.store.hot import HotStore
+
+log = logging.getLogger("vnafs.engine")
+T = TypeVar("T")
+
+
+def _lmdb_error(exc: lmdb.Error) -> OSError:
+    text = str(exc)
+    if "No space" in text or "MDB_MAP_FULL" in text:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    log.error("metadata write failed: %s", text)
+    return OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+class BlockCache:
+    """Plaintext blocks by id, least recently used first out, bounded in bytes."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.size = 0
+        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def get(self, block_id: bytes) -> bytes | None:
+        data = self._items.get(block_id)
+        if data is not None:
+            self._items.move_to_end(block_id)
+        return data
+
+    def put(self, block_id: bytes, data: bytes) -> None:
+        if block_id in self._items or len(data) > self.capacity:
+            return
+        self._items[block_id] = data
+        self.size += len(data)
+        while self.size > self.capacity:
+            _, old = self._items.popitem(last=False)
+            self.size -= len(old)
+
+
+class Engine:
+    def __init__(
+        self,
+        ns: Namespace,
+        store: HotStore,
+        *,
+        cache_bytes: int = 128 << 20,
+        workers: int = 2,
+        max_inflight_blocks: int = 32,
+        compress: bool = True,
+    ) -> None:
+        self.ns = ns
+        self.store = store
+        self.compress = compress
+        self.cache = BlockCache(cache_bytes)
+        self.writer = trio.CapacityLimiter(1)
+        self.cpu = trio.CapacityLimiter(workers)
+        self.io = trio.CapacityLimiter(max(4, workers * 2))
+        # Bounds plaintext held by blocks waiting to be sealed: memory stays flat under any load.
+        self.inflight = trio.Semaphore(max_inflight_blocks)
+        self._loading: dict[bytes, trio.Event] = {}
+        # Block ids a writer has produced but not yet committed: never delete their files.
+        self._pending: Counter[bytes] = Counter()
+        self._pending_lock = threading.Lock()
+        self._sync_started = 0
+        self._sync_done = 0
+        self._sync_running = False
+        self._sync_event = trio.Event()
+        self.stats: Counter[str] = Counter()
+        self.on_orphaned: Callable[[int], None] = lambda ino: None
+
+    # -- metadata commits -----------------------------------------------------------------------
+
+    def _run_tx(self, fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[T, Tx]:
+        env = self.ns.db.env
+        try:
+            with env.begin(write=True) as txn:
+                tx = Tx(txn, time.time_ns())
+                result = fn(tx, *args)
+        except lmdb.Error as exc:
+            raise _lmdb_error(exc) from None
+        with self._pending_lock:
+            for block_id in tx.freed_blocks:
+                if not self._pending[block_id]:
+                    self.store.delete(block_id)
+        return result, tx
+
+    async def commit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `fn(tx, *args, **kwargs)` in its own write transaction on the writer thread."""
+        call = functools.partial(fn, **kwargs) if kwargs else fn
+        result, tx = await trio.to_thread.run_sync(self._run_tx, call, args,
+                                                   limiter=self.writer)
+        self.stats["commits"] += 1
+        for ino in tx.orphaned:
+            self.on_orphaned(ino)
+        return result
+
+    # -- durability -----------------------------------------------------------------------------
+
+    async def barrier(self) -> None:
+        """Return once a syncfs that started after this call has finished (group commit)."""
+        need = self._sync_started + 1
+        while self._sync_done < need:
+            if self._sync_running:
+                await self._sync_event.wait()
+                continue
+            self._sync_running = True
+            self._sync_started += 1
+            ticket = self._sync_started
+            try:
+                await trio.to_thread.run_sync(self.store.syncfs, limiter=self.io)
+            finally:
+                self._sync_running = False
+                self._sync_done = ticket
+                self._sync_event.set()
+                self._sync_event = trio.Event()
+            self.stats["barriers"] += 1
+
+    # -- blocks ---------------------------------------------------------------------------------
+
+    def _store_block(self, data: bytes) -> tuple[bytes, int]:
+        block_id = self.store.sealer.block_id(data)
+        # Mark the id pending before looking it up, so a concurrent commit that drops its last
+        # reference keeps the file (see docs/architecture.md, "Data path").
+        with self._pending_lock:
+            self._pending[block_id] += 1
+        if self.ns.has_block(block_id):
+            self.stats["dedup_hits"] += 1
+            return block_id, 0
+        stored = self.store.put(block_id, data, compress=self.compress)
+        return block_id, stored
+
+    async def store_block(self, data: bytes) -> tuple[bytes, int]:
+        """Seal and write one block (or find it already stored). The id stays pending until
+        `release_pending` is called after the commit that references it."""
+        block_id, stored = await trio.to_thread.run_sync(self._store_block, data,
+                                                         limiter=self.cpu)
+        self.cache.put(block_id, data)
+        self.stats["blocks_written"] += 1 if stored else 0
+        return block_id, stored
+
+    def release_pending(self, ids: list[bytes]) -> None:
+        with self._pending_lock:
+            for block_id in ids:
+                self._pending[block_id] -= 1
+                if self._pending[block_id] <= 0:
+                    del self._pending[block_id]
+
+    async def load_block(self, block_id: bytes) -> bytes:
+        while True:
+            data = self.cache.get(block_id)
+            if data is not None:
+                return data
+            event = self._loading.get(block_id)
+            if event is None:
+                break
+            await event.wait()
+        event = self._loading[block_id] = trio.Event()
+        try:
+            try:
+                data = await trio.to_thread.run_sync(self.store.get, block_id, limiter=self.io)
+            except IntegrityError as exc:
+                log.error("%s", exc)
+                raise OSError(errno.EIO, os.strerror(errno.EIO)) from None
+            self.cache.put(block_id, data)
+            self.stats["blocks_loaded"] += 1
+            return data
+        finally:
+            del self._loading[block_id]
+            event.set()
+
+    def loading(self, block_id: bytes) -> bool:
+        return block_id in self._loading or self.cache.get(block_id) is not None

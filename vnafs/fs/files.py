@@ -1,0 +1,307 @@
+"""Open files: write buffers, the sealing pipeline, reads and truncation, per inode.
+
+State is per inode, not per handle, because POSIX wants every descriptor of a file to see every
+write at once. A write lands in a 1 MiB plaintext buffer; a buffer that reaches the end of its
+block is sealed in the background while the writer continues. `flush` (every close) seals what is
+left, waits for the pipeline and commits the new block map, size and times in one transaction;
+until then reads are served from the buffers and the sealed-but-uncommitted blocks.
+
+A per-inode lock serialises the steps that change the buffers (write, truncate, flush), because a
+read-modify-write of a partial block awaits a block load in the middle. Reads take no lock.
+A failed seal (a full disk) puts the buffer back and reports the error at the next flush, so the
+data is not lost and can be retried once space is freed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from vnafs.fs.engine import Engine
+from vnafs.meta.namespace import NewBlock
+from vnafs.meta.records import BLOCK_SIZE, BlockRef, Inode
+
+log = logging.getLogger("vnafs.files")
+
+# Partial blocks one file may buffer before the oldest is sealed (random writers).
+MAX_DIRTY_BLOCKS = 8
+READAHEAD_BLOCKS = 4
+DAY_NS = 86_400 * 10**9
+
+
+@dataclass(eq=False)
+class OpenFile:
+    ino: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    handles: int = 0
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    dirty: dict[int, bytearray] = field(default_factory=dict)
+    sealed: dict[int, NewBlock | None] = field(default_factory=dict)
+    inflight: dict[int, trio.Event] = field(default_factory=dict)
+    pending_ids: list[bytes] = field(default_factory=list)
+    error: OSError | None = None
+    meta_dirty: bool = False
+    last_read_end: int = -1
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.dirty or self.sealed or self.inflight or self.meta_dirty)
+
+
+class Files:
+    def __init__(self, engine: Engine, nursery: trio.Nursery, *, sync_on_close: bool) -> None:
+        self.engine = engine
+        self.ns = engine.ns
+        self.nursery = nursery
+        self.sync_on_close = sync_on_close
+        self.open: dict[int, OpenFile] = {}
+        self._readahead = trio.CapacityLimiter(READAHEAD_BLOCKS * 2)
+        engine.on_orphaned = self._orphaned
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def attach(self, node: Inode) -> OpenFile:
+        of = self.open.get(node.ino)
+        if of is None:
+            of = OpenFile(node.ino, node.size, node.atime_ns, node.mtime_ns, node.ctime_ns)
+            self.open[node.ino] = of
+        of.handles += 1
+        return of
+
+    async def release(self, ino: int) -> None:
+        of = self.open[ino]
+        of.handles -= 1
+        if of.handles > 0:
+            return
+        try:
+            if of.busy:
+                await self.flush(ino)
+        finally:
+            if of.handles == 0:
+                del self.open[ino]
+                if of.pending_ids:
+                    self.engine.release_pending(of.pending_ids)
+                await self._free_if_orphan(ino)
+
+    def _orphaned(self, ino: int) -> None:
+        if ino not in self.open:
+            self.nursery.start_soon(self._free_if_orphan, ino)
+
+    async def _free_if_orphan(self, ino: int) -> None:
+        if ino in self.open:
+            return
+        try:
+            await self.engine.commit(self.ns.free_orphan, ino)
+        except OSError as exc:
+            log.warning("freeing inode %d failed (%s); it is freed at the next mount", ino,
+                        exc.strerror)
+
+    def overlay(self, node: Inode) -> Inode:
+        """The inode as open handles see it (size and times not yet committed)."""
+        of = self.open.get(node.ino)
+        if of is not None:
+            node.size = of.size
+            node.atime_ns, node.mtime_ns = of.atime_ns, of.mtime_ns
+            node.ctime_ns = max(node.ctime_ns, of.ctime_ns)
+        return node
+
+    # -- block content ----------------------------------------------------------------------------
+
+    async def _ref(self, of: OpenFile, index: int) -> BlockRef | None:
+        while index in of.inflight:
+            await of.inflight[index].wait()
+        if index in of.sealed:
+            new = of.sealed[index]
+            return None if new is None else new.ref
+        with self.ns.db.begin() as txn:
+            return self.ns.block_ref(txn, of.ino, index)
+
+    async def _content(self, of: OpenFile, index: int) -> bytes | bytearray | memoryview:
+        """The block's bytes that belong to the file (may be shorter than the block)."""
+        buf = of.dirty.get(index)
+        if buf is not None:
+            return buf
+        ref = await self._ref(of, index)
+        buf = of.dirty.get(index)  # a writer may have filled it while we waited
+        if buf is not None:
+            return buf
+        if ref is None:
+            return b""
+        data = await self.engine.load_block(ref.block_id)
+        return memoryview(data)[: ref.length]
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    async def write(self, ino: int, offset: int, data: bytes) -> int:
+        of = self.open[ino]
+        async with of.lock:
+            if of.error is not None and of.error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise of.error
+            pos, view = offset, memoryview(data)
+            while view:
+                index, boff = divmod(pos, BLOCK_SIZE)
+                n = min(len(view), BLOCK_SIZE - boff)
+                buf = of.dirty.get(index)
+                if buf is None:
+                    if (boff == 0 and n == BLOCK_SIZE) or index * BLOCK_SIZE >= of.size:
+                        buf = bytearray()
+                    else:
+                        buf = bytearray(await self._content(of, index))
+                    of.dirty[index] = buf
+                if len(buf) < boff:
+                    buf.extend(bytes(boff - len(buf)))
+                buf[boff : boff + n] = view[:n]
+                pos += n
+                view = view[n:]
+                of.size = max(of.size, pos)
+                if boff + n == BLOCK_SIZE:
+                    await self._seal(of, index)
+            now = time.time_ns()
+            of.mtime_ns = of.ctime_ns = now
+            of.meta_dirty = True
+            while len(of.dirty) > MAX_DIRTY_BLOCKS:
+                await self._seal(of, min(of.dirty))
+        return len(data)
+
+    async def _seal(self, of: OpenFile, index: int) -> None:
+        buf = of.dirty.pop(index)
+        while index in of.inflight:
+            await of.inflight[index].wait()
+        await self.engine.inflight.acquire()
+        done = of.inflight[index] = trio.Event()
+        self.nursery.start_soon(self._seal_task, of, index, buf, done)
+
+    async def _seal_task(self, of: OpenFile, index: int, buf: bytearray, done: trio.Event) -> None:
+        try:
+            block_id, stored = await self.engine.store_block(buf)
+            of.pending_ids.append(block_id)
+            length = min(len(buf), of.size - index * BLOCK_SIZE)
+            of.sealed[index] = NewBlock(BlockRef(block_id, length), stored) if length > 0 else None
+        except OSError as exc:
+            log.error("writing a block of inode %d failed: %s", of.ino, exc.strerror)
+            of.error = exc
+            of.dirty.setdefault(index, buf)  # keep the data; the next flush retries
+        except Exception:
+            log.exception("writing a block of inode %d failed", of.ino)
+            of.error = OSError(errno.EIO, os.strerror(errno.EIO))
+            of.dirty.setdefault(index, buf)
+        finally:
+            del of.inflight[index]
+            self.engine.inflight.release()
+            done.set()
+
+    async def _drain(self, of: OpenFile) -> None:
+        while of.inflight:
+            await next(iter(of.inflight.values())).wait()
+
+    async def flush(self, ino: int, *, durable: bool = False) -> None:
+        of = self.open.get(ino)
+        if of is None:
+            if durable:
+                await self.engine.barrier()
+            return
+        async with of.lock:
+            of.error = None
+            for index in sorted(of.dirty):
+                await self._seal(of, index)
+            await self._drain(of)
+            if of.error is not None:
+                err, of.error = of.error, None
+                raise err
+            if durable or self.sync_on_close:
+                await self.engine.barrier()
+            if not (of.sealed or of.meta_dirty):
+                return
+            batch, of.sealed = of.sealed, {}
+            pending, of.pending_ids = of.pending_ids, []
+            of.meta_dirty = False
+            try:
+                await self.engine.commit(
+                    self.ns.commit_file, ino, batch, size=of.size, mtime_ns=of.mtime_ns,
+                    ctime_ns=of.ctime_ns, atime_ns=of.atime_ns,
+                )
+            except BaseException:
+                batch.update(of.sealed)
+                of.sealed = batch
+                of.pending_ids = pending + of.pending_ids
+                of.meta_dirty = True
+                raise
+            self.engine.release_pending(pending)
+
+    async def truncate(self, ino: int, size: int) -> None:
+        """Cut the open state of `ino` to `size`; the caller commits the inode's new size."""
+        of = self.open.get(ino)
+        if of is None:
+            return
+        async with of.lock:
+            await self._drain(of)
+            first_gone = -(-size // BLOCK_SIZE)
+            cut = size % BLOCK_SIZE
+            for index in [i for i in of.dirty if i >= first_gone]:
+                del of.dirty[index]
+            for index in [i for i in of.sealed if i >= first_gone]:
+                of.sealed[index] = None
+            if cut:
+                last = first_gone - 1
+                if last in of.dirty:
+                    del of.dirty[last][cut:]
+                new = of.sealed.get(last)
+                if new is not None and new.ref.length > cut:
+                    of.sealed[last] = NewBlock(BlockRef(new.ref.block_id, cut), new.stored)
+            of.size = size
+            of.mtime_ns = of.ctime_ns = time.time_ns()
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    async def read(self, ino: int, offset: int, size: int) -> bytes:
+        of = self.open[ino]
+        end = min(offset + size, of.size)
+        if offset >= end:
+            return b""
+        parts: list[bytes | bytearray | memoryview] = []
+        for index in range(offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE + 1):
+            start = index * BLOCK_SIZE
+            lo, hi = max(offset, start) - start, min(end, start + BLOCK_SIZE) - start
+            data = await self._content(of, index)
+            piece = data[lo:hi]
+            parts.append(piece)
+            if len(piece) < hi - lo:
+                parts.append(bytes(hi - lo - len(piece)))
+        if offset == of.last_read_end:
+            self._start_readahead(of, end)
+        of.last_read_end = end
+        self._touch_atime(of)
+        return b"".join(parts)
+
+    def _start_readahead(self, of: OpenFile, end: int) -> None:
+        first = -(-end // BLOCK_SIZE)
+        last = min(first + READAHEAD_BLOCKS, -(-of.size // BLOCK_SIZE))
+        if first >= last:
+            return
+        with self.ns.db.begin() as txn:
+            refs = [self.ns.block_ref(txn, of.ino, i) for i in range(first, last)]
+        for ref in refs:
+            if ref is not None and not self.engine.loading(ref.block_id):
+                self.nursery.start_soon(self._prefetch, ref.block_id)
+
+    async def _prefetch(self, block_id: bytes) -> None:
+        async with self._readahead:
+            with contextlib.suppress(OSError):  # the read that needs the block reports it
+                await self.engine.load_block(block_id)
+
+    def _touch_atime(self, of: OpenFile) -> None:
+        # relatime: only when atime is older than mtime/ctime or a day old, so reads rarely cost
+        # a metadata write.
+        now = time.time_ns()
+        if of.atime_ns <= max(of.mtime_ns, of.ctime_ns) or now - of.atime_ns > DAY_NS:
+            of.atime_ns = now
+            of.meta_dirty = True

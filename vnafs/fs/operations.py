@@ -1,0 +1,369 @@
+"""pyfuse3 `Operations`: translates kernel requests into namespace and file operations.
+
+This layer decides nothing. It converts arguments, calls `Namespace` (through the engine's writer
+thread for changes) or `Files`, and converts results and errors back: `OSError` becomes its errno,
+an integrity failure becomes EIO with one log line, and any other exception is logged once and
+answered with EIO, because an exception escaping a pyfuse3 handler would stop the file system.
+
+File handles are inode numbers: all state is per inode (see `files.py`), and the kernel does the
+permission checks (`default_permissions`).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ParamSpec, TypeVar, cast
+
+import pyfuse3
+
+from vnafs.errors import IntegrityError
+from vnafs.fs.engine import Engine
+from vnafs.fs.files import Files
+from vnafs.meta.namespace import NAME_MAX, Namespace
+from vnafs.meta.records import Inode
+
+log = logging.getLogger("vnafs.fs")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+ATTR_TIMEOUT = 1.0
+ENTRY_TIMEOUT = 1.0
+
+
+def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except IntegrityError as exc:
+            log.error("%s", exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("internal error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _name_ok(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, engine: Engine, files: Files, *, block_size: int) -> None:
+        super().__init__()
+        self.engine = engine
+        self.ns: Namespace = engine.ns
+        self.files = files
+        self.block_size = block_size
+
+    # -- attributes -----------------------------------------------------------------------------
+
+    def _entry(self, node: Inode) -> pyfuse3.EntryAttributes:
+        node = self.files.overlay(node)
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = cast(pyfuse3.InodeT, node.ino)
+        e.generation = node.generation
+        e.entry_timeout = ENTRY_TIMEOUT
+        e.attr_timeout = ATTR_TIMEOUT
+        e.st_mode = cast(pyfuse3.ModeT, node.mode)
+        e.st_nlink = node.nlink
+        e.st_uid = node.uid
+        e.st_gid = node.gid
+        e.st_rdev = node.rdev
+        e.st_size = node.size
+        e.st_blksize = self.block_size
+        e.st_blocks = -(-node.size // 512)
+        e.st_atime_ns = node.atime_ns
+        e.st_mtime_ns = node.mtime_ns
+        e.st_ctime_ns = node.ctime_ns
+        e.st_birthtime_ns = node.birthtime_ns
+        return e
+
+    @translated
+    async def lookup(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._entry(self.ns.lookup(parent_inode, name))
+
+    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+        return None  # nothing is kept per looked-up inode; open files are tracked by handles
+
+    @translated
+    async def getattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        return self._entry(self.ns.get_inode(inode))
+
+    @translated
+    async def setattr(
+        self,
+        inode: pyfuse3.InodeT,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: pyfuse3.FileHandleT | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        changes: dict[str, int] = {}
+        if fields.update_mode:
+            changes["mode"] = attr.st_mode
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_size:
+            changes["size"] = attr.st_size
+            await self.files.flush(inode)
+            await self.files.truncate(inode, attr.st_size)
+        of = self.files.open.get(inode)
+        if of is not None:
+            # Keep the open state's view in step with what this commit sets.
+            of.atime_ns = changes.get("atime_ns", of.atime_ns)
+            of.mtime_ns = changes.get("mtime_ns", of.mtime_ns)
+        node = await self.engine.commit(self._setattr_tx, inode, changes)
+        if of is not None:
+            of.ctime_ns = node.ctime_ns
+            if "size" in changes:
+                of.mtime_ns = node.mtime_ns
+        return self._entry(node)
+
+    def _setattr_tx(self, tx: Any, inode: int, changes: dict[str, int]) -> Inode:
+        return self.ns.setattr(tx, inode, **changes)
+
+    @translated
+    async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self.ns.get_inode(inode)
+        if not stat.S_ISLNK(node.mode):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return node.target
+
+    # -- creating and removing names ------------------------------------------------------------
+
+    @translated
+    async def mknod(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        rdev: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        _name_ok(name)
+        node = await self.engine.commit(self.ns.mknod, parent_inode, name, mode, ctx.uid,
+                                        ctx.gid, rdev)
+        return self._entry(node)
+
+    @translated
+    async def mkdir(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        _name_ok(name)
+        node = await self.engine.commit(self.ns.mknod, parent_inode, name,
+                                        stat.S_IFDIR | stat.S_IMODE(mode), ctx.uid, ctx.gid)
+        return self._entry(node)
+
+    @translated
+    async def symlink(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        target: pyfuse3.FileNameT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        _name_ok(name)
+        node = await self.engine.commit(self.ns.mknod, parent_inode, name,
+                                        stat.S_IFLNK | 0o777, ctx.uid, ctx.gid, 0, target)
+        return self._entry(node)
+
+    @translated
+    async def unlink(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> None:
+        await self.engine.commit(self.ns.unlink, parent_inode, name)
+
+    @translated
+    async def rmdir(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> None:
+        await self.engine.commit(self.ns.rmdir, parent_inode, name)
+
+    @translated
+    async def rename(
+        self,
+        parent_inode_old: pyfuse3.InodeT,
+        name_old: pyfuse3.FileNameT,
+        parent_inode_new: pyfuse3.InodeT,
+        name_new: pyfuse3.FileNameT,
+        flags: pyfuse3.FlagT,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        _name_ok(name_new)
+        await self.engine.commit(self.ns.rename, parent_inode_old, name_old, parent_inode_new,
+                                 name_new, int(flags))
+
+    @translated
+    async def link(
+        self,
+        inode: pyfuse3.InodeT,
+        new_parent_inode: pyfuse3.InodeT,
+        new_name: pyfuse3.FileNameT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        _name_ok(new_name)
+        node = await self.engine.commit(self.ns.link, inode, new_parent_inode, new_name)
+        return self._entry(node)
+
+    # -- files ----------------------------------------------------------------------------------
+
+    @translated
+    async def open(
+        self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
+        node = self.ns.get_inode(inode)
+        if stat.S_ISDIR(node.mode):
+            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+        self.files.attach(node)
+        return pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, inode), keep_cache=True)
+
+    @translated
+    async def create(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        flags: pyfuse3.FlagT,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        _name_ok(name)
+        exclusive = bool(flags & os.O_EXCL)
+        node = await self.engine.commit(self.ns.mknod, parent_inode, name,
+                                        stat.S_IFREG | stat.S_IMODE(mode), ctx.uid, ctx.gid, 0,
+                                        b"", exclusive)
+        self.files.attach(node)
+        fi = pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, node.ino), keep_cache=True)
+        return fi, self._entry(node)
+
+    @translated
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        return await self.files.read(fh, off, size)
+
+    @translated
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
+        return await self.files.write(fh, off, buf)
+
+    @translated
+    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
+        await self.files.flush(fh)
+
+    @translated
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        await self.files.release(fh)
+
+    @translated
+    async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        await self.files.flush(fh, durable=True)
+
+    # -- directories ----------------------------------------------------------------------------
+
+    @translated
+    async def opendir(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileHandleT:
+        node = self.ns.get_inode(inode)
+        if not stat.S_ISDIR(node.mode):
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        return cast(pyfuse3.FileHandleT, inode)
+
+    @translated
+    async def readdir(
+        self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
+    ) -> None:
+        offset = start_id
+        while True:
+            batch = self.ns.readdir(fh, offset, limit=256)
+            if not batch:
+                return
+            for name, node, cookie in batch:
+                if not pyfuse3.readdir_reply(token, name, self._entry(node), cookie):
+                    return
+                offset = cookie
+
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+        return None
+
+    @translated
+    async def fsyncdir(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        await self.engine.barrier()
+
+    # -- file system ----------------------------------------------------------------------------
+
+    @translated
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = self.engine.store.usage()
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = self.block_size
+        out.f_frsize = st.f_frsize
+        out.f_blocks = st.f_blocks
+        out.f_bfree = st.f_bfree
+        out.f_bavail = st.f_bavail
+        out.f_files = st.f_files
+        out.f_ffree = st.f_ffree
+        out.f_favail = st.f_favail
+        out.f_namemax = NAME_MAX
+        return out
+
+    # -- extended attributes --------------------------------------------------------------------
+
+    @translated
+    async def setxattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, value: bytes,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        if len(name) > NAME_MAX:
+            raise OSError(errno.ERANGE, os.strerror(errno.ERANGE))
+        await self.engine.commit(self.ns.setxattr, inode, name, value, 0)
+
+    @translated
+    async def getxattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> bytes:
+        return self.ns.getxattr(inode, name)
+
+    @translated
+    async def listxattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> list[pyfuse3.XAttrNameT]:
+        return cast(list[pyfuse3.XAttrNameT], self.ns.listxattr(inode))
+
+    @translated
+    async def removexattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> None:
+        await self.engine.commit(self.ns.removexattr, inode, name)
+
+    async def access(
+        self, inode: pyfuse3.InodeT, mode: pyfuse3.ModeT, ctx: pyfuse3.RequestContext
+    ) -> bool:
+        return True  # default_permissions: the kernel checks

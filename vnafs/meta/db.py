@@ -1,0 +1,227 @@
+"""The LMDB environment of a hot store, with sealed values and epoch-versioned records.
+
+Every value vnafs keeps in LMDB is a sealed envelope (docs/format.md section 4) whose AAD binds it
+to its table and key, so a flipped, truncated or transplanted value is an `IntegrityError`, never
+wrong metadata. Keys never hold plaintext names: callers build them from inode numbers and HMACs.
+
+Namespace tables are *versioned*: each record lives in epochs `[birth, death)` and the key ends
+with `INF - birth`, so the newest version of a prefix sorts first and a read at epoch `s` is one
+cursor seek. Snapshots (a later issue) only need to advance the epoch and read at an older one;
+today the epoch stays 1 and every change rewrites its record in place. Keeping this logic here,
+in four small functions, is what lets the rest of the engine stay ignorant of it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import lmdb
+
+from vnafs.errors import IntegrityError
+from vnafs.seal import KIND_RECORD, Sealer
+
+INF = 2**64 - 1
+_U64 = struct.Struct(">Q")
+
+# Table name -> one-byte tag used in the AAD (docs/format.md section 5).
+TABLES: dict[str, bytes] = {
+    "counters": b"c",
+    "inodes": b"i",
+    "dirents": b"d",
+    "blockmap": b"b",
+    "refs": b"r",
+    "xattrs": b"x",
+    "orphans": b"o",
+}
+
+# LMDB reserves address space, not disk: the file grows only as records are written.
+MAP_SIZE = 1 << 40
+
+
+def u64(n: int) -> bytes:
+    return _U64.pack(n)
+
+
+def read_u64(b: bytes | memoryview, offset: int = 0) -> int:
+    return int(_U64.unpack_from(b, offset)[0])
+
+
+class MetaDB:
+    """One hot store's LMDB environment.
+
+    Write transactions must come from a single thread at a time (the daemon's writer limiter);
+    read transactions may be opened from any thread.
+    """
+
+    def __init__(self, path: Path, sealer: Sealer, *, readonly: bool = False) -> None:
+        path.mkdir(mode=0o700, exist_ok=True)
+        self.sealer = sealer
+        # sync and metasync stay on: a commit is durable when it returns (about two fdatasyncs,
+        # 0.26 ms on the reference machine), and a power loss can never corrupt the tree.
+        self.env = lmdb.open(
+            str(path),
+            map_size=MAP_SIZE,
+            max_dbs=len(TABLES) + 2,
+            readonly=readonly,
+            sync=True,
+            metasync=True,
+            readahead=False,
+            max_readers=512,
+        )
+        self.dbs = {
+            name: self.env.open_db(name.encode(), create=not readonly) for name in TABLES
+        }
+
+    def close(self) -> None:
+        self.env.close()
+
+    # -- transactions -------------------------------------------------------------------------
+
+    def begin(self, *, write: bool = False) -> lmdb.Transaction:
+        return self.env.begin(write=write)
+
+    # -- sealed values --------------------------------------------------------------------------
+
+    def _seal(self, table: str, key: bytes, plaintext: bytes) -> bytes:
+        return self.sealer.seal(KIND_RECORD, TABLES[table] + key, plaintext, compress=False)
+
+    def _open(self, table: str, key: bytes, value: bytes) -> bytes:
+        return self.sealer.open(
+            KIND_RECORD, TABLES[table] + key, value, name=f"{table} record {key.hex()[:16]}"
+        )
+
+    def get(self, txn: lmdb.Transaction, table: str, key: bytes) -> bytes | None:
+        value = txn.get(key, db=self.dbs[table])
+        return None if value is None else self._open(table, key, value)
+
+    def put(self, txn: lmdb.Transaction, table: str, key: bytes, plaintext: bytes) -> None:
+        txn.put(key, self._seal(table, key, plaintext), db=self.dbs[table])
+
+    def delete(self, txn: lmdb.Transaction, table: str, key: bytes) -> bool:
+        return bool(txn.delete(key, db=self.dbs[table]))
+
+    def scan(
+        self, txn: lmdb.Transaction, table: str, prefix: bytes = b"", start: bytes = b""
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Unversioned records whose key starts with `prefix`, from `prefix + start` on."""
+        cur = txn.cursor(db=self.dbs[table])
+        if not cur.set_range(prefix + start):
+            return
+        for key, value in cur:
+            if not key.startswith(prefix):
+                return
+            yield key, self._open(table, key, value)
+
+    def counter(self, txn: lmdb.Transaction, name: str, default: int = 0) -> int:
+        value = self.get(txn, "counters", name.encode())
+        return default if value is None else read_u64(value)
+
+    def set_counter(self, txn: lmdb.Transaction, name: str, value: int) -> None:
+        self.put(txn, "counters", name.encode(), u64(value))
+
+    # -- versioned records --------------------------------------------------------------------
+
+    def vget(
+        self, txn: lmdb.Transaction, table: str, prefix: bytes, epoch: int | None = None
+    ) -> bytes | None:
+        """The body (plaintext after `death`) of the version of `prefix` visible at `epoch`.
+
+        `epoch=None` means the live view: the newest version, if it has not died.
+        """
+        found = self._vfind(txn, table, prefix, epoch)
+        return None if found is None else found[2]
+
+    def _vfind(
+        self, txn: lmdb.Transaction, table: str, prefix: bytes, epoch: int | None
+    ) -> tuple[bytes, int, bytes] | None:
+        cur = txn.cursor(db=self.dbs[table])
+        seek = prefix if epoch is None else prefix + u64(INF - epoch)
+        if not cur.set_range(seek):
+            return None
+        key = cur.key()
+        if len(key) != len(prefix) + 8 or not key.startswith(prefix):
+            return None
+        plain = self._open(table, key, cur.value())
+        death = read_u64(plain)
+        visible = death == INF if epoch is None else death > epoch
+        return (key, death, plain[8:]) if visible else None
+
+    def vput(
+        self, txn: lmdb.Transaction, table: str, prefix: bytes, body: bytes, epoch: int
+    ) -> bytes | None:
+        """Make `body` the live version of `prefix`.
+
+        Returns the body of a version that was physically replaced (so the caller can release
+        what it referenced), or None when the old version was kept for older epochs or absent.
+        """
+        replaced = None
+        old = self._vfind(txn, table, prefix, None)
+        if old is not None:
+            key, _, old_body = old
+            birth = INF - read_u64(key, len(prefix))
+            if birth == epoch:
+                replaced = old_body
+            else:
+                self.put(txn, table, key, u64(epoch) + old_body)
+        new_key = prefix + u64(INF - epoch)
+        self.put(txn, table, new_key, u64(INF) + body)
+        return replaced
+
+    def vdelete(
+        self, txn: lmdb.Transaction, table: str, prefix: bytes, epoch: int
+    ) -> tuple[bool, bytes | None]:
+        """End the live version of `prefix`.
+
+        Returns (existed, body physically removed or None if it is kept for older epochs).
+        """
+        old = self._vfind(txn, table, prefix, None)
+        if old is None:
+            return False, None
+        key, _, old_body = old
+        birth = INF - read_u64(key, len(prefix))
+        if birth == epoch:
+            self.delete(txn, table, key)
+            return True, old_body
+        self.put(txn, table, key, u64(epoch) + old_body)
+        return True, None
+
+    def vscan(
+        self,
+        txn: lmdb.Transaction,
+        table: str,
+        prefix: bytes,
+        start: bytes = b"",
+        epoch: int | None = None,
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """(key part after `prefix`, body) of every record under `prefix` visible at `epoch`.
+
+        Records are visited in key order starting at `prefix + start`; the version suffix is
+        stripped from the yielded key part.
+        """
+        cur = txn.cursor(db=self.dbs[table])
+        if not cur.set_range(prefix + start):
+            return
+        last_ident: bytes | None = None
+        for key, value in cur:
+            if not key.startswith(prefix):
+                return
+            ident = key[:-8]
+            if ident == last_ident:
+                continue  # an older version of a record already decided
+            birth = INF - read_u64(key, len(key) - 8)
+            if epoch is not None and birth > epoch:
+                continue  # born after the epoch; an older version may still be visible
+            last_ident = ident
+            plain = self._open(table, key, value)
+            death = read_u64(plain)
+            if (death == INF) if epoch is None else (death > epoch):
+                yield ident[len(prefix):], plain[8:]
+
+
+def check_record(plain: bytes | None, what: str) -> bytes:
+    """Narrow an Optional record body for callers that know it must exist."""
+    if plain is None:
+        raise IntegrityError(f"{what} is missing from the metadata")
+    return plain

@@ -1,0 +1,179 @@
+"""The sealed envelope: how every block file and every LMDB value is compressed and encrypted.
+
+One format (`docs/format.md` section 4) for blocks and metadata records, so there is exactly one
+place that decides what "authentic" means. The AAD binds each envelope to where it must be found
+(block id, or table tag and LMDB key), so moving or swapping sealed bytes is detected, not just
+flipping them. Opening either returns the exact plaintext or raises `IntegrityError`: never wrong
+bytes. This module knows nothing of LMDB, trio or FUSE; `seal`/`open` run in worker threads.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import struct
+import threading
+
+import zstandard
+from cryptography.exceptions import InvalidTag
+
+from vnafs.errors import IntegrityError
+from vnafs.keys import Keyring
+
+KIND_BLOCK = 0x42
+KIND_RECORD = 0x52
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+# Reserved for zstd over 16-bit byte planes (DICOM pixel data); not produced or read yet.
+CODEC_BYTEPLANE16 = 2
+
+MAGIC = b"VNS1"
+NONCE_LEN = 12
+TAG_LEN = 16
+HEADER_LEN = 28
+OVERHEAD = HEADER_LEN + TAG_LEN
+MAX_PLAINTEXT = 2**32 - 1
+
+# magic, kind, codec, reserved, key version, plaintext length, nonce
+_HEADER = struct.Struct(">4sBBHII12s")
+assert _HEADER.size == HEADER_LEN
+
+_KINDS = (KIND_BLOCK, KIND_RECORD)
+
+Buffer = bytes | bytearray | memoryview
+
+
+class Sealer:
+    """Seals and opens envelopes with a keyring's data keys; safe to share between threads."""
+
+    def __init__(self, keyring: Keyring, zstd_level: int = 1) -> None:
+        self._keyring = keyring
+        self._zstd_level = zstd_level
+        # zstd (de)compression contexts must not be shared between threads; one each per thread.
+        self._local = threading.local()
+
+    @property
+    def keyring(self) -> Keyring:
+        return self._keyring
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        cctx: zstandard.ZstdCompressor | None = getattr(self._local, "cctx", None)
+        if cctx is None:
+            # No zstd checksum: AES-GCM already authenticates every byte.
+            cctx = zstandard.ZstdCompressor(level=self._zstd_level, write_checksum=False)
+            self._local.cctx = cctx
+        return cctx
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        dctx: zstandard.ZstdDecompressor | None = getattr(self._local, "dctx", None)
+        if dctx is None:
+            dctx = zstandard.ZstdDecompressor()
+            self._local.dctx = dctx
+        return dctx
+
+    def seal(
+        self,
+        kind: int,
+        context: bytes,
+        plaintext: Buffer,
+        *,
+        compress: bool = True,
+    ) -> bytes:
+        """Return the envelope for `plaintext`, bound to `context` (block id, or tag || key)."""
+        if kind not in _KINDS:
+            raise ValueError(f"unknown envelope kind {kind:#x}")
+        length = len(plaintext) if not isinstance(plaintext, memoryview) else plaintext.nbytes
+        if length > MAX_PLAINTEXT:
+            raise ValueError("plaintext too large for one envelope")
+        codec = CODEC_RAW
+        body: Buffer = plaintext
+        # format.md: metadata records are never compressed (they are tiny), whatever the caller
+        # asks.
+        if compress and kind == KIND_BLOCK and length:
+            packed = self._compressor().compress(plaintext)
+            # Keep zstd only if it saves at least 1/32: below that, decompression costs more than
+            # the bytes it saves.
+            if 32 * len(packed) <= 31 * length:
+                codec = CODEC_ZSTD
+                body = packed
+        version, aead = self._keyring.take_seal()
+        nonce = os.urandom(NONCE_LEN)
+        header = _HEADER.pack(MAGIC, kind, codec, 0, version, length, nonce)
+        return header + aead.encrypt(nonce, body, header + bytes(context))
+
+    def open(
+        self,
+        kind: int,
+        context: bytes,
+        envelope: bytes | memoryview,
+        *,
+        name: str = "object",
+    ) -> bytes:
+        """Return the plaintext of `envelope`, or raise IntegrityError naming `name`.
+
+        `name` goes into the error message, so it must be safe to log (a block id, or a table and a
+        key digest), never a file name.
+        """
+        env = memoryview(envelope)
+        if env.nbytes < OVERHEAD:
+            raise _failed(name, "truncated")
+        magic, got_kind, codec, reserved, version, length, nonce = _HEADER.unpack(env[:HEADER_LEN])
+        if magic != MAGIC or reserved != 0:
+            raise _failed(name, "bad header")
+        if got_kind != kind:
+            raise _failed(name, "wrong kind")
+        try:
+            aead = self._keyring.aead(version)
+        except IntegrityError:
+            # A version newer than the keyring: e.g. a stale keyring restored beside newer data.
+            raise _failed(name, f"unknown data key version {version}") from None
+        try:
+            body = aead.decrypt(nonce, env[HEADER_LEN:], bytes(env[:HEADER_LEN]) + bytes(context))
+        except InvalidTag:
+            raise _failed(name, "bad tag") from None
+        # The header is authenticated from here on, so an odd codec is a real format we lack.
+        if codec == CODEC_RAW:
+            plain = body
+        elif codec == CODEC_ZSTD:
+            plain = self._inflate(body, length, name)
+        else:
+            raise _failed(name, f"unsupported codec {codec}")
+        if len(plain) != length:
+            raise _failed(name, "length mismatch")
+        return plain
+
+    def _inflate(self, body: bytes, length: int, name: str) -> bytes:
+        try:
+            # zstd ignores max_output_size when the frame states its size, so check that first.
+            declared = zstandard.frame_content_size(body)
+            if declared not in (length, -1) or (declared == -1 and length == 0):
+                raise _failed(name, "length mismatch")
+            return self._decompressor().decompress(body, max_output_size=length)
+        except zstandard.ZstdError:
+            raise _failed(name, "bad compressed data") from None
+
+    def block_id(self, plaintext: Buffer) -> bytes:
+        """The block id: HMAC-SHA256 of the plaintext under the dedup key (32 bytes)."""
+        return hmac.digest(self._keyring.dedup_key, plaintext, "sha256")
+
+    def name_hmac(self, name: bytes) -> bytes:
+        """HMAC-SHA256 of a file or xattr name under the name key (32 bytes)."""
+        return hmac.digest(self._keyring.name_key, name, "sha256")
+
+    @staticmethod
+    def header_info(
+        envelope: bytes | memoryview, *, name: str = "object"
+    ) -> tuple[int, int, int, int]:
+        """Return (kind, codec, key_version, plaintext_len) without decrypting; unauthenticated."""
+        env = memoryview(envelope)
+        if env.nbytes < OVERHEAD:
+            raise _failed(name, "truncated")
+        magic, kind, codec, reserved, version, length, _ = _HEADER.unpack(env[:HEADER_LEN])
+        if magic != MAGIC or reserved != 0:
+            raise _failed(name, "bad header")
+        return kind, codec, version, length
+
+
+def _failed(name: str, reason: str) -> IntegrityError:
+    # The reason is a fixed phrase (never data), so the message stays safe to log.
+    return IntegrityError(f"{name} failed authentication ({reason})")
