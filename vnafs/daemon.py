@@ -166,6 +166,7 @@ def status_of(store: Store, engine: Any = None, files: Any = None,
         "mountpoint": mountpoint,
         "archive": store.config.archive_url,
         "health": "ok",
+        "pid": os.getpid(),
         "disk": {
             "size_bytes": st.f_blocks * st.f_frsize,
             "free_bytes": st.f_bavail * st.f_frsize,
@@ -279,6 +280,8 @@ async def serve(
         )
         await nursery.start(control.serve)
         nursery.start_soon(_watch_signals, nursery)
+        pid_file = store.root / "daemon.pid"
+        pid_file.write_text(f"{os.getpid()}\n")
         log.info("mounted %s (vnafs %s)", mountpoint, __version__)
         ready(None)
         try:
@@ -290,6 +293,7 @@ async def serve(
                 except OSError as exc:
                     log.error("could not commit inode %d at unmount: %s", ino, exc.strerror)
             pyfuse3.close(unmount=True)
+            pid_file.unlink(missing_ok=True)
             log.info("unmounted %s", mountpoint)
             nursery.cancel_scope.cancel()
 

@@ -1,0 +1,165 @@
+"""Fixtures that create, mount and always tear down real vnafs file systems.
+
+Every mount is a real FUSE mount made by the real `vnafs` command (a forked daemon), so tests see
+what an administrator sees. Teardown unmounts and, if the daemon survived or was killed, cleans
+the mount and stops the process by its PID, also when the test failed.
+
+Mount points live under /tmp/vnafs-t (mode 0755), not under pytest's 0700 tmp_path, so tests can
+act as an unprivileged user through `allow_other`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+VNAFS = str(Path(sys.executable).with_name("vnafs"))
+BASE = Path("/tmp/vnafs-t")
+
+
+def run_vnafs(*args: str, check: bool = True, env: dict[str, str] | None = None,
+              timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run([VNAFS, *args], capture_output=True, text=True, env=env,
+                         timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"vnafs {' '.join(args)} failed ({res.returncode}): "
+                             f"{res.stdout}{res.stderr}")
+    return res
+
+
+def _mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+@dataclass
+class Fs:
+    """One hot store, its key and its mount point."""
+
+    root: Path
+    options: list[str] = field(default_factory=lambda: ["allow_other"])
+
+    @property
+    def key(self) -> Path:
+        return self.root / "site.key"
+
+    @property
+    def hot(self) -> Path:
+        return self.root / "hot"
+
+    @property
+    def mnt(self) -> Path:
+        return self.root / "mnt"
+
+    def create(self) -> Fs:
+        self.mnt.mkdir(mode=0o755, exist_ok=True)
+        run_vnafs("keygen", str(self.key))
+        run_vnafs("mkfs", "--key-file", str(self.key), str(self.hot))
+        return self
+
+    def mount(self, *extra: str) -> Fs:
+        opts = [a for o in self.options for a in ("-o", o)]
+        run_vnafs("mount", "--key-file", str(self.key), *opts, *extra, str(self.hot),
+                  str(self.mnt))
+        return self
+
+    def umount(self) -> None:
+        run_vnafs("umount", str(self.mnt))
+
+    def pid(self) -> int | None:
+        try:
+            return int((self.hot / "daemon.pid").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def kill9(self) -> None:
+        """Crash the daemon the hard way and clear the dead mount."""
+        pid = self.pid()
+        assert pid is not None, "daemon is not running"
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid)
+        subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True)
+
+    def log(self) -> str:
+        path = self.hot / "vnafs.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def cleanup(self) -> None:
+        if _mounted(self.mnt):
+            res = run_vnafs("umount", "--timeout", "30", str(self.mnt), check=False)
+            if res.returncode != 0:
+                subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True)
+        pid = self.pid()
+        if pid is not None and _alive(pid) and _is_vnafs(pid):
+            os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _is_vnafs(pid: int) -> bool:
+    try:
+        return b"vnafs" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _wait_gone(pid: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A fresh directory under /tmp/vnafs-t that anyone may traverse."""
+    BASE.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(BASE, 0o755)
+    path = Path(tempfile.mkdtemp(dir=BASE))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def new_fs(workdir: Path) -> Iterator[Fs]:
+    """A created but not mounted file system; unmounted and stopped at teardown."""
+    fs = Fs(workdir).create()
+    try:
+        yield fs
+    finally:
+        fs.cleanup()
+
+
+@pytest.fixture
+def fs(new_fs: Fs) -> Fs:
+    """A created and mounted file system (allow_other, default_permissions)."""
+    return new_fs.mount()
+
+
+@pytest.fixture
+def mnt(fs: Fs) -> Path:
+    """The root of a freshly created, mounted, empty vnafs."""
+    return fs.mnt
