@@ -196,7 +196,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     disk = st["disk"]
     print(f"  hot store     {st['hot_store']}  "
           f"({disk['free_bytes'] / gib:.1f} GiB free of {disk['size_bytes'] / gib:.1f})")
-    print(f"  archive       {st['archive'] or 'none configured'}")
+    archive = st["archive"] or "none configured"
+    if st["archive"]:
+        archive += "  (configured; replication is not in this version yet)"
+    print(f"  archive       {archive}")
     print(f"  inodes        {st['inodes']}   directory entries {st['dirents']}")
     print(f"  blocks        {st['blocks']}  ({st['block_bytes_stored'] / (1 << 20):.1f} MiB "
           "sealed on disk)")

@@ -22,6 +22,7 @@ class StoreConfig:
     cache_mib: int = 128
     workers: int = 2
     max_inflight_mib: int = 32
+    sync_interval: int = 5
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Config:
             f"cache_mib = {self.store.cache_mib}",
             f"workers = {self.store.workers}",
             f"max_inflight_mib = {self.store.max_inflight_mib}",
+            f"sync_interval = {self.store.sync_interval}",
             "",
             "[mount]",
             f"sync_on_close = {str(self.mount.sync_on_close).lower()}",
@@ -70,6 +72,7 @@ _INT_RANGES = {
     "cache_mib": (8, 1 << 20),
     "workers": (1, 256),
     "max_inflight_mib": (4, 1 << 16),
+    "sync_interval": (1, 300),
 }
 
 

@@ -280,6 +280,7 @@ async def serve(
         )
         await nursery.start(control.serve)
         nursery.start_soon(_watch_signals, nursery)
+        nursery.start_soon(engine.sync_periodically, cfg.store.sync_interval)
         pid_file = store.root / "daemon.pid"
         pid_file.write_text(f"{os.getpid()}\n")
         log.info("mounted %s (vnafs %s)", mountpoint, __version__)
@@ -292,6 +293,7 @@ async def serve(
                     await files.flush(ino)
                 except OSError as exc:
                     log.error("could not commit inode %d at unmount: %s", ino, exc.strerror)
+            await engine.barrier()
             pyfuse3.close(unmount=True)
             pid_file.unlink(missing_ok=True)
             log.info("unmounted %s", mountpoint)

@@ -97,6 +97,7 @@ class Engine:
         self._sync_done = 0
         self._sync_running = False
         self._sync_event = trio.Event()
+        self._unsynced = False
         self.stats: Counter[str] = Counter()
         self.on_orphaned: Callable[[int], None] = lambda ino: None
 
@@ -122,20 +123,33 @@ class Engine:
         result, tx = await trio.to_thread.run_sync(self._run_tx, call, args,
                                                    limiter=self.writer)
         self.stats["commits"] += 1
+        self._unsynced = True
         for ino in tx.orphaned:
             self.on_orphaned(ino)
         return result
 
     # -- durability -----------------------------------------------------------------------------
 
+    async def sync_periodically(self, interval: float) -> None:
+        """Bound what a power loss can take from closed-but-not-fsynced files to `interval`."""
+        while True:
+            await trio.sleep(interval)
+            if self._unsynced:
+                await self.barrier()
+
     async def barrier(self) -> None:
-        """Return once a syncfs that started after this call has finished (group commit)."""
+        """Return once a syncfs that started after this call has finished (group commit).
+
+        The syncfs covers every block file and the LMDB pages written before it started, so a
+        caller that committed first and then waits here is durable against power loss.
+        """
         need = self._sync_started + 1
         while self._sync_done < need:
             if self._sync_running:
                 await self._sync_event.wait()
                 continue
             self._sync_running = True
+            self._unsynced = False
             self._sync_started += 1
             ticket = self._sync_started
             try:

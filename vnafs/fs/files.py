@@ -19,6 +19,7 @@ import errno
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import trio
@@ -64,6 +65,7 @@ class Files:
         self.nursery = nursery
         self.sync_on_close = sync_on_close
         self.open: dict[int, OpenFile] = {}
+        self.dir_handles: Counter[int] = Counter()
         self._readahead = trio.CapacityLimiter(READAHEAD_BLOCKS * 2)
         engine.on_orphaned = self._orphaned
 
@@ -92,12 +94,21 @@ class Files:
                     self.engine.release_pending(of.pending_ids)
                 await self._free_if_orphan(ino)
 
+    async def release_dir(self, ino: int) -> None:
+        self.dir_handles[ino] -= 1
+        if self.dir_handles[ino] <= 0:
+            del self.dir_handles[ino]
+            await self._free_if_orphan(ino)
+
+    def _in_use(self, ino: int) -> bool:
+        return ino in self.open or ino in self.dir_handles
+
     def _orphaned(self, ino: int) -> None:
-        if ino not in self.open:
+        if not self._in_use(ino):
             self.nursery.start_soon(self._free_if_orphan, ino)
 
     async def _free_if_orphan(self, ino: int) -> None:
-        if ino in self.open:
+        if self._in_use(ino):
             return
         try:
             await self.engine.commit(self.ns.free_orphan, ino)
@@ -173,11 +184,19 @@ class Files:
         return len(data)
 
     async def _seal(self, of: OpenFile, index: int) -> None:
-        buf = of.dirty.pop(index)
+        # A block must always be findable by readers: in `dirty`, `inflight`, `sealed` or
+        # LMDB. So the buffer leaves `dirty` only in the same step that marks it in flight.
         while index in of.inflight:
             await of.inflight[index].wait()
-        await self.engine.inflight.acquire()
+        buf = of.dirty.pop(index)
         done = of.inflight[index] = trio.Event()
+        try:
+            await self.engine.inflight.acquire()
+        except BaseException:
+            of.dirty.setdefault(index, buf)
+            del of.inflight[index]
+            done.set()
+            raise
         self.nursery.start_soon(self._seal_task, of, index, buf, done)
 
     async def _seal_task(self, of: OpenFile, index: int, buf: bytearray, done: trio.Event) -> None:
@@ -217,25 +236,24 @@ class Files:
             if of.error is not None:
                 err, of.error = of.error, None
                 raise err
+            if of.sealed or of.meta_dirty:
+                await self._commit(of)
             if durable or self.sync_on_close:
+                # One syncfs after the commit covers the blocks and the LMDB pages together.
                 await self.engine.barrier()
-            if not (of.sealed or of.meta_dirty):
-                return
-            batch, of.sealed = of.sealed, {}
-            pending, of.pending_ids = of.pending_ids, []
-            of.meta_dirty = False
-            try:
-                await self.engine.commit(
-                    self.ns.commit_file, ino, batch, size=of.size, mtime_ns=of.mtime_ns,
-                    ctime_ns=of.ctime_ns, atime_ns=of.atime_ns,
-                )
-            except BaseException:
-                batch.update(of.sealed)
-                of.sealed = batch
-                of.pending_ids = pending + of.pending_ids
-                of.meta_dirty = True
-                raise
-            self.engine.release_pending(pending)
+
+    async def _commit(self, of: OpenFile) -> None:
+        """Commit the sealed blocks, size and times; the caller holds `of.lock`, which keeps
+        writers and seal tasks out, and the sealed blocks stay visible to readers until LMDB
+        has them."""
+        await self.engine.commit(
+            self.ns.commit_file, of.ino, dict(of.sealed), size=of.size,
+            mtime_ns=of.mtime_ns, ctime_ns=of.ctime_ns, atime_ns=of.atime_ns,
+        )
+        of.sealed.clear()
+        of.meta_dirty = False
+        pending, of.pending_ids = of.pending_ids, []
+        self.engine.release_pending(pending)
 
     async def truncate(self, ino: int, size: int) -> None:
         """Cut the open state of `ino` to `size`; the caller commits the inode's new size."""

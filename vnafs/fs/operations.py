@@ -131,8 +131,12 @@ class Operations(pyfuse3.Operations):
             changes["mtime_ns"] = attr.st_mtime_ns
         if fields.update_size:
             changes["size"] = attr.st_size
+        return self._entry(await self._setattr(inode, changes))
+
+    async def _setattr(self, inode: int, changes: dict[str, int]) -> Inode:
+        if "size" in changes:
             await self.files.flush(inode)
-            await self.files.truncate(inode, attr.st_size)
+            await self.files.truncate(inode, changes["size"])
         of = self.files.open.get(inode)
         if of is not None:
             # Keep the open state's view in step with what this commit sets.
@@ -143,7 +147,7 @@ class Operations(pyfuse3.Operations):
             of.ctime_ns = node.ctime_ns
             if "size" in changes:
                 of.mtime_ns = node.mtime_ns
-        return self._entry(node)
+        return node
 
     def _setattr_tx(self, tx: Any, inode: int, changes: dict[str, int]) -> Inode:
         return self.ns.setattr(tx, inode, **changes)
@@ -245,6 +249,13 @@ class Operations(pyfuse3.Operations):
         if stat.S_ISDIR(node.mode):
             raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
         self.files.attach(node)
+        if flags & os.O_TRUNC and stat.S_ISREG(node.mode):
+            # libfuse enables atomic O_TRUNC: the kernel sends no separate truncate.
+            try:
+                await self._setattr(inode, {"size": 0})
+            except BaseException:
+                await self.files.release(inode)
+                raise
         return pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, inode), keep_cache=True)
 
     @translated
@@ -262,6 +273,8 @@ class Operations(pyfuse3.Operations):
                                         stat.S_IFREG | stat.S_IMODE(mode), ctx.uid, ctx.gid, 0,
                                         b"", exclusive)
         self.files.attach(node)
+        if flags & os.O_TRUNC and node.size:  # create() on an existing file (no O_EXCL)
+            node = await self._setattr(node.ino, {"size": 0})
         fi = pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, node.ino), keep_cache=True)
         return fi, self._entry(node)
 
@@ -294,6 +307,7 @@ class Operations(pyfuse3.Operations):
         node = self.ns.get_inode(inode)
         if not stat.S_ISDIR(node.mode):
             raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        self.files.dir_handles[inode] += 1
         return cast(pyfuse3.FileHandleT, inode)
 
     @translated
@@ -310,8 +324,9 @@ class Operations(pyfuse3.Operations):
                     return
                 offset = cookie
 
+    @translated
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
-        return None
+        await self.files.release_dir(fh)
 
     @translated
     async def fsyncdir(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
@@ -343,6 +358,9 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         if len(name) > NAME_MAX:
             raise OSError(errno.ERANGE, os.strerror(errno.ERANGE))
+        if name.startswith(b"system.posix_acl_"):
+            # The kernel would not enforce a stored ACL (no FUSE_POSIX_ACL): refuse cleanly.
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
         await self.engine.commit(self.ns.setxattr, inode, name, value, 0)
 
     @translated

@@ -255,7 +255,12 @@ class Namespace:
             tx.orphaned.append(node.ino)
 
     def _remove_dir(self, tx: Tx, node: Inode) -> None:
-        self._free(tx, node.ino)
+        """An empty directory lost its name; it lives on (nlink 0) while a handle holds it."""
+        node.nlink = 0
+        node.ctime_ns = tx.now
+        self._save(tx, node)
+        self.db.put(tx.txn, "orphans", u64(node.ino), b"")
+        tx.orphaned.append(node.ino)
 
     def _free(self, tx: Tx, ino: int) -> None:
         txn = tx.txn
