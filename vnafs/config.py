@@ -109,14 +109,20 @@ def load(hot: Path) -> Config:
     unknown = set(data) - {"format", "store", "mount", "archive"}
     if unknown:
         raise VnafsError(f"{path}: unknown section or key {sorted(unknown)[0]!r}; remove it")
-    cfg.format = int(data.get("format", 1))
+    fmt = data.get("format", 1)
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+        raise VnafsError(f"{path}: format must be a whole number (1); fix the file")
+    if fmt > cfg.format:
+        raise VnafsError(f"{path}: configuration format {fmt} is newer than this vnafs "
+                         "understands: upgrade vnafs")
+    cfg.format = fmt
     _section(path, data, "store", cfg.store)
     _section(path, data, "mount", cfg.mount)
     archive = data.get("archive", {})
     if not isinstance(archive, dict) or set(archive) - {"url"}:
         raise VnafsError(f"{path}: [archive] takes only url")
     url = archive.get("url")
-    cfg.archive_url = str(url) if url else None
+    cfg.archive_url = validate_archive_url(str(url)) if url else None
     return cfg
 
 

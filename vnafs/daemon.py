@@ -25,7 +25,7 @@ import trio
 from vnafs import FORMAT_VERSION, __version__
 from vnafs import config as config_mod
 from vnafs.config import Config
-from vnafs.errors import VnafsError
+from vnafs.errors import IntegrityError, VnafsError
 from vnafs.keys import KekSource, Keyring
 from vnafs.meta.db import MetaDB
 from vnafs.meta.namespace import Namespace, Tx
@@ -100,7 +100,12 @@ def open_store(root: Path, source: KekSource, *, lock: bool = True) -> Store:
         keyring = Keyring.open(root / "keyring", source)
         sealer = Sealer(keyring, zstd_level=cfg.store.zstd_level)
         db = MetaDB(root / "meta", sealer)
-        ns = Namespace(db)
+        try:
+            ns = Namespace(db)
+        except IntegrityError as exc:
+            db.close()
+            raise VnafsError(f"the metadata of hot store {root} is damaged ({exc}): restore the "
+                             "store from the archive or a backup") from None
         hot = HotStore(root, sealer)
     except BaseException:
         if lock_fd is not None:
@@ -111,6 +116,9 @@ def open_store(root: Path, source: KekSource, *, lock: bool = True) -> Store:
 
 def mkfs(root: Path, source: KekSource, *, archive_url: str | None, uid: int, gid: int) -> None:
     root = root.resolve()
+    if root.exists() and not root.is_dir():
+        raise VnafsError(f"{root} is a file, not a directory: give an empty or new directory for "
+                         "the hot store")
     if root.exists() and any(root.iterdir()):
         raise VnafsError(f"{root} is not empty: give an empty or new directory for the hot store")
     cfg = Config()
@@ -314,7 +322,7 @@ def check_mountpoint(mountpoint: Path) -> None:
     if not mountpoint.exists():
         raise VnafsError(f"mount point {mountpoint} does not exist: create the directory first")
     if not mountpoint.is_dir():
-        raise VnafsError(f"mount point {mountpoint} is not a directory")
+        raise VnafsError(f"mount point {mountpoint} is not a directory: give an empty directory")
     if find_mount(mountpoint) is not None or os.path.ismount(mountpoint):
         raise VnafsError(f"{mountpoint} is already a mount point: unmount it first or choose "
                          "another directory")

@@ -132,9 +132,11 @@ def check(store: Store, *, repair: bool = False, verify_data: bool = True,
             ref_counts[ref.block_id] += 1
             if read_u64(plain) == INF:
                 block_users.setdefault(ref.block_id, []).append(read_u64(key))
-        for key, body in db.scan(txn, "refs"):
+        for key, body in _safe_scan(rep, db, txn, "refs"):
             stored_refs[key] = RefCount.unpack(body)
-        orphan_set = {read_u64(k) for k, _ in db.scan(txn, "orphans")}
+        orphan_set = {read_u64(k) for k, _ in _safe_scan(rep, db, txn, "orphans")}
+        # Counters are only authenticated here; their values are checked by use.
+        sum(1 for _ in _safe_scan(rep, db, txn, "counters"))
 
     rep.checked_inodes = len(inodes)
     rep.dangling_entries = len(dangling)
@@ -185,6 +187,14 @@ def check(store: Store, *, repair: bool = False, verify_data: bool = True,
         _repair(store, rep, inodes, links, subdirs, entry_parent, ref_counts, stored_refs,
                 dangling)
     return rep
+
+
+def _safe_scan(rep: Report, db: Any, txn: Any, table: str) -> Any:
+    for key, value in txn.cursor(db=db.dbs[table]):
+        try:
+            yield key, db._open(table, key, value)
+        except IntegrityError as exc:
+            rep.damaged_records.append(str(exc))
 
 
 def _safe_vscan(rep: Report, db: Any, txn: Any, table: str) -> Any:

@@ -401,7 +401,7 @@ class Keyring:
         if path.exists() or path.is_symlink():
             raise VnafsError(
                 f"refusing to overwrite existing keyring {path}: "
-                "use 'vnafs init' on an empty hot store directory"
+                "use 'vnafs mkfs' on an empty hot store directory"
             )
         if source.passphrase is not None:
             if not MIN_SCRYPT_LOG_N <= scrypt_log_n <= MAX_SCRYPT_LOG_N:
@@ -448,7 +448,8 @@ class Keyring:
             data = path.read_bytes()
         except FileNotFoundError:
             raise VnafsError(
-                f"keyring {path} does not exist: pass the hot store created by 'vnafs init'"
+                f"keyring {path} does not exist: restore it from the archive or a backup, or give "
+                f"the hot store that 'vnafs mkfs' created"
             ) from None
         except OSError as err:
             raise VnafsError(
@@ -623,7 +624,7 @@ class Keyring:
             os.unlink(tmp)
             raise VnafsError(
                 f"refusing to overwrite existing keyring {self._path}: "
-                "use 'vnafs init' on an empty hot store directory"
+                "use 'vnafs mkfs' on an empty hot store directory"
             ) from None
         except OSError as err:
             # Some file systems have no hard links; fall back to check-then-rename.
@@ -633,7 +634,7 @@ class Keyring:
                 os.unlink(tmp)
                 raise VnafsError(
                     f"refusing to overwrite existing keyring {self._path}: "
-                    "use 'vnafs init' on an empty hot store directory"
+                    "use 'vnafs mkfs' on an empty hot store directory"
                 ) from None
             os.rename(tmp, self._path)
         else:

@@ -191,6 +191,16 @@ class Engine:
                 if self._pending[block_id] <= 0:
                     del self._pending[block_id]
 
+    def _discard(self, ids: list[bytes]) -> None:
+        with self._pending_lock:
+            for block_id in ids:
+                if not self._pending[block_id] and not self.ns.has_block(block_id):
+                    self.store.delete(block_id)
+
+    async def discard_unreferenced(self, ids: list[bytes]) -> None:
+        """Delete block files that were written but never committed (and nobody else uses)."""
+        await trio.to_thread.run_sync(self._discard, ids, limiter=self.io)
+
     async def load_block(self, block_id: bytes) -> bytes:
         while True:
             data = self.cache.get(block_id)

@@ -91,7 +91,9 @@ class Files:
             if of.handles == 0:
                 del self.open[ino]
                 if of.pending_ids:
+                    # A failed flush (a full disk) leaves sealed blocks nothing will reference.
                     self.engine.release_pending(of.pending_ids)
+                    await self.engine.discard_unreferenced(of.pending_ids)
                 await self._free_if_orphan(ino)
 
     async def release_dir(self, ino: int) -> None:
