@@ -14,6 +14,7 @@ needs a version counter outside LMDB and belongs to a later issue.
 from __future__ import annotations
 
 import errno
+import json
 import mmap
 import os
 import random
@@ -191,6 +192,24 @@ def test_deleted_block(new_fs: Fs) -> None:
     code, out = fsck(new_fs)
     assert code == 2, out
     assert hexid in out and "missing" in out, out
+
+
+def test_status_reports_damage_seen_since_mount(new_fs: Fs) -> None:
+    files, _ = prepared(new_fs)
+    path = random.Random(SEED).choice(block_files(new_fs.hot))
+    damaged = bytearray(path.read_bytes())
+    damaged[40] ^= 0x10
+    path.write_bytes(bytes(damaged))
+    new_fs.mount()
+    before = json.loads(run_vnafs("status", "--json", str(new_fs.mnt)).stdout)
+    assert before["health"] == "ok" and before["problems"]["last_problem"] is None
+    read_chunks(new_fs.mnt, files)
+    after = json.loads(run_vnafs("status", "--json", str(new_fs.mnt)).stdout)
+    assert after["health"] == "damaged"
+    assert after["problems"]["problems"]["integrity"] >= 1
+    assert block_hex(path) in after["problems"]["last_problem"]
+    human = run_vnafs("status", str(new_fs.mnt)).stdout
+    assert "damaged" in human and block_hex(path) in human
 
 
 # -- metadata records ------------------------------------------------------------------------------

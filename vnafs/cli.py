@@ -205,6 +205,10 @@ def cmd_status(args: argparse.Namespace) -> int:
           "sealed on disk)")
     print(f"  open files    {st.get('open_files', 0)}   dirty blocks {st.get('dirty_blocks', 0)}")
     print(f"  data key      version {st['keys']['current_version']}")
+    problems = st.get("problems", {})
+    if problems.get("last_problem"):
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(problems["problems"].items()))
+        print(f"  problems      {counts}; newest: {problems['last_problem']}")
     return 0
 
 

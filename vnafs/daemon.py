@@ -187,6 +187,9 @@ def status_of(store: Store, engine: Any = None, files: Any = None,
         **store.ns.stats(),
     }
     if engine is not None:
+        health = engine.health.as_dict()
+        out["health"] = health["state"]
+        out["problems"] = health
         out["counters"] = dict(engine.stats)
         out["cache_bytes"] = engine.cache.size
     if files is not None:

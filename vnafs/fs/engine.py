@@ -45,6 +45,33 @@ def _lmdb_error(exc: lmdb.Error) -> OSError:
     return OSError(errno.EIO, os.strerror(errno.EIO))
 
 
+class Health:
+    """Problems seen since mount, for `vnafs status`: the counts and the newest message.
+
+    Messages are the log lines themselves, which never carry PHI.
+    """
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.last: str | None = None
+        self.last_time: float | None = None
+
+    def report(self, kind: str, message: str) -> None:
+        self.counts[kind] += 1
+        self.last = message
+        self.last_time = time.time()
+
+    def as_dict(self) -> dict[str, Any]:
+        if self.counts["integrity"]:
+            state = "damaged"
+        elif self.counts:
+            state = "degraded"
+        else:
+            state = "ok"
+        return {"state": state, "problems": dict(self.counts), "last_problem": self.last,
+                "last_problem_time": self.last_time}
+
+
 class BlockCache:
     """Plaintext blocks by id, least recently used first out, bounded in bytes."""
 
@@ -99,6 +126,7 @@ class Engine:
         self._sync_event = trio.Event()
         self._unsynced = False
         self.stats: Counter[str] = Counter()
+        self.health = Health()
         self.on_orphaned: Callable[[int], None] = lambda ino: None
 
     # -- metadata commits -----------------------------------------------------------------------
@@ -110,7 +138,9 @@ class Engine:
                 tx = Tx(txn, time.time_ns())
                 result = fn(tx, *args)
         except lmdb.Error as exc:
-            raise _lmdb_error(exc) from None
+            err = _lmdb_error(exc)
+            self.health.report("metadata_write", f"metadata write failed: {err.strerror}")
+            raise err from None
         with self._pending_lock:
             for block_id in tx.freed_blocks:
                 if not self._pending[block_id]:
@@ -216,6 +246,7 @@ class Engine:
                 data = await trio.to_thread.run_sync(self.store.get, block_id, limiter=self.io)
             except IntegrityError as exc:
                 log.error("%s", exc)
+                self.health.report("integrity", str(exc))
                 raise OSError(errno.EIO, os.strerror(errno.EIO)) from None
             self.cache.put(block_id, data)
             self.stats["blocks_loaded"] += 1

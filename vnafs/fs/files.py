@@ -209,6 +209,8 @@ class Files:
             of.sealed[index] = NewBlock(BlockRef(block_id, length), stored) if length > 0 else None
         except OSError as exc:
             log.error("writing a block of inode %d failed: %s", of.ino, exc.strerror)
+            self.engine.health.report("block_write",
+                                      f"writing a block failed: {exc.strerror}")
             of.error = exc
             of.dirty.setdefault(index, buf)  # keep the data; the next flush retries
         except Exception:

@@ -46,9 +46,12 @@ def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except IntegrityError as exc:
             log.error("%s", exc)
+            args[0].engine.health.report("integrity", str(exc))  # type: ignore[attr-defined]
             raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:
             log.exception("internal error in %s", fn.__name__)
+            args[0].engine.health.report(  # type: ignore[attr-defined]
+                "internal", f"internal error in {fn.__name__}; see the log")
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
