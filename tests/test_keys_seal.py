@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import os
+import random
 import stat
 import struct
 import threading
@@ -619,14 +620,37 @@ def test_envelope_from_another_keyring_fails(tmp_path: Path) -> None:
         a.open(KIND_BLOCK, bytes(32), env2)
 
 
-def test_reserved_codec_is_refused(sealer: Sealer) -> None:
-    # An authentic envelope (built by hand) with the reserved byte-plane codec.
+def test_unknown_codec_is_refused(sealer: Sealer) -> None:
+    # An authentic envelope (built by hand) with a codec number no version has defined.
     ctx = bytes(32)
     nonce = os.urandom(12)
-    header = struct.pack(">4sBBHII12s", b"VNS1", KIND_BLOCK, CODEC_BYTEPLANE16, 0, 1, 3, nonce)
+    header = struct.pack(">4sBBHII12s", b"VNS1", KIND_BLOCK, 3, 0, 1, 3, nonce)
     env = header + sealer.keyring.aead(1).encrypt(nonce, b"abc", header + ctx)
     with pytest.raises(IntegrityError, match="unsupported codec"):
         sealer.open(KIND_BLOCK, ctx, env)
+
+
+def test_byteplane_codec_for_16_bit_samples(sealer: Sealer) -> None:
+    # Smooth 16-bit samples with noise in the low byte: the byte-plane split should win.
+    rnd = random.Random(7)
+    samples = [1000 + (i % 512) // 4 + rnd.randrange(8) for i in range(300_001)]
+    for data in (struct.pack(f"<{len(samples)}H", *samples),
+                 struct.pack(f"<{len(samples)}H", *samples)[:-1]):  # odd length too
+        env = sealer.seal(KIND_BLOCK, bytes(32), data)
+        assert Sealer.header_info(env)[1] == CODEC_BYTEPLANE16
+        assert len(env) < len(data) // 2
+        assert sealer.open(KIND_BLOCK, bytes(32), env) == data
+        damaged = bytearray(env)
+        damaged[-40] ^= 1
+        with pytest.raises(IntegrityError):
+            sealer.open(KIND_BLOCK, bytes(32), bytes(damaged))
+
+
+def test_incompressible_block_is_stored_raw(sealer: Sealer) -> None:
+    data = os.urandom(1 << 20)
+    env = sealer.seal(KIND_BLOCK, bytes(32), data)
+    assert Sealer.header_info(env)[1] == CODEC_RAW
+    assert sealer.open(KIND_BLOCK, bytes(32), env) == data
 
 
 def test_authentic_length_mismatch_is_refused(sealer: Sealer) -> None:

@@ -49,9 +49,13 @@ class OpenFile:
     sealed: dict[int, NewBlock | None] = field(default_factory=dict)
     inflight: dict[int, trio.Event] = field(default_factory=dict)
     pending_ids: list[bytes] = field(default_factory=list)
+    # Block map records already in LMDB, so sequential reads do not look each one up (and
+    # decrypt it) once per 128 KiB request. Cleared by truncation, updated by commits.
+    committed: dict[int, BlockRef | None] = field(default_factory=dict)
     error: OSError | None = None
     meta_dirty: bool = False
     last_read_end: int = -1
+    readahead_next: int = 0
 
     @property
     def busy(self) -> bool:
@@ -135,8 +139,12 @@ class Files:
         if index in of.sealed:
             new = of.sealed[index]
             return None if new is None else new.ref
+        if index in of.committed:
+            return of.committed[index]
         with self.ns.db.begin() as txn:
-            return self.ns.block_ref(txn, of.ino, index)
+            ref = self.ns.block_ref(txn, of.ino, index)
+        of.committed[index] = ref
+        return ref
 
     async def _content(self, of: OpenFile, index: int) -> bytes | bytearray | memoryview:
         """The block's bytes that belong to the file (may be shorter than the block)."""
@@ -254,6 +262,8 @@ class Files:
             self.ns.commit_file, of.ino, dict(of.sealed), size=of.size,
             mtime_ns=of.mtime_ns, ctime_ns=of.ctime_ns, atime_ns=of.atime_ns,
         )
+        for index, new in of.sealed.items():
+            of.committed[index] = None if new is None else new.ref
         of.sealed.clear()
         of.meta_dirty = False
         pending, of.pending_ids = of.pending_ids, []
@@ -280,6 +290,8 @@ class Files:
                 if new is not None and new.ref.length > cut:
                     of.sealed[last] = NewBlock(BlockRef(new.ref.block_id, cut), new.stored)
             of.size = size
+            of.committed.clear()  # the caller's commit shortens or drops LMDB records
+            of.readahead_next = 0
             of.mtime_ns = of.ctime_ns = time.time_ns()
 
     # -- reading ----------------------------------------------------------------------------------
@@ -305,13 +317,21 @@ class Files:
         return b"".join(parts)
 
     def _start_readahead(self, of: OpenFile, end: int) -> None:
-        first = -(-end // BLOCK_SIZE)
-        last = min(first + READAHEAD_BLOCKS, -(-of.size // BLOCK_SIZE))
+        # Keep READAHEAD_BLOCKS blocks ahead of the reader; each block is requested once.
+        ahead = -(-end // BLOCK_SIZE)
+        first = max(ahead, of.readahead_next)
+        last = min(ahead + READAHEAD_BLOCKS, -(-of.size // BLOCK_SIZE))
         if first >= last:
             return
-        with self.ns.db.begin() as txn:
-            refs = [self.ns.block_ref(txn, of.ino, i) for i in range(first, last)]
-        for ref in refs:
+        of.readahead_next = last
+        todo = [i for i in range(first, last)
+                if i not in of.committed and i not in of.sealed and i not in of.dirty]
+        if todo:
+            with self.ns.db.begin() as txn:
+                for i in todo:
+                    of.committed[i] = self.ns.block_ref(txn, of.ino, i)
+        for i in range(first, last):
+            ref = of.committed.get(i)
             if ref is not None and not self.engine.loading(ref.block_id):
                 self.nursery.start_soon(self._prefetch, ref.block_id)
 

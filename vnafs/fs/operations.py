@@ -73,6 +73,10 @@ class Operations(pyfuse3.Operations):
         self.ns: Namespace = engine.ns
         self.files = files
         self.block_size = block_size
+        # (inode, name) pairs known to have no such xattr. The kernel asks for
+        # security.capability before every write; all xattr changes pass through here, so this
+        # negative cache is exact.
+        self._no_xattr: set[tuple[int, bytes]] = set()
 
     # -- attributes -----------------------------------------------------------------------------
 
@@ -146,6 +150,8 @@ class Operations(pyfuse3.Operations):
             of.atime_ns = changes.get("atime_ns", of.atime_ns)
             of.mtime_ns = changes.get("mtime_ns", of.mtime_ns)
         node = await self.engine.commit(self._setattr_tx, inode, changes)
+        if of is not None and "size" in changes:
+            of.committed.clear()  # LMDB's block map changed under the cache
         if of is not None:
             of.ctime_ns = node.ctime_ns
             if "size" in changes:
@@ -364,13 +370,23 @@ class Operations(pyfuse3.Operations):
         if name.startswith(b"system.posix_acl_"):
             # The kernel would not enforce a stored ACL (no FUSE_POSIX_ACL): refuse cleanly.
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        self._no_xattr.discard((inode, name))
         await self.engine.commit(self.ns.setxattr, inode, name, value, 0)
 
     @translated
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> bytes:
-        return self.ns.getxattr(inode, name)
+        if (inode, name) in self._no_xattr:
+            raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
+        try:
+            return self.ns.getxattr(inode, name)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                if len(self._no_xattr) > 100_000:
+                    self._no_xattr.clear()
+                self._no_xattr.add((inode, name))
+            raise
 
     @translated
     async def listxattr(
