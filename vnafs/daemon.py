@@ -292,6 +292,7 @@ async def serve(
         await nursery.start(control.serve)
         nursery.start_soon(_watch_signals, nursery)
         nursery.start_soon(engine.sync_periodically, cfg.store.sync_interval)
+        nursery.start_soon(_raise_readahead, mountpoint)
         pid_file = store.root / "daemon.pid"
         pid_file.write_text(f"{os.getpid()}\n")
         log.info("mounted %s (vnafs %s)", mountpoint, __version__)
@@ -309,6 +310,22 @@ async def serve(
             pid_file.unlink(missing_ok=True)
             log.info("unmounted %s", mountpoint)
             nursery.cancel_scope.cancel()
+
+
+# The kernel asks FUSE file systems for 128 KiB at a time by default; 4 MiB of readahead lets it
+# send 1 MiB reads (measured: 512 MiB cold read 1.53 s -> 1.25 s).
+READ_AHEAD_KB = 4096
+
+
+async def _raise_readahead(mountpoint: Path) -> None:
+    try:
+        # stat goes through our own FUSE loop, which is running by now.
+        dev = (await trio.to_thread.run_sync(os.stat, mountpoint)).st_dev
+        path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        await trio.to_thread.run_sync(path.write_text, f"{READ_AHEAD_KB}\n")
+    except OSError as exc:
+        log.warning("could not raise the readahead window (%s); reads still work",
+                    exc.strerror)
 
 
 async def _watch_signals(nursery: trio.Nursery) -> None:

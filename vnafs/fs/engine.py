@@ -113,7 +113,7 @@ class Engine:
         self.cache = BlockCache(cache_bytes)
         self.writer = trio.CapacityLimiter(1)
         self.cpu = trio.CapacityLimiter(workers)
-        self.io = trio.CapacityLimiter(max(4, workers * 2))
+        self.io = trio.CapacityLimiter(max(8, workers * 4))
         # Bounds plaintext held by blocks waiting to be sealed: memory stays flat under any load.
         self.inflight = trio.Semaphore(max_inflight_blocks)
         self._loading: dict[bytes, trio.Event] = {}

@@ -32,7 +32,7 @@ log = logging.getLogger("vnafs.files")
 
 # Partial blocks one file may buffer before the oldest is sealed (random writers).
 MAX_DIRTY_BLOCKS = 8
-READAHEAD_BLOCKS = 4
+READAHEAD_BLOCKS = 8
 DAY_NS = 86_400 * 10**9
 
 
