@@ -1,0 +1,1 @@
+"""Developer tools for vnafs (not installed with the package): `python -m tools.bench`."""
