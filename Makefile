@@ -16,7 +16,7 @@ SYSDEPS := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv gocryptfs 
 help:
 	@echo "make demo    install everything, create and mount a demo filesystem with sample DICOM"
 	@echo "make test    install everything, run ruff and the whole test suite"
-	@echo "make lint    ruff check only"
+	@echo "make lint    ruff check and mypy"
 	@echo "make bench   run tools/bench"
 	@echo "make venv    Debian packages + $(VENV) with vnafs installed editable"
 	@echo "make clean   remove $(VENV) and build artifacts"
@@ -49,10 +49,12 @@ venv: $(VENV)/.stamp
 
 test: venv
 	$(VENV)/bin/ruff check vnafs tools tests
+	$(VENV)/bin/mypy vnafs
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
 
 lint: venv
 	$(VENV)/bin/ruff check vnafs tools tests
+	$(VENV)/bin/mypy vnafs
 
 demo: venv
 	$(VENV)/bin/vnafs demo

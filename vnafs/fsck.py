@@ -19,7 +19,7 @@ from typing import Any
 
 from vnafs.daemon import Store
 from vnafs.errors import IntegrityError
-from vnafs.meta.db import INF, read_u64, u64
+from vnafs.meta.db import INF, read_u64, records, u64
 from vnafs.meta.namespace import Tx
 from vnafs.meta.records import ROOT_INO, STATE_HOT, BlockRef, Inode, RefCount, unpack_dirent
 
@@ -122,7 +122,7 @@ def check(store: Store, *, repair: bool = False, verify_data: bool = True,
                 subdirs[parent] += 1
                 entry_parent[child] = parent
         # Reference counts count every version of a block map record, live or not.
-        for key, value in txn.cursor(db=db.dbs["blockmap"]):
+        for key, value in records(txn.cursor(db=db.dbs["blockmap"])):
             try:
                 plain = db._open("blockmap", key, value)
             except IntegrityError as exc:
@@ -190,7 +190,7 @@ def check(store: Store, *, repair: bool = False, verify_data: bool = True,
 
 
 def _safe_scan(rep: Report, db: Any, txn: Any, table: str) -> Any:
-    for key, value in txn.cursor(db=db.dbs[table]):
+    for key, value in records(txn.cursor(db=db.dbs[table])):
         try:
             yield key, db._open(table, key, value)
         except IntegrityError as exc:
@@ -198,9 +198,8 @@ def _safe_scan(rep: Report, db: Any, txn: Any, table: str) -> Any:
 
 
 def _safe_vscan(rep: Report, db: Any, txn: Any, table: str) -> Any:
-    cur = txn.cursor(db=db.dbs[table])
     last: bytes | None = None
-    for key, value in cur:
+    for key, value in records(txn.cursor(db=db.dbs[table])):
         ident = key[:-8]
         if ident == last:
             continue

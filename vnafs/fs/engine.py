@@ -78,15 +78,15 @@ class BlockCache:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.size = 0
-        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+        self._items: OrderedDict[bytes, bytes | bytearray] = OrderedDict()
 
-    def get(self, block_id: bytes) -> bytes | None:
+    def get(self, block_id: bytes) -> bytes | bytearray | None:
         data = self._items.get(block_id)
         if data is not None:
             self._items.move_to_end(block_id)
         return data
 
-    def put(self, block_id: bytes, data: bytes) -> None:
+    def put(self, block_id: bytes, data: bytes | bytearray) -> None:
         if block_id in self._items or len(data) > self.capacity:
             return
         self._items[block_id] = data
@@ -193,7 +193,7 @@ class Engine:
 
     # -- blocks ---------------------------------------------------------------------------------
 
-    def _store_block(self, data: bytes) -> tuple[bytes, int]:
+    def _store_block(self, data: bytes | bytearray) -> tuple[bytes, int]:
         block_id = self.store.sealer.block_id(data)
         # Mark the id pending before looking it up, so a concurrent commit that drops its last
         # reference keeps the file (see docs/architecture.md, "Data path").
@@ -205,7 +205,7 @@ class Engine:
         stored = self.store.put(block_id, data, compress=self.compress)
         return block_id, stored
 
-    async def store_block(self, data: bytes) -> tuple[bytes, int]:
+    async def store_block(self, data: bytes | bytearray) -> tuple[bytes, int]:
         """Seal and write one block (or find it already stored). The id stays pending until
         `release_pending` is called after the commit that references it."""
         block_id, stored = await trio.to_thread.run_sync(self._store_block, data,
@@ -231,7 +231,7 @@ class Engine:
         """Delete block files that were written but never committed (and nobody else uses)."""
         await trio.to_thread.run_sync(self._discard, ids, limiter=self.io)
 
-    async def load_block(self, block_id: bytes) -> bytes:
+    async def load_block(self, block_id: bytes) -> bytes | bytearray:
         while True:
             data = self.cache.get(block_id)
             if data is not None:

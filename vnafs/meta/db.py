@@ -16,6 +16,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import lmdb
 
@@ -38,6 +39,12 @@ TABLES: dict[str, bytes] = {
 
 # LMDB reserves address space, not disk: the file grows only as records are written.
 MAP_SIZE = 1 << 40
+
+
+def records(cur: lmdb.Cursor) -> Iterator[tuple[bytes, bytes]]:
+    """A cursor's (key, value) pairs. py-lmdb's stubs allow memoryviews, which it returns only
+    with `buffers=True`; vnafs never asks for that, so they are bytes."""
+    return cast(Iterator[tuple[bytes, bytes]], iter(cur))
 
 
 def u64(n: int) -> bytes:
@@ -95,7 +102,7 @@ class MetaDB:
         )
 
     def get(self, txn: lmdb.Transaction, table: str, key: bytes) -> bytes | None:
-        value = txn.get(key, db=self.dbs[table])
+        value = cast(bytes | None, txn.get(key, db=self.dbs[table]))
         return None if value is None else self._open(table, key, value)
 
     def put(self, txn: lmdb.Transaction, table: str, key: bytes, plaintext: bytes) -> None:
@@ -111,7 +118,7 @@ class MetaDB:
         cur = txn.cursor(db=self.dbs[table])
         if not cur.set_range(prefix + start):
             return
-        for key, value in cur:
+        for key, value in records(cur):
             if not key.startswith(prefix):
                 return
             yield key, self._open(table, key, value)
@@ -142,10 +149,10 @@ class MetaDB:
         seek = prefix if epoch is None else prefix + u64(INF - epoch)
         if not cur.set_range(seek):
             return None
-        key = cur.key()
+        key, value = cast(tuple[bytes, bytes], cur.item())
         if len(key) != len(prefix) + 8 or not key.startswith(prefix):
             return None
-        plain = self._open(table, key, cur.value())
+        plain = self._open(table, key, value)
         death = read_u64(plain)
         visible = death == INF if epoch is None else death > epoch
         return (key, death, plain[8:]) if visible else None
@@ -206,7 +213,7 @@ class MetaDB:
         if not cur.set_range(prefix + start):
             return
         last_ident: bytes | None = None
-        for key, value in cur:
+        for key, value in records(cur):
             if not key.startswith(prefix):
                 return
             ident = key[:-8]

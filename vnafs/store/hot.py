@@ -43,7 +43,7 @@ class HotStore:
         h = block_id.hex()
         return self.blocks / h[:2] / h[2:]
 
-    def put(self, block_id: bytes, plaintext: bytes, *, compress: bool = True) -> int:
+    def put(self, block_id: bytes, plaintext: bytes | bytearray, *, compress: bool = True) -> int:
         """Seal and store a block; returns the number of bytes stored."""
         envelope = self.sealer.seal(KIND_BLOCK, block_id, plaintext, compress=compress)
         tmp = self.tmp / secrets.token_hex(12)
