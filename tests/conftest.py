@@ -102,12 +102,13 @@ class Fs:
             if res.returncode != 0:
                 subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True)
         pid = self.pid()
-        if pid is not None and _alive(pid) and _is_vnafs(pid):
+        if pid is not None and alive(pid) and _is_vnafs(pid):
             os.kill(pid, signal.SIGKILL)
             _wait_gone(pid)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process with this PID exists (for fixtures that stop what they started)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -124,7 +125,7 @@ def _is_vnafs(pid: int) -> bool:
 
 def _wait_gone(pid: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
         time.sleep(0.02)

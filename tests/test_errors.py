@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import VNAFS, Fs, run_vnafs
+from conftest import VNAFS, Fs, alive, run_vnafs
 
 MIB = 1 << 20
 NOBODY = 65534
@@ -445,14 +445,6 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_disk_full(workdir: Path) -> None:
     """ENOSPC reaches the writer; freeing space makes the store fully usable again.
 
@@ -489,7 +481,7 @@ def test_disk_full(workdir: Path) -> None:
         full_free = os.statvfs(fs.hot).f_bavail * os.statvfs(fs.hot).f_frsize
 
         # The daemon survived and still serves the mount.
-        assert _alive(pid) and fs.pid() == pid
+        assert alive(pid) and fs.pid() == pid
         assert mounted(fs.mnt)
         assert f"f{0:02d}" in os.listdir(fs.mnt)
         for path, digest in written.items():
