@@ -30,8 +30,10 @@ from vnafs.meta.records import BLOCK_SIZE, BlockRef, Inode
 
 log = logging.getLogger("vnafs.files")
 
-# Partial blocks one file may buffer before the oldest is sealed (random writers).
+# Partial blocks one file may buffer before the oldest is sealed (random writers), and all files
+# together (many concurrent writers): plaintext held in memory stays bounded whatever the load.
 MAX_DIRTY_BLOCKS = 8
+MAX_TOTAL_DIRTY_BLOCKS = 256
 READAHEAD_BLOCKS = 8
 DAY_NS = 86_400 * 10**9
 
@@ -189,9 +191,14 @@ class Files:
             now = time.time_ns()
             of.mtime_ns = of.ctime_ns = now
             of.meta_dirty = True
-            while len(of.dirty) > MAX_DIRTY_BLOCKS:
+            while len(of.dirty) > MAX_DIRTY_BLOCKS or (
+                of.dirty and self._dirty_blocks() > MAX_TOTAL_DIRTY_BLOCKS
+            ):
                 await self._seal(of, min(of.dirty))
         return len(data)
+
+    def _dirty_blocks(self) -> int:
+        return sum(len(f.dirty) for f in self.open.values())
 
     async def _seal(self, of: OpenFile, index: int) -> None:
         # A block must always be findable by readers: in `dirty`, `inflight`, `sealed` or
