@@ -102,5 +102,6 @@ def run(base: Path) -> int:
     stored = sum(f.stat().st_size for f in (hot / "blocks").rglob("*") if f.is_file())
     print(f"== {plain / 1e6:.1f} MB of DICOM stored as {stored / 1e6:.1f} MB of sealed blocks "
           "(encrypted, compressed, deduplicated)")
-    print(f"The file system stays mounted at {mnt}; unmount it with: vnafs umount {mnt}")
+    exe = Path(sys.executable).with_name("vnafs")
+    print(f"The file system stays mounted at {mnt}; unmount it with: {exe} umount {mnt}")
     return 0
