@@ -1,0 +1,1 @@
+"""DICOM awareness: header parsing, completeness checks, names for study-level views."""
