@@ -7,8 +7,10 @@ VENV   := .venv
 PYTEST_ARGS ?=
 
 # Debian packages needed to build pyfuse3 and to run the tests
-# (gocryptfs only as a reference point for tools/bench).
-SYSDEPS := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv gocryptfs attr acl rsync
+# (gocryptfs only as a reference point for tools/bench; dcmtk, orthanc, curl and iproute2
+# for the tests with real DICOM writers).
+SYSDEPS := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv gocryptfs attr acl rsync \
+           dcmtk orthanc curl iproute2
 
 .DEFAULT_GOAL := help
 .PHONY: help sysdeps venv test lint demo bench clean
