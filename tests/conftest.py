@@ -11,6 +11,7 @@ act as an unprivileged user through `allow_other`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,6 +93,17 @@ class Fs:
         os.kill(pid, signal.SIGKILL)
         _wait_gone(pid)
         subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True)
+
+    def wait_indexed(self) -> dict[str, Any]:
+        """Block until the daemon has indexed every closed file; return `status`'s DICOM part."""
+        from vnafs import daemon
+
+        for _ in range(20):
+            reply = daemon.control_request(self.hot, {"op": "index_wait", "timeout": 25})
+            if reply["pending"] == 0:
+                break
+        status = json.loads(run_vnafs("status", "--json", str(self.mnt)).stdout)
+        return dict(status["dicom"])
 
     def log(self) -> str:
         path = self.hot / "vnafs.log"

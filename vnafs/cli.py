@@ -205,10 +205,84 @@ def cmd_status(args: argparse.Namespace) -> int:
           "sealed on disk)")
     print(f"  open files    {st.get('open_files', 0)}   dirty blocks {st.get('dirty_blocks', 0)}")
     print(f"  data key      version {st['keys']['current_version']}")
+    dicom = st.get("dicom")
+    if dicom is not None:
+        print(f"  DICOM         {dicom['instances']} instances in {dicom['studies']} studies, "
+              f"{dicom['series']} series; {dicom['pending']} files waiting to be indexed")
+        print(f"  DICOM issues  incomplete {dicom['incomplete']}, invalid {dicom['invalid']}, "
+              f"SOP UID conflicts {dicom['sop_conflict']}, "
+              f"patient conflicts {dicom['patient_conflicts']}  (vnafs find --problems)")
     problems = st.get("problems", {})
     if problems.get("last_problem"):
         counts = ", ".join(f"{k} {v}" for k, v in sorted(problems["problems"].items()))
         print(f"  problems      {counts}; newest: {problems['last_problem']}")
+    return 0
+
+
+def _date(value: str | None, flag: str) -> str | None:
+    if value is None:
+        return None
+    digits = value.replace("-", "")
+    if len(digits) != 8 or not digits.isdigit():
+        raise VnafsError(f"{flag} {value!r} is not a date: write it as YYYY-MM-DD")
+    return digits
+
+
+def cmd_find(args: argparse.Namespace) -> int:
+    from vnafs import daemon
+
+    hot = daemon.hot_store_of(Path(args.mountpoint))
+    mnt = Path(args.mountpoint).resolve()
+    if args.problems:
+        found = daemon.control_request(hot, {"op": "problems", "wait": args.wait})
+        if args.json:
+            print(json.dumps(found, indent=2, ensure_ascii=False))
+        for p in [] if args.json else found:
+            where = f"inode {p['ino']}" if p["ino"] is not None else f"study {p['study']}"
+            print(f"{p['kind']:<17} {where}  {p['problem']}")
+        return 0
+    req = {"op": "find", "patient": args.patient, "issuer": args.issuer, "study": args.study,
+           "accession": args.accession, "accession_issuer": args.accession_issuer,
+           "modality": args.modality, "date_from": _date(args.date_from, "--from"),
+           "date_to": _date(args.date_to, "--to"), "wait": args.wait}
+    found = daemon.control_request(hot, req)
+    views = daemon.views_dir(hot)
+    for study in found:
+        study["view"] = str(mnt / views / study["view"]) if views else None
+    if args.json:
+        print(json.dumps(found, indent=2, ensure_ascii=False))
+        return 0 if found else 3
+    for s in found:
+        date = f"{s['date'][:4]}-{s['date'][4:6]}-{s['date'][6:]}" if s["date"] else "----------"
+        patients = ", ".join(f"{p['patient_id'] or '(empty)'} ({p['issuer'] or 'no issuer'})"
+                             for p in s["patients"])
+        flag = "  PATIENT CONFLICT" if s["patient_conflict"] else ""
+        print(f"{date}  {'/'.join(s['modalities']) or '-':<8} {s['series']:>3} series "
+              f"{s['instances']:>6} inst  acc {s['accession'] or '-'}  {patients}{flag}")
+        print(f"            {s['view'] or s['study']}")
+    if not found:
+        print("no matching studies", file=sys.stderr)
+    return 0 if found else 3
+
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from vnafs import daemon
+
+    hot = daemon.hot_store_of(Path(args.mountpoint))
+    total = daemon.control_request(hot, {"op": "reindex"})["queued"]
+    with tqdm(total=total, unit="file", disable=not sys.stderr.isatty() and not args.progress,
+              desc="reindex") as bar:
+        while True:
+            pending = daemon.control_request(hot, {"op": "index_progress"})["pending"]
+            bar.update(max(0, total - pending - bar.n))
+            if pending == 0:
+                break
+            time.sleep(0.2)
+    st = daemon.control_request(hot, {"op": "status"})["dicom"]
+    print(f"indexed {total} files: {st['instances']} instances in {st['studies']} studies; "
+          f"{st['incomplete'] + st['invalid'] + st['sop_conflict']} problem files")
     return 0
 
 
@@ -273,6 +347,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("mountpoint")
     s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser("find", help="find DICOM studies by patient, study or accession")
+    s.add_argument("mountpoint")
+    s.add_argument("--patient", metavar="ID", help="PatientID (with --issuer; without it, "
+                   "every issuer's patient of that ID is listed separately)")
+    s.add_argument("--issuer", metavar="ISSUER", help="IssuerOfPatientID")
+    s.add_argument("--study", metavar="UID", help="StudyInstanceUID")
+    s.add_argument("--accession", metavar="A", help="AccessionNumber")
+    s.add_argument("--accession-issuer", metavar="ISSUER", help="issuer of the accession")
+    s.add_argument("--modality", help="only studies with this modality (CT, MR, ...)")
+    s.add_argument("--from", dest="date_from", metavar="YYYY-MM-DD", help="study date from")
+    s.add_argument("--to", dest="date_to", metavar="YYYY-MM-DD", help="study date up to")
+    s.add_argument("--problems", action="store_true",
+                   help="list incomplete, invalid and conflicting files instead")
+    s.add_argument("--wait", action="store_true",
+                   help="first wait until files closed so far are indexed")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_find)
+
+    s = sub.add_parser("reindex", help="rebuild the DICOM index of a mounted file system")
+    s.add_argument("--progress", action="store_true", help="show the bar even when not a tty")
+    s.add_argument("mountpoint")
+    s.set_defaults(fn=cmd_reindex)
 
     s = sub.add_parser("fsck", help="check (and repair) an unmounted hot store")
     _key_args(s)

@@ -32,10 +32,18 @@ class MountConfig:
 
 
 @dataclass
+class DicomConfig:
+    index: bool = True
+    views: str = ".dicom"
+    by_patient: bool = False
+
+
+@dataclass
 class Config:
     format: int = 1
     store: StoreConfig = field(default_factory=StoreConfig)
     mount: MountConfig = field(default_factory=MountConfig)
+    dicom: DicomConfig = field(default_factory=DicomConfig)
     archive_url: str | None = None
 
     def to_toml(self) -> str:
@@ -53,6 +61,13 @@ class Config:
             "[mount]",
             f"sync_on_close = {str(self.mount.sync_on_close).lower()}",
             f"allow_other = {str(self.mount.allow_other).lower()}",
+            "",
+            "[dicom]",
+            "# Index DICOM files on close and serve the read-only views (docs/admin.md).",
+            f"index = {str(self.dicom.index).lower()}",
+            f"views = {_toml_str(self.dicom.views)}",
+            "# by-patient names carry PatientIDs (PHI): off unless the site wants them.",
+            f"by_patient = {str(self.dicom.by_patient).lower()}",
             "",
             "[archive]",
         ]
@@ -89,6 +104,8 @@ def _section(path: Path, data: dict[str, Any], name: str, target: object) -> Non
             raise VnafsError(f"{path}: {name}.{key} must be a whole number")
         if expected is bool and not isinstance(value, bool):
             raise VnafsError(f"{path}: {name}.{key} must be true or false")
+        if expected is str and not isinstance(value, str):
+            raise VnafsError(f"{path}: {name}.{key} must be a quoted string")
         if key in _INT_RANGES:
             lo, hi = _INT_RANGES[key]
             if not lo <= value <= hi:
@@ -106,7 +123,7 @@ def load(hot: Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise VnafsError(f"{path} is not valid TOML ({exc}); fix or restore the file") from None
     cfg = Config()
-    unknown = set(data) - {"format", "store", "mount", "archive"}
+    unknown = set(data) - {"format", "store", "mount", "dicom", "archive"}
     if unknown:
         raise VnafsError(f"{path}: unknown section or key {sorted(unknown)[0]!r}; remove it")
     fmt = data.get("format", 1)
@@ -118,12 +135,21 @@ def load(hot: Path) -> Config:
     cfg.format = fmt
     _section(path, data, "store", cfg.store)
     _section(path, data, "mount", cfg.mount)
+    _section(path, data, "dicom", cfg.dicom)
+    _check_view_name(path, cfg.dicom.views)
     archive = data.get("archive", {})
     if not isinstance(archive, dict) or set(archive) - {"url"}:
         raise VnafsError(f"{path}: [archive] takes only url")
     url = archive.get("url")
     cfg.archive_url = validate_archive_url(str(url)) if url else None
     return cfg
+
+
+def _check_view_name(path: Path, name: str) -> None:
+    if (not name or name in (".", "..") or "/" in name or "\0" in name
+            or len(name.encode()) > 255):
+        raise VnafsError(f"{path}: dicom.views must be a single file name such as \".dicom\"; "
+                         "fix the file")
 
 
 def validate_archive_url(url: str) -> str:

@@ -165,7 +165,7 @@ def recover(store: Store) -> dict[str, int]:
 
 
 def status_of(store: Store, engine: Any = None, files: Any = None,
-              mountpoint: str | None = None) -> dict[str, Any]:
+              mountpoint: str | None = None, indexer: Any = None) -> dict[str, Any]:
     st = store.hot.usage()
     out: dict[str, Any] = {
         "version": __version__,
@@ -192,6 +192,11 @@ def status_of(store: Store, engine: Any = None, files: Any = None,
         out["problems"] = health
         out["counters"] = dict(engine.stats)
         out["cache_bytes"] = engine.cache.size
+    if indexer is not None:
+        from vnafs.dicom import query
+
+        out["dicom"] = {**query.counts(indexer.index), "pending": indexer.pending,
+                        **{f"since_mount_{k}": v for k, v in indexer.stats.items()}}
     if files is not None:
         out["open_files"] = len(files.open)
         out["dirty_blocks"] = sum(len(of.dirty) for of in files.open.values())
@@ -279,16 +284,22 @@ async def serve(
     )
     async with trio.open_nursery() as nursery:
         files = Files(engine, nursery, sync_on_close=cfg.mount.sync_on_close)
-        ops = Operations(engine, files, block_size=BLOCK_SIZE)
+        indexer, views = _dicom_setup(store, engine, files)
+        ops = Operations(engine, files, block_size=BLOCK_SIZE, views=views,
+                         views_name=cfg.dicom.views)
         try:
             pyfuse3.init(ops, str(mountpoint), fuse_options(store, cfg))
         except RuntimeError as exc:
             raise VnafsError(f"mounting {mountpoint} failed ({exc}): check that /dev/fuse is "
                              "usable and the mount point is a free directory") from None
-        control = ControlServer(
-            store.root / "control.sock",
-            {"status": lambda req: status_of(store, engine, files, str(mountpoint))},
-        )
+        handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "status": lambda req: status_of(store, engine, files, str(mountpoint), indexer),
+        }
+        if indexer is not None:
+            indexer.invalidate = ops.drop_stale
+            await nursery.start(indexer.run)
+            handlers.update(_dicom_handlers(indexer, engine))
+        control = ControlServer(store.root / "control.sock", handlers)
         await nursery.start(control.serve)
         nursery.start_soon(_watch_signals, nursery)
         nursery.start_soon(engine.sync_periodically, cfg.store.sync_interval)
@@ -310,6 +321,57 @@ async def serve(
             pid_file.unlink(missing_ok=True)
             log.info("unmounted %s", mountpoint)
             nursery.cancel_scope.cancel()
+
+
+def _dicom_setup(store: Store, engine: Any, files: Any) -> tuple[Any, Any]:
+    """The DICOM indexer and views, wired into the namespace hooks (None, None if disabled)."""
+    if not store.config.dicom.index:
+        return None, None
+    from vnafs.dicom.index import DicomIndex
+    from vnafs.fs.indexer import Indexer
+    from vnafs.fs.views import Views
+
+    index = DicomIndex(store.ns, by_patient=store.config.dicom.by_patient)
+    store.ns.on_change = index.mark_changed
+    store.ns.on_last_unlink = index.forget
+    views = Views(index)
+
+    def removed(ino: int, rec: dict[str, Any], gone: tuple[str, ...]) -> None:
+        # Without this the kernel keeps showing a removed view name for up to ENTRY_TIMEOUT;
+        # the operation that removed it drops them before it replies (Operations.drop_stale).
+        views.stale += views.removed_dentries(ino, rec, gone)
+
+    index.on_removed = removed
+    return Indexer(engine, files, index), views
+
+
+def _dicom_handlers(indexer: Any, engine: Any) -> dict[str, Callable[[dict[str, Any]], Any]]:
+    from vnafs.dicom import query
+
+    index = indexer.index
+
+    async def find(req: dict[str, Any]) -> Any:
+        q = query.Query.from_request(req)
+        if req.get("wait"):
+            await indexer.wait_idle()
+        return await trio.to_thread.run_sync(query.find, index, q, limiter=engine.io)
+
+    async def problems(req: dict[str, Any]) -> Any:
+        if req.get("wait"):
+            await indexer.wait_idle()
+        return await trio.to_thread.run_sync(query.problems, index, limiter=engine.io)
+
+    async def wait(req: dict[str, Any]) -> Any:
+        with trio.move_on_after(float(req.get("timeout", 25))):
+            await indexer.wait_idle()
+        return {"pending": indexer.pending}
+
+    async def reindex(req: dict[str, Any]) -> Any:
+        return {"queued": await indexer.reindex()}
+
+    return {"find": find, "problems": problems, "index_wait": wait, "reindex": reindex,
+            "index_progress": lambda req: {"pending": indexer.pending,
+                                           "total": indexer.reindex_total}}
 
 
 # The kernel asks FUSE file systems for 128 KiB at a time by default; 4 MiB of readahead lets it
@@ -392,6 +454,14 @@ def hot_store_of(mountpoint: Path) -> Path:
         raise VnafsError(f"{mountpoint} is not a mounted vnafs file system: give the mount "
                          "point, or mount it with 'vnafs mount'")
     return Path(found[1])
+
+
+def views_dir(hot: Path) -> str | None:
+    """The name of the DICOM views directory of a hot store, None if indexing is off."""
+    from vnafs import config
+
+    cfg = config.load(hot)
+    return cfg.dicom.views if cfg.dicom.index else None
 
 
 def control_request(hot: Path, request: dict[str, Any], timeout: float = 30.0) -> Any:

@@ -94,8 +94,16 @@ def run(base: Path) -> int:
     studies = len({s for s, _ in instances})
     print(f"   {len(instances)} instances in {studies} studies written and read back identically")
 
-    print("== study tree")
+    print("== study tree as the PACS wrote it")
     print("\n".join(_tree(mnt / "incoming")))
+    from vnafs import daemon
+
+    daemon.control_request(hot, {"op": "index_wait", "timeout": 60}, timeout=90)
+    print("== the same files in the DICOM view .dicom/by-study/<Study>/<Series>/<SOP>.dcm")
+    print("\n".join(_tree(mnt / ".dicom" / "by-study")))
+    first = sorted(os.listdir(mnt / ".dicom" / "by-study"))[0]
+    print(f"== vnafs find {mnt} --study {first}")
+    print(_vnafs("find", str(mnt), "--study", first).rstrip())
     print("== status")
     print(_vnafs("status", str(mnt)).rstrip())
     plain = sum(p.stat().st_size for p in digests)

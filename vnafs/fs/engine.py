@@ -128,6 +128,7 @@ class Engine:
         self.stats: Counter[str] = Counter()
         self.health = Health()
         self.on_orphaned: Callable[[int], None] = lambda ino: None
+        self.on_changed: Callable[[int], None] = lambda ino: None
 
     # -- metadata commits -----------------------------------------------------------------------
 
@@ -156,6 +157,10 @@ class Engine:
         self._unsynced = True
         for ino in tx.orphaned:
             self.on_orphaned(ino)
+        for ino in tx.changed:
+            self.on_changed(ino)
+        for after in tx.after_commit:
+            after()
         return result
 
     # -- durability -----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -74,6 +75,8 @@ class Files:
         self.dir_handles: Counter[int] = Counter()
         self._readahead = trio.CapacityLimiter(READAHEAD_BLOCKS * 2)
         engine.on_orphaned = self._orphaned
+        # Called when the last handle of an inode is released (the DICOM indexer listens).
+        self.on_closed: Callable[[int], None] = lambda ino: None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -96,6 +99,7 @@ class Files:
         finally:
             if of.handles == 0:
                 del self.open[ino]
+                self.on_closed(ino)
                 if of.pending_ids:
                     # A failed flush (a full disk) leaves sealed blocks nothing will reference.
                     self.engine.release_pending(of.pending_ids)
@@ -303,7 +307,8 @@ class Files:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    async def read(self, ino: int, offset: int, size: int) -> bytes:
+    async def read(self, ino: int, offset: int, size: int, *, touch_atime: bool = True
+                   ) -> bytes:
         of = self.open[ino]
         end = min(offset + size, of.size)
         if offset >= end:
@@ -320,7 +325,8 @@ class Files:
         if offset == of.last_read_end:
             self._start_readahead(of, end)
         of.last_read_end = end
-        self._touch_atime(of)
+        if touch_atime:
+            self._touch_atime(of)
         return b"".join(parts)
 
     def _start_readahead(self, of: OpenFile, end: int) -> None:

@@ -11,6 +11,7 @@ permission checks (`default_permissions`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -20,12 +21,14 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
+import trio
 
 from vnafs.errors import IntegrityError
 from vnafs.fs.engine import Engine
 from vnafs.fs.files import Files
+from vnafs.fs.views import Child, Views, dir_mode, is_view_ino
 from vnafs.meta.namespace import NAME_MAX, Namespace
-from vnafs.meta.records import Inode
+from vnafs.meta.records import ROOT_INO, Inode
 
 log = logging.getLogger("vnafs.fs")
 P = ParamSpec("P")
@@ -64,17 +67,41 @@ def _name_ok(name: bytes) -> None:
         raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
 
 
+def _fail(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+def _invalidate(entries: list[tuple[int, str]], ino: int) -> None:
+    """Runs in a worker thread: the kernel may need a request answered before it returns."""
+    # OSError (ENOENT) means the kernel has nothing cached: nothing to forget.
+    for parent, name in entries:
+        with contextlib.suppress(OSError):
+            pyfuse3.invalidate_entry(cast(pyfuse3.InodeT, parent), os.fsencode(name))
+    if ino:
+        with contextlib.suppress(OSError):
+            pyfuse3.invalidate_inode(cast(pyfuse3.InodeT, ino), attr_only=True)
+
+
+# Handles of view directories: above every inode number, so they never meet a real handle.
+_VIEW_FH = 1 << 63
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, engine: Engine, files: Files, *, block_size: int) -> None:
+    def __init__(self, engine: Engine, files: Files, *, block_size: int,
+                 views: Views | None = None, views_name: str = ".dicom") -> None:
         super().__init__()
         self.engine = engine
         self.ns: Namespace = engine.ns
         self.files = files
         self.block_size = block_size
+        self.views = views
+        self.views_name = views_name.encode()
+        self._view_handles: dict[int, tuple[int, list[Child]]] = {}
+        self._next_view_fh = _VIEW_FH
         # (inode, name) pairs known to have no such xattr. The kernel asks for
         # security.capability before every write; all xattr changes pass through here, so this
         # negative cache is exact.
@@ -91,6 +118,8 @@ class Operations(pyfuse3.Operations):
         e.attr_timeout = ATTR_TIMEOUT
         e.st_mode = cast(pyfuse3.ModeT, node.mode)
         e.st_nlink = node.nlink
+        if self.views is not None and node.flags:
+            e.st_nlink += self.views.index.view_links(node.flags)
         e.st_uid = node.uid
         e.st_gid = node.gid
         e.st_rdev = node.rdev
@@ -103,10 +132,67 @@ class Operations(pyfuse3.Operations):
         e.st_birthtime_ns = node.birthtime_ns
         return e
 
+    # -- the read-only DICOM views (fs/views.py) -------------------------------------------------
+
+    def _view_dir_entry(self, ino: int) -> pyfuse3.EntryAttributes:
+        root = self.ns.get_inode(ROOT_INO)
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = cast(pyfuse3.InodeT, ino)
+        e.generation = 1
+        e.entry_timeout = ENTRY_TIMEOUT
+        e.attr_timeout = ATTR_TIMEOUT
+        e.st_mode = cast(pyfuse3.ModeT, dir_mode(root.mode))
+        # 1 = "subdirectory count unknown", so find(1) does not skip the leaves.
+        e.st_nlink = 1
+        e.st_uid = root.uid
+        e.st_gid = root.gid
+        e.st_blksize = self.block_size
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = root.birthtime_ns
+        e.st_birthtime_ns = root.birthtime_ns
+        return e
+
+    async def drop_stale(self, ino: int = 0) -> None:
+        """Make the kernel forget view names the index removed, and `ino`'s cached attributes
+        (its link count counts view names), before the operation that caused it replies."""
+        if self.views is None:
+            return
+        stale, self.views.stale = self.views.stale, []
+        if stale or ino:
+            await trio.to_thread.run_sync(_invalidate, stale, ino, limiter=self.engine.io)
+
+    def _is_view(self, ino: int) -> bool:
+        return self.views is not None and is_view_ino(ino)
+
+    def _guard(self, parent: int, name: bytes | None = None) -> None:
+        """Refuse changes inside the views, and real names that would hide them."""
+        if self._is_view(parent):
+            raise _fail(errno.EROFS)
+        if self.views is not None and parent == ROOT_INO and name == self.views_name:
+            raise _fail(errno.EEXIST)
+
+    def _view_lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
+        assert self.views is not None
+        if name == b".":
+            return self._view_dir_entry(parent)
+        if name == b"..":
+            up = self.views.parent(parent)
+            if up is None:
+                return self._entry(self.ns.get_inode(ROOT_INO))
+            return self._view_dir_entry(self.views.ino_of(up))
+        child = self.views.lookup(parent, os.fsdecode(name))
+        if child.path is not None:
+            return self._view_dir_entry(self.views.ino_of(child.path))
+        return self._entry(self.ns.get_inode(child.ino))
+
     @translated
     async def lookup(
         self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if self.views is not None:
+            if is_view_ino(parent_inode):
+                return self._view_lookup(parent_inode, name)
+            if parent_inode == ROOT_INO and name == self.views_name:
+                return self._view_dir_entry(self.views.root_ino)
         return self._entry(self.ns.lookup(parent_inode, name))
 
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
@@ -116,6 +202,10 @@ class Operations(pyfuse3.Operations):
     async def getattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
+        if self._is_view(inode):
+            assert self.views is not None
+            self.views.path_of(inode)
+            return self._view_dir_entry(inode)
         return self._entry(self.ns.get_inode(inode))
 
     @translated
@@ -127,6 +217,7 @@ class Operations(pyfuse3.Operations):
         fh: pyfuse3.FileHandleT | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
+        self._guard(inode)
         changes: dict[str, int] = {}
         if fields.update_mode:
             changes["mode"] = attr.st_mode
@@ -182,6 +273,7 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         _name_ok(name)
+        self._guard(parent_inode, name)
         node = await self.engine.commit(self.ns.mknod, parent_inode, name, mode, ctx.uid,
                                         ctx.gid, rdev)
         return self._entry(node)
@@ -195,6 +287,7 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         _name_ok(name)
+        self._guard(parent_inode, name)
         node = await self.engine.commit(self.ns.mknod, parent_inode, name,
                                         stat.S_IFDIR | stat.S_IMODE(mode), ctx.uid, ctx.gid)
         return self._entry(node)
@@ -208,6 +301,7 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         _name_ok(name)
+        self._guard(parent_inode, name)
         node = await self.engine.commit(self.ns.mknod, parent_inode, name,
                                         stat.S_IFLNK | 0o777, ctx.uid, ctx.gid, 0, target)
         return self._entry(node)
@@ -216,12 +310,15 @@ class Operations(pyfuse3.Operations):
     async def unlink(
         self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
     ) -> None:
+        self._guard(parent_inode)
         await self.engine.commit(self.ns.unlink, parent_inode, name)
+        await self.drop_stale()
 
     @translated
     async def rmdir(
         self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
     ) -> None:
+        self._guard(parent_inode)
         await self.engine.commit(self.ns.rmdir, parent_inode, name)
 
     @translated
@@ -235,8 +332,11 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> None:
         _name_ok(name_new)
+        self._guard(parent_inode_old)
+        self._guard(parent_inode_new, name_new)
         await self.engine.commit(self.ns.rename, parent_inode_old, name_old, parent_inode_new,
                                  name_new, int(flags))
+        await self.drop_stale()
 
     @translated
     async def link(
@@ -247,6 +347,7 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         _name_ok(new_name)
+        self._guard(new_parent_inode, new_name)
         node = await self.engine.commit(self.ns.link, inode, new_parent_inode, new_name)
         return self._entry(node)
 
@@ -256,6 +357,8 @@ class Operations(pyfuse3.Operations):
     async def open(
         self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
+        if self._is_view(inode):
+            raise _fail(errno.EISDIR)
         node = self.ns.get_inode(inode)
         if stat.S_ISDIR(node.mode):
             raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
@@ -279,6 +382,7 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         _name_ok(name)
+        self._guard(parent_inode, name)
         exclusive = bool(flags & os.O_EXCL)
         node = await self.engine.commit(self.ns.mknod, parent_inode, name,
                                         stat.S_IFREG | stat.S_IMODE(mode), ctx.uid, ctx.gid, 0,
@@ -315,6 +419,16 @@ class Operations(pyfuse3.Operations):
     async def opendir(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileHandleT:
+        if self._is_view(inode):
+            # The listing is computed once per handle: readdir is called again for every
+            # kernel buffer, and offsets must stay stable between those calls.
+            assert self.views is not None
+            listing = await trio.to_thread.run_sync(self.views.listing, inode,
+                                                    limiter=self.engine.io)
+            fh = self._next_view_fh
+            self._next_view_fh += 1
+            self._view_handles[fh] = (inode, listing)
+            return cast(pyfuse3.FileHandleT, fh)
         node = self.ns.get_inode(inode)
         if not stat.S_ISDIR(node.mode):
             raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
@@ -325,6 +439,9 @@ class Operations(pyfuse3.Operations):
     async def readdir(
         self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
     ) -> None:
+        if fh in self._view_handles:
+            self._view_readdir(fh, start_id, token)
+            return
         offset = start_id
         while True:
             batch = self.ns.readdir(fh, offset, limit=256)
@@ -335,8 +452,25 @@ class Operations(pyfuse3.Operations):
                     return
                 offset = cookie
 
+    def _view_readdir(self, fh: int, start: int, token: pyfuse3.ReaddirToken) -> None:
+        assert self.views is not None
+        _, listing = self._view_handles[fh]
+        for cookie in range(start, len(listing)):
+            child = listing[cookie]
+            try:
+                if child.path is not None:
+                    attrs = self._view_dir_entry(self.views.ino_of(child.path))
+                else:
+                    attrs = self._entry(self.ns.get_inode(child.ino))
+            except OSError:
+                continue  # unlinked since the listing was made
+            if not pyfuse3.readdir_reply(token, os.fsencode(child.name), attrs, cookie + 1):
+                return
+
     @translated
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+        if self._view_handles.pop(fh, None) is not None:
+            return
         await self.files.release_dir(fh)
 
     @translated
@@ -369,6 +503,7 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         if len(name) > NAME_MAX:
             raise OSError(errno.ERANGE, os.strerror(errno.ERANGE))
+        self._guard(inode)
         if name.startswith(b"system.posix_acl_"):
             # The kernel would not enforce a stored ACL (no FUSE_POSIX_ACL): refuse cleanly.
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
@@ -379,7 +514,7 @@ class Operations(pyfuse3.Operations):
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> bytes:
-        if (inode, name) in self._no_xattr:
+        if self._is_view(inode) or (inode, name) in self._no_xattr:
             raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
         try:
             return self.ns.getxattr(inode, name)
@@ -394,12 +529,15 @@ class Operations(pyfuse3.Operations):
     async def listxattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> list[pyfuse3.XAttrNameT]:
+        if self._is_view(inode):
+            return []
         return cast(list[pyfuse3.XAttrNameT], self.ns.listxattr(inode))
 
     @translated
     async def removexattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> None:
+        self._guard(inode)
         await self.engine.commit(self.ns.removexattr, inode, name)
 
     async def access(

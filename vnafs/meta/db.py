@@ -35,6 +35,14 @@ TABLES: dict[str, bytes] = {
     "refs": b"r",
     "xattrs": b"x",
     "orphans": b"o",
+    # The DICOM index (vnafs/dicom/index.py, docs/format.md section 5.5).
+    "dicom_files": b"F",
+    "dicom_sop": b"S",
+    "dicom_study": b"T",
+    "dicom_series": b"E",
+    "dicom_member": b"M",
+    "dicom_lookup": b"L",
+    "dicom_todo": b"q",
 }
 
 # LMDB reserves address space, not disk: the file grows only as records are written.

@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import lmdb
@@ -59,6 +59,14 @@ class Tx:
     now: int
     freed_blocks: list[bytes] = field(default_factory=list)
     orphaned: list[int] = field(default_factory=list)
+    # Regular files whose content or size this transaction changed (filled by `on_change`).
+    changed: list[int] = field(default_factory=list)
+    # Run on the event loop once the transaction has committed (e.g. kernel cache invalidation).
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
+
+
+def _no_hook(tx: Tx, ino: int) -> None:
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +80,10 @@ class NewBlock:
 class Namespace:
     def __init__(self, db: MetaDB) -> None:
         self.db = db
+        # Hooks that run inside the mutating transaction (the DICOM index sets them): a file's
+        # content or size changed; a regular file lost its last name.
+        self.on_change: Callable[[Tx, int], None] = _no_hook
+        self.on_last_unlink: Callable[[Tx, int], None] = _no_hook
         with db.begin() as txn:
             self.epoch = db.counter(txn, "epoch", 1)
             self.generation = db.counter(txn, "generation", 1)
@@ -197,8 +209,10 @@ class Namespace:
 
     # -- building blocks of mutations ---------------------------------------------------------
 
-    def _save(self, tx: Tx, node: Inode) -> None:
+    def save(self, tx: Tx, node: Inode) -> None:
         self.db.vput(tx.txn, "inodes", u64(node.ino), node.pack(), self.epoch)
+
+    _save = save
 
     def _dir(self, tx: Tx, ino: int) -> Inode:
         node = self.need_inode(tx.txn, ino)
@@ -253,6 +267,8 @@ class Namespace:
         if node.nlink == 0:
             self.db.put(tx.txn, "orphans", u64(node.ino), b"")
             tx.orphaned.append(node.ino)
+            if stat.S_ISREG(node.mode):
+                self.on_last_unlink(tx, node.ino)
 
     def _remove_dir(self, tx: Tx, node: Inode) -> None:
         """An empty directory lost its name; it lives on (nlink 0) while a handle holds it."""
@@ -475,6 +491,8 @@ class Namespace:
                 raise fail(errno.EISDIR)
             if size < node.size:
                 self._truncate_blocks(tx, ino, size)
+            if size != node.size and node.nlink:
+                self.on_change(tx, ino)
             node.size = size
             node.mtime_ns = tx.now
         if atime_ns is not None:
@@ -523,6 +541,8 @@ class Namespace:
         node = self.need_inode(tx.txn, ino)
         for index, new in sorted(blocks.items()):
             self._set_block(tx, ino, index, new)
+        if (blocks or size != node.size) and node.nlink:
+            self.on_change(tx, ino)
         node.size = size
         if mtime_ns is not None:
             node.mtime_ns = mtime_ns

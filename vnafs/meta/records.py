@@ -21,6 +21,10 @@ STATE_HOT = 1
 STATE_REPLICATED = 2
 STATE_EVICTED = 3
 
+# Inode flags (docs/format.md 5.2): how many DICOM view names link to the file.
+FLAG_DICOM_VIEWS = 1
+FLAG_DICOM_ACCESSION = 2
+
 
 @dataclass(slots=True)
 class Inode:

@@ -1,0 +1,450 @@
+"""The DICOM index in LMDB: instances by inode, studies, series, lookups, conflicts, problems.
+
+Why this exists: a PACS writes files in its own layout; administrators, VNA servers and the later
+tiering and prefetch features think in patients, studies and series. This module keeps a second,
+study-shaped description of the same files, exact under every namespace change, inside the same
+LMDB environment (so one transaction changes a file and its index entries together).
+
+Everything here runs inside a caller's transaction and knows nothing of FUSE or trio: `apply`
+and `forget` run on the engine's writer thread, the queries on any thread. The record layouts
+are in docs/format.md section 5.5; the design in docs/architecture.md section 8.
+
+Keys are HMACs (`_h`), never values: LMDB holds no UID, name or ID in plaintext. View names of
+free-text values come from `names.value_name` under the name key, and the lookup keys are built
+from those names, so a view lookup and a `vnafs find` for the same value meet at one key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import stat
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import lmdb
+
+from vnafs.dicom.header import Instance, Parsed, Status
+from vnafs.dicom.names import value_name
+from vnafs.meta.db import MetaDB, read_u64, u64
+from vnafs.meta.namespace import Namespace, Tx
+from vnafs.meta.records import FLAG_DICOM_ACCESSION, FLAG_DICOM_VIEWS, Inode
+
+_U32 = struct.Struct(">I")
+KEY_LEN = 16
+SCHEMA = 1
+
+
+def _dump(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _load(body: bytes) -> dict[str, Any]:
+    value = json.loads(body)
+    assert isinstance(value, dict)
+    return value
+
+
+_NO_IDENTITY = Instance(
+    sop_uid="", sop_class="", study_uid="", series_uid="", transfer_syntax="", patient_id="",
+    patient_issuer="", modality="", study_date="", study_time="", accession="",
+    accession_issuer="", series_number=None, instance_number=None, charset="")
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """One indexed file: its instance record and the header bytes kept for reindexing."""
+
+    ino: int
+    record: dict[str, Any]
+    header: bytes
+
+    def pack(self) -> bytes:
+        body = _dump(self.record)
+        return _U32.pack(len(body)) + body + self.header
+
+    @classmethod
+    def unpack(cls, ino: int, plain: bytes) -> FileEntry:
+        (n,) = _U32.unpack_from(plain)
+        return cls(ino, _load(plain[4 : 4 + n]), plain[4 + n :])
+
+
+class DicomIndex:
+    """The index tables of one store, and the only code that changes them."""
+
+    def __init__(self, ns: Namespace, *, by_patient: bool = False) -> None:
+        self.ns = ns
+        self.db: MetaDB = ns.db
+        self.by_patient = by_patient
+        self.name_key = self.db.sealer.keyring.name_key
+        self.epoch = ns.epoch
+        # Called after a commit that took view names away: (ino, instance record, gone) where
+        # `gone` lists "series"/"study" when those directories disappeared too.
+        self.on_removed: Callable[[int, dict[str, Any], tuple[str, ...]], None] = (
+            lambda ino, rec, gone: None)
+
+    # -- keys and names ---------------------------------------------------------------------------
+
+    def h(self, text: str | bytes) -> bytes:
+        raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+        return self.db.sealer.name_hmac(b"dicom\0" + raw)[:KEY_LEN]
+
+    def name(self, value: str) -> str:
+        """The view name of a free-text value (accession, issuer, PatientID)."""
+        return value_name(value, key=self.name_key)
+
+    def study_key(self, uid: str) -> bytes:
+        return self.h("study\0" + uid)
+
+    def series_key(self, study_uid: str, series_uid: str) -> bytes:
+        return self.study_key(study_uid) + self.h("series\0" + series_uid)
+
+    def _sop_prefix(self, uid: str) -> bytes:
+        return self.h("sop\0" + uid)
+
+    def patient_prefix(self, issuer: str, pid: str) -> bytes:
+        return b"p" + self.h(self.name(issuer)) + self.h(self.name(pid))
+
+    def issuer_prefix(self, kind: bytes, issuer_name: str) -> bytes:
+        """`kind` is b"p" or b"a"; the issuer is given by its view name."""
+        return kind + self.h(issuer_name)
+
+    def accession_prefix(self, issuer: str, acc: str) -> bytes:
+        return b"a" + self.h(self.name(issuer)) + self.h(self.name(acc))
+
+    def date_prefix(self, date: str) -> bytes:
+        return b"d" + self.h(date)
+
+    # -- small helpers over versioned JSON records ------------------------------------------------
+
+    def _get(self, txn: lmdb.Transaction, table: str, key: bytes) -> dict[str, Any] | None:
+        body = self.db.vget(txn, table, key)
+        return None if body is None else _load(body)
+
+    def _put(self, tx: Tx, table: str, key: bytes, value: dict[str, Any]) -> None:
+        self.db.vput(tx.txn, table, key, _dump(value), self.epoch)
+
+    def _del(self, tx: Tx, table: str, key: bytes) -> None:
+        self.db.vdelete(tx.txn, table, key, self.epoch)
+
+    def _facet_add(self, tx: Tx, facet: str, field: str, delta: int) -> None:
+        key = b"F" + facet.encode()
+        data = self._get(tx.txn, "dicom_lookup", key) or {}
+        value = data.get(field, 0) + delta
+        if value:
+            data[field] = value
+        else:
+            data.pop(field, None)
+        self._put(tx, "dicom_lookup", key, data)
+
+    def facet(self, txn: lmdb.Transaction, facet: str) -> dict[str, int]:
+        return self._get(txn, "dicom_lookup", b"F" + facet.encode()) or {}
+
+    # -- change marks (written by namespace hooks in the data commit) -----------------------------
+
+    def mark_changed(self, tx: Tx, ino: int) -> None:
+        self.db.put(tx.txn, "dicom_todo", u64(ino), u64(tx.now))
+        tx.changed.append(ino)
+
+    def mark(self, txn: lmdb.Transaction, ino: int) -> int | None:
+        body = self.db.get(txn, "dicom_todo", u64(ino))
+        return None if body is None else read_u64(body)
+
+    def marked(self) -> list[int]:
+        with self.db.begin() as txn:
+            return [read_u64(k) for k, _ in self.db.scan(txn, "dicom_todo")]
+
+    def schema(self) -> int:
+        with self.db.begin() as txn:
+            return self.db.counter(txn, "dicom_schema", 0)
+
+    def set_schema(self, tx: Tx) -> None:
+        self.db.set_counter(tx.txn, "dicom_schema", SCHEMA)
+
+    # -- reading the instance records -------------------------------------------------------------
+
+    def entry(self, txn: lmdb.Transaction, ino: int) -> FileEntry | None:
+        body = self.db.vget(txn, "dicom_files", u64(ino))
+        return None if body is None else FileEntry.unpack(ino, body)
+
+    def entries(self, txn: lmdb.Transaction) -> Iterator[FileEntry]:
+        for ident, body in self.db.vscan(txn, "dicom_files", b""):
+            yield FileEntry.unpack(read_u64(ident), body)
+
+    def digest(self, txn: lmdb.Transaction, ino: int) -> str:
+        """A digest of the file's content: block ids are keyed hashes of the plaintext."""
+        h = hashlib.sha256()
+        for index, ref in self.ns.block_refs(txn, ino):
+            h.update(u64(index) + ref.block_id + _U32.pack(ref.length))
+        return h.hexdigest()
+
+    # -- the two mutations ------------------------------------------------------------------------
+
+    def apply(self, tx: Tx, ino: int, parsed: Parsed | None, mark: int | None) -> None:
+        """Replace the entries of `ino` by what `parsed` says (None: not DICOM, or gone).
+
+        The change mark is cleared only if it is still `mark`, the one seen before the file was
+        read: a write that raced the parse left a newer mark, and the file is indexed again.
+        """
+        txn = tx.txn
+        current = self.mark(txn, ino)
+        if current is not None and current == mark:
+            self.db.delete(txn, "dicom_todo", u64(ino))
+        node = self.ns.inode(txn, ino)
+        old = self.entry(txn, ino)
+        if old is not None:
+            self._remove(tx, old)
+        if (node is None or node.nlink == 0 or not stat.S_ISREG(node.mode) or parsed is None
+                or parsed.status is Status.NOT_DICOM
+                or (parsed.instance is None and parsed.status is Status.OK)):
+            if node is not None and node.nlink:
+                self._set_flags(tx, ino, 0)
+            return
+        # A file pydicom cannot parse at all still gets a record, so it is listed as a problem.
+        inst = parsed.instance or _NO_IDENTITY
+        record: dict[str, Any] = {
+            "status": parsed.status.value, "problem": parsed.problem,
+            "sop": inst.sop_uid, "class": inst.sop_class, "study": inst.study_uid,
+            "series": inst.series_uid, "ts": inst.transfer_syntax, "modality": inst.modality,
+            "date": inst.study_date, "time": inst.study_time, "acc": inst.accession,
+            "acc_issuer": inst.accession_issuer, "pid": inst.patient_id,
+            "issuer": inst.patient_issuer, "series_no": inst.series_number,
+            "inst_no": inst.instance_number, "charset": inst.charset, "size": node.size,
+            "digest": self.digest(txn, ino), "in_views": parsed.status is Status.OK,
+        }
+        entry = FileEntry(ino, record, parsed.header)
+        self.db.vput(txn, "dicom_files", u64(ino), entry.pack(), self.epoch)
+        if inst.sop_uid:
+            self.db.vput(txn, "dicom_sop", self._sop_prefix(inst.sop_uid) + u64(ino), b"",
+                         self.epoch)
+            self._check_sop_conflicts(tx, inst.sop_uid)
+        if parsed.status is not Status.OK:
+            self._put(tx, "dicom_lookup", b"!" + u64(ino),
+                      {"kind": parsed.status.value, "problem": parsed.problem})
+            self._set_flags(tx, ino, 0)
+            return
+        self._add_to_views(tx, entry)
+        self._set_flags(tx, ino, FLAG_DICOM_VIEWS | (FLAG_DICOM_ACCESSION if inst.accession
+                                                     else 0))
+
+    def _set_flags(self, tx: Tx, ino: int, flags: int) -> None:
+        node = self.ns.inode(tx.txn, ino)
+        mask = FLAG_DICOM_VIEWS | FLAG_DICOM_ACCESSION
+        if node is not None and node.flags & mask != flags:
+            node.flags = (node.flags & ~mask) | flags
+            self.ns.save(tx, node)
+
+    def forget(self, tx: Tx, ino: int) -> None:
+        """Remove `ino` from the index (its last name went away); runs in the unlink's commit."""
+        old = self.entry(tx.txn, ino)
+        if old is not None:
+            self._remove(tx, old)
+        self.db.delete(tx.txn, "dicom_todo", u64(ino))
+
+    def reset(self, tx: Tx) -> list[int]:
+        """Empty the index and mark every regular file for indexing (`vnafs reindex`)."""
+        for table in ("dicom_files", "dicom_sop", "dicom_study", "dicom_series",
+                      "dicom_member", "dicom_lookup", "dicom_todo"):
+            tx.txn.drop(self.db.dbs[table], delete=False)
+        inos = []
+        for ident, body in self.db.vscan(tx.txn, "inodes", b""):
+            node = Inode.unpack(read_u64(ident), body)
+            if stat.S_ISREG(node.mode) and node.nlink:
+                self.db.put(tx.txn, "dicom_todo", ident, u64(tx.now))
+                inos.append(node.ino)
+        self.set_schema(tx)
+        return inos
+
+    def _remove(self, tx: Tx, old: FileEntry) -> None:
+        rec, ino = old.record, old.ino
+        self.db.vdelete(tx.txn, "dicom_files", u64(ino), self.epoch)
+        self._del(tx, "dicom_lookup", b"!" + u64(ino))
+        if rec.get("sop"):
+            self.db.vdelete(tx.txn, "dicom_sop", self._sop_prefix(rec["sop"]) + u64(ino),
+                            self.epoch)
+            self._check_sop_conflicts(tx, rec["sop"])
+        if rec.get("in_views"):
+            gone = self._remove_from_views(tx, old)
+            tx.after_commit.append(lambda: self.on_removed(ino, rec, gone))
+
+    # -- SOP Instance UID conflicts ---------------------------------------------------------------
+
+    def sop_inos(self, txn: lmdb.Transaction, uid: str) -> list[int]:
+        return [read_u64(ident) for ident, _ in
+                self.db.vscan(txn, "dicom_sop", self._sop_prefix(uid))]
+
+    def _check_sop_conflicts(self, tx: Tx, uid: str) -> None:
+        """Flag every copy of `uid` when the copies differ; unflag them when they agree again."""
+        # Only complete copies count: a truncated copy is already reported as incomplete, and
+        # must not cast doubt on the good one.
+        entries = [e for e in (self.entry(tx.txn, i) for i in self.sop_inos(tx.txn, uid))
+                   if e is not None and e.record["status"] == "ok"]
+        conflict = len({e.record["digest"] for e in entries}) > 1
+        for e in entries:
+            key = b"!" + u64(e.ino)
+            problem = self._get(tx.txn, "dicom_lookup", key)
+            if conflict and problem is None:
+                self._put(tx, "dicom_lookup", key, {
+                    "kind": "sop_conflict",
+                    "problem": "another file has the same SOP Instance UID and other content"})
+            elif not conflict and problem is not None and problem["kind"] == "sop_conflict":
+                self._del(tx, "dicom_lookup", key)
+
+    # -- studies, series and lookups --------------------------------------------------------------
+
+    def _add_to_views(self, tx: Tx, entry: FileEntry) -> None:
+        rec, txn = entry.record, tx.txn
+        skey = self.study_key(rec["study"])
+        sekey = self.series_key(rec["study"], rec["series"])
+        self.db.vput(txn, "dicom_member", sekey + u64(entry.ino), rec["sop"].encode(),
+                     self.epoch)
+        series = self._get(txn, "dicom_series", sekey)
+        study = self._get(txn, "dicom_study", skey)
+        if study is None:
+            study = {"uid": rec["study"], "date": rec["date"], "time": rec["time"],
+                     "acc": rec["acc"], "acc_issuer": rec["acc_issuer"], "patients": [],
+                     "modalities": {}, "instances": 0, "bytes": 0, "series": 0}
+            self._facet_add(tx, "counts", "studies", 1)
+            if rec["date"]:
+                self._put(tx, "dicom_lookup", self.date_prefix(rec["date"]) + skey,
+                          {"date": rec["date"], "study": rec["study"]})
+                self._facet_add(tx, "dates", rec["date"], 1)
+            if rec["acc"]:
+                self._put(tx, "dicom_lookup",
+                          self.accession_prefix(rec["acc_issuer"], rec["acc"]) + skey,
+                          {"issuer": rec["acc_issuer"], "acc": rec["acc"], "study": rec["study"]})
+                self._facet_add(tx, "aissuers", rec["acc_issuer"], 1)
+        if series is None:
+            series = {"uid": rec["series"], "modality": rec["modality"],
+                      "number": rec["series_no"], "instances": 0}
+            study["series"] += 1
+            self._facet_add(tx, "counts", "series", 1)
+        series["instances"] += 1
+        self._put(tx, "dicom_series", sekey, series)
+        study["instances"] += 1
+        study["bytes"] += rec["size"]
+        mods = study["modalities"]
+        mods[rec["modality"]] = mods.get(rec["modality"], 0) + 1
+        patients: list[list[Any]] = study["patients"]
+        for p in patients:
+            if p[0] == rec["issuer"] and p[1] == rec["pid"]:
+                p[2] += 1
+                break
+        else:
+            patients.append([rec["issuer"], rec["pid"], 1])
+            self._put(tx, "dicom_lookup",
+                      self.patient_prefix(rec["issuer"], rec["pid"]) + skey,
+                      {"issuer": rec["issuer"], "pid": rec["pid"], "study": rec["study"]})
+            self._facet_add(tx, "pissuers", rec["issuer"], 1)
+            if len(patients) == 2:
+                self._facet_add(tx, "counts", "patient_conflicts", 1)
+        self._put(tx, "dicom_study", skey, study)
+        self._facet_add(tx, "counts", "instances", 1)
+        self._facet_add(tx, "counts", "bytes", rec["size"])
+
+    def _remove_from_views(self, tx: Tx, entry: FileEntry) -> tuple[str, ...]:
+        rec, txn = entry.record, tx.txn
+        skey = self.study_key(rec["study"])
+        sekey = self.series_key(rec["study"], rec["series"])
+        self.db.vdelete(txn, "dicom_member", sekey + u64(entry.ino), self.epoch)
+        self._facet_add(tx, "counts", "instances", -1)
+        self._facet_add(tx, "counts", "bytes", -rec["size"])
+        series = self._get(txn, "dicom_series", sekey)
+        study = self._get(txn, "dicom_study", skey)
+        if series is None or study is None:
+            return ()  # already inconsistent; a reindex rebuilds it
+        gone: tuple[str, ...] = ()
+        series["instances"] -= 1
+        if series["instances"] <= 0:
+            gone = ("series",)
+            self._del(tx, "dicom_series", sekey)
+            study["series"] -= 1
+            self._facet_add(tx, "counts", "series", -1)
+        else:
+            self._put(tx, "dicom_series", sekey, series)
+        study["instances"] -= 1
+        study["bytes"] -= rec["size"]
+        mods = study["modalities"]
+        mods[rec["modality"]] = mods.get(rec["modality"], 1) - 1
+        if mods[rec["modality"]] <= 0:
+            del mods[rec["modality"]]
+        patients: list[list[Any]] = study["patients"]
+        for p in patients:
+            if p[0] == rec["issuer"] and p[1] == rec["pid"]:
+                p[2] -= 1
+                if p[2] <= 0:
+                    patients.remove(p)
+                    self._drop_patient(tx, skey, p[0], p[1])
+                    if len(patients) == 1:
+                        self._facet_add(tx, "counts", "patient_conflicts", -1)
+                break
+        if study["instances"] > 0:
+            self._put(tx, "dicom_study", skey, study)
+            return gone
+        for p in patients:
+            self._drop_patient(tx, skey, p[0], p[1])
+        self._del(tx, "dicom_study", skey)
+        self._facet_add(tx, "counts", "studies", -1)
+        if study["date"]:
+            self._del(tx, "dicom_lookup", self.date_prefix(study["date"]) + skey)
+            self._facet_add(tx, "dates", study["date"], -1)
+        if study["acc"]:
+            self._del(tx, "dicom_lookup",
+                      self.accession_prefix(study["acc_issuer"], study["acc"]) + skey)
+            self._facet_add(tx, "aissuers", study["acc_issuer"], -1)
+        return (*gone, "study")
+
+    def _drop_patient(self, tx: Tx, skey: bytes, issuer: str, pid: str) -> None:
+        self._del(tx, "dicom_lookup", self.patient_prefix(issuer, pid) + skey)
+        self._facet_add(tx, "pissuers", issuer, -1)
+
+    # -- queries (any thread, inside the caller's read transaction) -------------------------------
+
+    def study(self, txn: lmdb.Transaction, uid: str) -> dict[str, Any] | None:
+        return self._get(txn, "dicom_study", self.study_key(uid))
+
+    def studies(self, txn: lmdb.Transaction) -> Iterator[dict[str, Any]]:
+        for _, body in self.db.vscan(txn, "dicom_study", b""):
+            yield _load(body)
+
+    def series_of(self, txn: lmdb.Transaction, study_uid: str) -> Iterator[dict[str, Any]]:
+        for _, body in self.db.vscan(txn, "dicom_series", self.study_key(study_uid)):
+            yield _load(body)
+
+    def series(self, txn: lmdb.Transaction, study_uid: str, series_uid: str
+               ) -> dict[str, Any] | None:
+        return self._get(txn, "dicom_series", self.series_key(study_uid, series_uid))
+
+    def members(self, txn: lmdb.Transaction, study_uid: str, series_uid: str
+                ) -> Iterator[tuple[int, str]]:
+        """(ino, SOP Instance UID) of the instances in a series, in inode order."""
+        for ident, body in self.db.vscan(txn, "dicom_member",
+                                         self.series_key(study_uid, series_uid)):
+            yield read_u64(ident), body.decode()
+
+    def lookup(self, txn: lmdb.Transaction, prefix: bytes) -> Iterator[dict[str, Any]]:
+        for _, body in self.db.vscan(txn, "dicom_lookup", prefix):
+            yield _load(body)
+
+    def problems(self, txn: lmdb.Transaction) -> Iterator[tuple[int, dict[str, Any]]]:
+        for ident, body in self.db.vscan(txn, "dicom_lookup", b"!"):
+            yield read_u64(ident), _load(body)
+
+    def counts(self, txn: lmdb.Transaction) -> dict[str, int]:
+        out = {"instances": 0, "studies": 0, "series": 0, "bytes": 0, "patient_conflicts": 0,
+               "incomplete": 0, "invalid": 0, "sop_conflict": 0}
+        out.update(self.facet(txn, "counts"))
+        for _, problem in self.problems(txn):
+            out[problem["kind"]] = out.get(problem["kind"], 0) + 1
+        return out
+
+    def view_links(self, flags: int) -> int:
+        """How many view names an indexed file has (added to its st_nlink)."""
+        if not flags & FLAG_DICOM_VIEWS:
+            return 0
+        return 2 + bool(flags & FLAG_DICOM_ACCESSION) + self.by_patient
+
+
+__all__ = ["SCHEMA", "DicomIndex", "FileEntry"]
