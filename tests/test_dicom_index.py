@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import stat
+import warnings
 from pathlib import Path
 
 import pydicom
@@ -190,14 +191,24 @@ def test_conflicts_and_bad_files_are_listed_not_hidden(fs: Fs, studies) -> None:
     (fs.mnt / "cut.dcm").write_bytes(data[: len(data) // 2])
     # not DICOM at all
     (fs.mnt / "notes.txt").write_text("not an image\n")
+    # a UID with letters, and a file with the DICM marker that pydicom cannot parse
+    ds = pydicom.dcmread(fs.mnt / "incoming" / instances[2].path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid UID we want
+        ds.StudyInstanceUID = "1.2.3.ABC"
+    ds.save_as(fs.mnt / "bad-uid.dcm", enforce_file_format=True)
+    (fs.mnt / "garbage.dcm").write_bytes(bytes(128) + b"DICM" + os.urandom(4000))
     st = fs.wait_indexed()
-    assert st["sop_conflict"] == 2 and st["incomplete"] == 1
+    assert st["sop_conflict"] == 2 and st["incomplete"] == 1 and st["invalid"] == 2
     problems = {p["ino"]: p for p in json.loads(run_vnafs(
         "find", str(fs.mnt), "--problems", "--json").stdout)}
     ino = os.stat(fs.mnt / "conflict.dcm").st_ino
     assert problems[ino]["kind"] == "sop_conflict"
     assert problems[os.stat(fs.mnt / "cut.dcm").st_ino]["kind"] == "incomplete"
     assert os.stat(fs.mnt / "notes.txt").st_ino not in problems
+    assert problems[os.stat(fs.mnt / "bad-uid.dcm").st_ino]["kind"] == "invalid"
+    assert problems[os.stat(fs.mnt / "garbage.dcm").st_ino]["kind"] == "invalid"
+    assert "1.2.3.ABC" not in fs.log()
     series_dir = leaf(fs.mnt, one).parent
     assert f"{one.sop_uid}~{ino}.dcm" in os.listdir(series_dir)
     assert (series_dir / f"{one.sop_uid}~{ino}.dcm").read_bytes() == bytes(changed)

@@ -424,9 +424,14 @@ def test_bad_mount_option_value(new_fs: Fs) -> None:
         ("[store]\n", "[store\n", ("not valid toml", "fix")),
         # A hand-edited `format` that is not a number is a user error like any other value.
         ("format = 1\n", 'format = "one"\n', ("format",)),
+        ('views = ".dicom"\n', 'views = "a/b"\n', ("dicom.views", "single file name")),
+        ('views = ".dicom"\n', 'views = ".."\n', ("dicom.views", "single file name")),
+        ('views = ".dicom"\n', "views = 1\n", ("dicom.views", "quoted string")),
+        ("by_patient = false\n", 'by_patient = "yes"\n', ("dicom.by_patient", "true or false")),
     ],
     ids=["unknown-top-level-key", "unknown-store-key", "zstd-level-99", "workers-not-int",
-         "allow-other-not-bool", "broken-toml", "format-not-int"],
+         "allow-other-not-bool", "broken-toml", "format-not-int", "views-with-slash",
+         "views-dotdot", "views-not-string", "by-patient-not-bool"],
 )
 def test_bad_config(new_fs: Fs, old: str, new: str, needles: tuple[str, ...]) -> None:
     path = new_fs.hot / "vnafs.toml"
