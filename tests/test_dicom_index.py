@@ -253,12 +253,17 @@ def test_index_survives_kill9_between_close_and_indexing(new_fs: Fs, studies) ->
 
 def test_reindex_rebuilds_the_same_index(fs: Fs, studies) -> None:
     instances = ingest(fs, studies)
+    data = (fs.mnt / "incoming" / instances[0].path).read_bytes()
+    (fs.mnt / "cut.dcm").write_bytes(data[: len(data) // 2])
     before = fs.wait_indexed()
+    assert before["incomplete"] == 1
     res = run_vnafs("reindex", str(fs.mnt))
-    assert f"indexed {len(instances)} files" in res.stdout
+    assert f"indexed {len(instances) + 1} files" in res.stdout
     after = fs.wait_indexed()
     keep = ("instances", "studies", "series", "bytes", "incomplete", "sop_conflict")
     assert {k: after[k] for k in keep} == {k: before[k] for k in keep}
+    # unchanged files were rebuilt from their stored header bytes, without reading them
+    assert after["since_mount_from_header"] == len(instances) + 1
     assert all(leaf(fs.mnt, i).exists() for i in instances)
 
 

@@ -80,6 +80,10 @@ class DicomIndex:
         self.by_patient = by_patient
         self.name_key = self.db.sealer.keyring.name_key
         self.epoch = ns.epoch
+        with self.db.begin() as txn:
+            # Index generation: bumped by `reset`; records of older generations have no
+            # derived entries left (see `_remove`).
+            self.gen = self.db.counter(txn, "dicom_gen", 0)
         # Called after a commit that took view names away: (ino, instance record, gone) where
         # `gone` lists "series"/"study" when those directories disappeared too.
         self.on_removed: Callable[[int, dict[str, Any], tuple[str, ...]], None] = (
@@ -213,6 +217,7 @@ class DicomIndex:
             "issuer": inst.patient_issuer, "series_no": inst.series_number,
             "inst_no": inst.instance_number, "charset": inst.charset, "size": node.size,
             "digest": self.digest(txn, ino), "in_views": parsed.status is Status.OK,
+            "gen": self.gen,
         }
         entry = FileEntry(ino, record, parsed.header)
         self.db.vput(txn, "dicom_files", u64(ino), entry.pack(), self.epoch)
@@ -244,22 +249,34 @@ class DicomIndex:
         self.db.delete(tx.txn, "dicom_todo", u64(ino))
 
     def reset(self, tx: Tx) -> list[int]:
-        """Empty the index and mark every regular file for indexing (`vnafs reindex`)."""
-        for table in ("dicom_files", "dicom_sop", "dicom_study", "dicom_series",
-                      "dicom_member", "dicom_lookup", "dicom_todo"):
+        """Start a new index generation and mark every regular file (`vnafs reindex`).
+
+        Everything derived is dropped; the instance records stay, tagged with the old
+        generation, so the indexer can rebuild a file whose content is unchanged from its
+        stored header bytes instead of reading (later: recalling) the file.
+        """
+        for table in ("dicom_sop", "dicom_study", "dicom_series", "dicom_member",
+                      "dicom_lookup", "dicom_todo"):
             tx.txn.drop(self.db.dbs[table], delete=False)
-        inos = []
+        inos: set[int] = set()
         for ident, body in self.db.vscan(tx.txn, "inodes", b""):
             node = Inode.unpack(read_u64(ident), body)
             if stat.S_ISREG(node.mode) and node.nlink:
                 self.db.put(tx.txn, "dicom_todo", ident, u64(tx.now))
-                inos.append(node.ino)
+                inos.add(node.ino)
+        for ident, _ in list(self.db.vscan(tx.txn, "dicom_files", b"")):
+            if read_u64(ident) not in inos:
+                self.db.vdelete(tx.txn, "dicom_files", ident, self.epoch)
+        self.gen += 1
+        self.db.set_counter(tx.txn, "dicom_gen", self.gen)
         self.set_schema(tx)
-        return inos
+        return sorted(inos)
 
     def _remove(self, tx: Tx, old: FileEntry) -> None:
         rec, ino = old.record, old.ino
         self.db.vdelete(tx.txn, "dicom_files", u64(ino), self.epoch)
+        if rec.get("gen", 0) != self.gen:
+            return  # made before a reindex, which already dropped everything derived from it
         self._del(tx, "dicom_lookup", b"!" + u64(ino))
         if rec.get("sop"):
             self.db.vdelete(tx.txn, "dicom_sop", self._sop_prefix(rec["sop"]) + u64(ino),
