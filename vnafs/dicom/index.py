@@ -25,14 +25,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import lmdb
+import zstandard
 
-from vnafs.dicom.header import Instance, Parsed, Status
+from vnafs.dicom.header import MAX_HEADER, Instance, Parsed, Status
 from vnafs.dicom.names import value_name
 from vnafs.meta.db import MetaDB, read_u64, u64
 from vnafs.meta.namespace import Namespace, Tx
 from vnafs.meta.records import FLAG_DICOM_ACCESSION, FLAG_DICOM_VIEWS, Inode
 
 _U32 = struct.Struct(">I")
+# Not thread-safe: only `FileEntry.pack` uses it, and that runs on the writer thread alone.
+_ZSTD = zstandard.ZstdCompressor(level=3)
 KEY_LEN = 16
 SCHEMA = 1
 
@@ -62,13 +65,20 @@ class FileEntry:
     header: bytes
 
     def pack(self) -> bytes:
-        body = _dump(self.record)
-        return _U32.pack(len(body)) + body + self.header
+        # Headers are zstd-compressed (about 3x): LMDB moves values over ~2 KiB to overflow
+        # pages of their own, which doubled the size of this table.
+        header = _ZSTD.compress(self.header) if self.header else b""
+        body = _dump({**self.record, "hz": bool(header)})
+        return _U32.pack(len(body)) + body + header
 
     @classmethod
     def unpack(cls, ino: int, plain: bytes) -> FileEntry:
         (n,) = _U32.unpack_from(plain)
-        return cls(ino, _load(plain[4 : 4 + n]), plain[4 + n :])
+        record = _load(plain[4 : 4 + n])
+        header = plain[4 + n :]
+        if record.pop("hz", False):
+            header = zstandard.ZstdDecompressor().decompress(header, max_output_size=MAX_HEADER)
+        return cls(ino, record, header)
 
 
 class DicomIndex:
@@ -80,6 +90,8 @@ class DicomIndex:
         self.by_patient = by_patient
         self.name_key = self.db.sealer.keyring.name_key
         self.epoch = ns.epoch
+        self._batch: dict[tuple[str, bytes], bytes | None] | None = None
+        self._batch_txn: lmdb.Transaction | None = None
         with self.db.begin() as txn:
             # Index generation: bumped by `reset`; records of older generations have no
             # derived entries left (see `_remove`).
@@ -124,14 +136,23 @@ class DicomIndex:
     # -- small helpers over versioned JSON records ------------------------------------------------
 
     def _get(self, txn: lmdb.Transaction, table: str, key: bytes) -> dict[str, Any] | None:
-        body = self.db.vget(txn, table, key)
+        if self._batch is not None and txn is self._batch_txn and (table, key) in self._batch:
+            body = self._batch[(table, key)]
+        else:
+            body = self.db.vget(txn, table, key)
         return None if body is None else _load(body)
 
     def _put(self, tx: Tx, table: str, key: bytes, value: dict[str, Any]) -> None:
-        self.db.vput(tx.txn, table, key, _dump(value), self.epoch)
+        if self._batch is not None:
+            self._batch[(table, key)] = _dump(value)
+        else:
+            self.db.vput(tx.txn, table, key, _dump(value), self.epoch)
 
     def _del(self, tx: Tx, table: str, key: bytes) -> None:
-        self.db.vdelete(tx.txn, table, key, self.epoch)
+        if self._batch is not None:
+            self._batch[(table, key)] = None
+        else:
+            self.db.vdelete(tx.txn, table, key, self.epoch)
 
     def _facet_add(self, tx: Tx, facet: str, field: str, delta: int) -> None:
         key = b"F" + facet.encode()
@@ -185,6 +206,26 @@ class DicomIndex:
         return h.hexdigest()
 
     # -- the two mutations ------------------------------------------------------------------------
+
+    def apply_many(self, tx: Tx, results: list[tuple[int, Parsed | None, int | None]]) -> None:
+        """`apply` for several files in one transaction.
+
+        Study, series, lookup and facet records touched by several files of the batch (all the
+        slices of one series, the counters) are read and sealed once per batch instead of once
+        per file: the records live as JSON in `_batch` until the end.
+        """
+        self._batch, self._batch_txn = {}, tx.txn
+        try:
+            for ino, parsed, mark in results:
+                self.apply(tx, ino, parsed, mark)
+            batch = self._batch
+        finally:
+            self._batch, self._batch_txn = None, None
+        for (table, key), body in batch.items():
+            if body is None:
+                self.db.vdelete(tx.txn, table, key, self.epoch)
+            else:
+                self.db.vput(tx.txn, table, key, body, self.epoch)
 
     def apply(self, tx: Tx, ino: int, parsed: Parsed | None, mark: int | None) -> None:
         """Replace the entries of `ino` by what `parsed` says (None: not DICOM, or gone).

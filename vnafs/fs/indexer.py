@@ -32,7 +32,19 @@ from vnafs.fs.files import Files
 log = logging.getLogger("vnafs.indexer")
 
 PREFIX_BYTES = 1 << 20
-TASKS = 2
+# Files read and parsed at once (parsing itself is capped by the engine's CPU limiter), and
+# the most parse results committed in one transaction.
+TASKS = 4
+MAX_BATCH = 64
+
+
+@dataclasses.dataclass(eq=False)
+class _Result:
+    ino: int
+    parsed: Parsed | None
+    mark: int | None
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
+    error: BaseException | None = None
 
 
 class _FileReader(io.RawIOBase):
@@ -81,6 +93,8 @@ class Indexer:
         self._queue: set[int] = set()
         self._written_open: set[int] = set()
         self._wakeup = trio.Event()
+        self._results: list[_Result] = []
+        self._results_ready = trio.Event()
         self._busy = 0
         self._idle = trio.Event()
         self.stats = {"indexed": 0, "not_dicom": 0, "problems": 0, "errors": 0,
@@ -88,7 +102,7 @@ class Indexer:
         self.reindex_total = 0
         # Set by the daemon: drop what the kernel caches about an inode whose link count the
         # index just changed, and view names the index just removed.
-        self.invalidate: Callable[[int], Awaitable[None]] = _nothing
+        self.invalidate: Callable[[list[int]], Awaitable[None]] = _nothing
         engine.on_changed = self.changed
         files.on_closed = self.closed
 
@@ -148,6 +162,7 @@ class Indexer:
         async with trio.open_nursery() as nursery:
             for _ in range(TASKS):
                 nursery.start_soon(self._worker)
+            nursery.start_soon(self._committer)
             task_status.started()
 
     async def _worker(self) -> None:
@@ -194,8 +209,12 @@ class Indexer:
         if parsed is None and node is not None and node.nlink and stat.S_ISREG(node.mode) \
                 and node.size:
             parsed = await self._parse(node.ino)
-        await self.engine.commit(self.index.apply, ino, parsed, mark)
-        await self.invalidate(ino)
+        item = _Result(ino, parsed, mark)
+        self._results.append(item)
+        self._results_ready.set()
+        await item.done.wait()
+        if item.error is not None:
+            raise item.error
         if parsed is None or parsed.status is Status.NOT_DICOM:
             self.stats["not_dicom"] += 1
         elif parsed.status is Status.OK:
@@ -205,6 +224,37 @@ class Indexer:
             # One line, no PHI: the inode number and a reason without values.
             log.warning("DICOM file inode %d is %s: %s", ino, parsed.status.value,
                         parsed.problem)
+
+    async def _committer(self) -> None:
+        """Commit parse results in batches: while one transaction waits for the writer
+        thread, the next batch collects, so a busy ingest costs few index commits."""
+        while True:
+            if not self._results:
+                self._results_ready = trio.Event()
+                await self._results_ready.wait()
+                continue
+            batch, self._results = self._results[:MAX_BATCH], self._results[MAX_BATCH:]
+            try:
+                await self._commit(batch)
+            except (IntegrityError, OSError) as exc:
+                if len(batch) == 1:
+                    batch[0].error = exc
+                else:
+                    for item in batch:  # find the file that fails; commit the others
+                        try:
+                            await self._commit([item])
+                        except (IntegrityError, OSError) as one:
+                            item.error = one
+            except Exception as exc:
+                for item in batch:
+                    item.error = exc
+            for item in batch:
+                item.done.set()
+
+    async def _commit(self, batch: list[_Result]) -> None:
+        await self.engine.commit(self.index.apply_many,
+                                 [(r.ino, r.parsed, r.mark) for r in batch])
+        await self.invalidate([r.ino for r in batch])
 
     async def _parse(self, ino: int) -> Parsed | None:
         node = self.ns.get_inode(ino)
@@ -241,7 +291,7 @@ def _reparse(record: dict[str, Any], header: bytes) -> Parsed | None:
     return dataclasses.replace(parsed, status=status, problem=record["problem"], header=header)
 
 
-async def _nothing(ino: int) -> None:
+async def _nothing(inos: list[int]) -> None:
     return None
 
 

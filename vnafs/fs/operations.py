@@ -71,13 +71,13 @@ def _fail(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
 
-def _invalidate(entries: list[tuple[int, str]], ino: int) -> None:
+def _invalidate(entries: list[tuple[int, str]], inos: Sequence[int]) -> None:
     """Runs in a worker thread: the kernel may need a request answered before it returns."""
     # OSError (ENOENT) means the kernel has nothing cached: nothing to forget.
     for parent, name in entries:
         with contextlib.suppress(OSError):
             pyfuse3.invalidate_entry(cast(pyfuse3.InodeT, parent), os.fsencode(name))
-    if ino:
+    for ino in inos:
         with contextlib.suppress(OSError):
             pyfuse3.invalidate_inode(cast(pyfuse3.InodeT, ino), attr_only=True)
 
@@ -151,14 +151,15 @@ class Operations(pyfuse3.Operations):
         e.st_birthtime_ns = root.birthtime_ns
         return e
 
-    async def drop_stale(self, ino: int = 0) -> None:
-        """Make the kernel forget view names the index removed, and `ino`'s cached attributes
-        (its link count counts view names), before the operation that caused it replies."""
+    async def drop_stale(self, inos: Sequence[int] = ()) -> None:
+        """Make the kernel forget view names the index removed, and the cached attributes of
+        `inos` (their link counts count view names), before the operation that caused it
+        replies."""
         if self.views is None:
             return
         stale, self.views.stale = self.views.stale, []
-        if stale or ino:
-            await trio.to_thread.run_sync(_invalidate, stale, ino, limiter=self.engine.io)
+        if stale or inos:
+            await trio.to_thread.run_sync(_invalidate, stale, inos, limiter=self.engine.io)
 
     def _is_view(self, ino: int) -> bool:
         return self.views is not None and is_view_ino(ino)
