@@ -203,6 +203,10 @@ class Namespace:
             self.need_inode(txn, ino)
             return [unpack_xattr(b)[0] for _, b in self.db.vscan(txn, "xattrs", u64(ino))]
 
+    def is_orphan(self, ino: int) -> bool:
+        with self.db.begin() as txn:
+            return self.db.get(txn, "orphans", u64(ino)) is not None
+
     def orphans(self) -> list[int]:
         with self.db.begin() as txn:
             return [read_u64(k) for k, _ in self.db.scan(txn, "orphans")]
