@@ -36,6 +36,7 @@ class DicomConfig:
     index: bool = True
     views: str = ".dicom"
     by_patient: bool = False
+    index_lag: int = 10
 
 
 @dataclass
@@ -68,6 +69,8 @@ class Config:
             f"views = {_toml_str(self.dicom.views)}",
             "# by-patient names carry PatientIDs (PHI): off unless the site wants them.",
             f"by_patient = {str(self.dicom.by_patient).lower()}",
+            "# While a PACS is sending, indexing waits for a pause, at most this many seconds.",
+            f"index_lag = {self.dicom.index_lag}",
             "",
             "[archive]",
         ]
@@ -88,6 +91,7 @@ _INT_RANGES = {
     "workers": (1, 256),
     "max_inflight_mib": (4, 1 << 16),
     "sync_interval": (1, 300),
+    "index_lag": (0, 3600),
 }
 
 

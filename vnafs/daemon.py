@@ -342,7 +342,9 @@ def _dicom_setup(store: Store, engine: Any, files: Any) -> tuple[Any, Any]:
         views.stale += views.removed_dentries(ino, rec, gone)
 
     index.on_removed = removed
-    return Indexer(engine, files, index), views
+    indexer = Indexer(engine, files, index)
+    indexer.max_lag = store.config.dicom.index_lag
+    return indexer, views
 
 
 def _dicom_handlers(indexer: Any, engine: Any) -> dict[str, Callable[[dict[str, Any]], Any]]:

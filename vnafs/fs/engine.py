@@ -129,6 +129,8 @@ class Engine:
         self.health = Health()
         self.on_orphaned: Callable[[int], None] = lambda ino: None
         self.on_changed: Callable[[int], None] = lambda ino: None
+        # trio.current_time() of the newest write or create (the indexer stands back).
+        self.last_write = 0.0
 
     # -- metadata commits -----------------------------------------------------------------------
 

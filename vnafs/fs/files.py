@@ -76,7 +76,7 @@ class Files:
         self._readahead = trio.CapacityLimiter(READAHEAD_BLOCKS * 2)
         engine.on_orphaned = self._orphaned
         # Called when the last handle of an inode is released (the DICOM indexer listens).
-        self.on_closed: Callable[[int], None] = lambda ino: None
+        self.on_closed: Callable[[OpenFile], None] = lambda of: None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -99,7 +99,7 @@ class Files:
         finally:
             if of.handles == 0:
                 del self.open[ino]
-                self.on_closed(ino)
+                self.on_closed(of)
                 if of.pending_ids:
                     # A failed flush (a full disk) leaves sealed blocks nothing will reference.
                     self.engine.release_pending(of.pending_ids)

@@ -400,6 +400,7 @@ class Operations(pyfuse3.Operations):
 
     @translated
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
+        self.engine.last_write = trio.current_time()
         return await self.files.write(fh, off, buf)
 
     @translated
