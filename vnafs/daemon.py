@@ -282,9 +282,10 @@ async def serve(
         workers=cfg.store.workers,
         max_inflight_blocks=max(2, cfg.store.max_inflight_mib * (1 << 20) // BLOCK_SIZE),
     )
+    index = _dicom_index(store)
     async with trio.open_nursery() as nursery:
         files = Files(engine, nursery, sync_on_close=cfg.mount.sync_on_close)
-        indexer, views = _dicom_setup(store, engine, files)
+        indexer, views = _dicom_setup(store, index, engine, files)
         ops = Operations(engine, files, block_size=BLOCK_SIZE, views=views,
                          views_name=cfg.dicom.views)
         try:
@@ -316,6 +317,11 @@ async def serve(
                     await files.flush(ino)
                 except OSError as exc:
                     log.error("could not commit inode %d at unmount: %s", ino, exc.strerror)
+            if indexer is not None:
+                # Index what is queued, so the next mount starts clean; what does not fit in
+                # the time keeps its change mark and is indexed at the next mount.
+                with trio.move_on_after(UNMOUNT_INDEX_SECONDS):
+                    await indexer.wait_idle()
             await engine.barrier()
             pyfuse3.close(unmount=True)
             pid_file.unlink(missing_ok=True)
@@ -323,15 +329,25 @@ async def serve(
             nursery.cancel_scope.cancel()
 
 
-def _dicom_setup(store: Store, engine: Any, files: Any) -> tuple[Any, Any]:
-    """The DICOM indexer and views, wired into the namespace hooks (None, None if disabled)."""
+def _dicom_index(store: Store) -> Any:
+    """The DICOM index of the store, None if disabled; checked before anything is mounted."""
     if not store.config.dicom.index:
-        return None, None
+        return None
     from vnafs.dicom.index import DicomIndex
+
+    try:
+        return DicomIndex(store.ns, by_patient=store.config.dicom.by_patient)
+    except IntegrityError as exc:
+        raise VnafsError(f"{exc}: the metadata is damaged; run vnafs fsck {store.root}") from None
+
+
+def _dicom_setup(store: Store, index: Any, engine: Any, files: Any) -> tuple[Any, Any]:
+    """The DICOM indexer and views, wired into the namespace hooks (None, None if disabled)."""
+    if index is None:
+        return None, None
     from vnafs.fs.indexer import Indexer
     from vnafs.fs.views import Views
 
-    index = DicomIndex(store.ns, by_patient=store.config.dicom.by_patient)
     store.ns.on_change = index.mark_changed
     store.ns.on_last_unlink = index.forget
     views = Views(index)
@@ -375,6 +391,8 @@ def _dicom_handlers(indexer: Any, engine: Any) -> dict[str, Callable[[dict[str, 
             "index_progress": lambda req: {"pending": indexer.pending,
                                            "total": indexer.reindex_total}}
 
+
+UNMOUNT_INDEX_SECONDS = 60
 
 # The kernel asks FUSE file systems for 128 KiB at a time by default; 4 MiB of readahead lets it
 # send 1 MiB reads (measured: 512 MiB cold read 1.53 s -> 1.25 s).
