@@ -183,7 +183,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from vnafs import daemon
+    from vnafs import control as daemon  # light: no trio, no LMDB
 
     hot = daemon.hot_store_of(Path(args.mountpoint))
     st = daemon.control_request(hot, {"op": "status"})
@@ -229,7 +229,7 @@ def _date(value: str | None, flag: str) -> str | None:
 
 
 def cmd_find(args: argparse.Namespace) -> int:
-    from vnafs import daemon
+    from vnafs import control as daemon  # light: no trio, no LMDB
 
     hot = daemon.hot_store_of(Path(args.mountpoint))
     mnt = Path(args.mountpoint).resolve()
@@ -268,7 +268,7 @@ def cmd_find(args: argparse.Namespace) -> int:
 def cmd_reindex(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from vnafs import daemon
+    from vnafs import control as daemon  # light: no trio, no LMDB
 
     hot = daemon.hot_store_of(Path(args.mountpoint))
     total = daemon.control_request(hot, {"op": "reindex"})["queued"]
