@@ -200,7 +200,7 @@ class Engine:
 
     # -- blocks ---------------------------------------------------------------------------------
 
-    def _store_block(self, data: bytes | bytearray) -> tuple[bytes, int]:
+    def _store_block(self, data: bytes | bytearray, compress: bool) -> tuple[bytes, int]:
         block_id = self.store.sealer.block_id(data)
         # Mark the id pending before looking it up, so a concurrent commit that drops its last
         # reference keeps the file (see docs/architecture.md, "Data path").
@@ -209,13 +209,15 @@ class Engine:
         if self.ns.has_block(block_id):
             self.stats["dedup_hits"] += 1
             return block_id, 0
-        stored = self.store.put(block_id, data, compress=self.compress)
+        stored = self.store.put(block_id, data, compress=self.compress and compress)
         return block_id, stored
 
-    async def store_block(self, data: bytes | bytearray) -> tuple[bytes, int]:
+    async def store_block(self, data: bytes | bytearray, *, compress: bool = True
+                          ) -> tuple[bytes, int]:
         """Seal and write one block (or find it already stored). The id stays pending until
-        `release_pending` is called after the commit that references it."""
-        block_id, stored = await trio.to_thread.run_sync(self._store_block, data,
+        `release_pending` is called after the commit that references it. `compress=False`
+        skips compression (data known to be compressed already)."""
+        block_id, stored = await trio.to_thread.run_sync(self._store_block, data, compress,
                                                          limiter=self.cpu)
         self.cache.put(block_id, data)
         self.stats["blocks_written"] += 1 if stored else 0

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from vnafs.dicom.sniff import is_encapsulated
 from vnafs.fs.engine import Engine
 from vnafs.meta.namespace import NewBlock
 from vnafs.meta.records import BLOCK_SIZE, BlockRef, Inode
@@ -59,6 +60,8 @@ class OpenFile:
     meta_dirty: bool = False
     last_read_end: int = -1
     readahead_next: int = 0
+    # False once block 0 shows an encapsulated DICOM transfer syntax (already compressed).
+    compress: bool = True
 
     @property
     def busy(self) -> bool:
@@ -224,7 +227,9 @@ class Files:
 
     async def _seal_task(self, of: OpenFile, index: int, buf: bytearray, done: trio.Event) -> None:
         try:
-            block_id, stored = await self.engine.store_block(buf)
+            if index == 0 and is_encapsulated(buf):
+                of.compress = False
+            block_id, stored = await self.engine.store_block(buf, compress=of.compress)
             of.pending_ids.append(block_id)
             length = min(len(buf), of.size - index * BLOCK_SIZE)
             of.sealed[index] = NewBlock(BlockRef(block_id, length), stored) if length > 0 else None
