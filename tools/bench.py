@@ -287,7 +287,7 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
 
 # (centre x, centre y, radius x, radius y, value) as fractions of the slice, painted in order;
 # values are CT numbers + 1024 (air 24, water 1024, bone about 1900).
-_SHAPES: tuple[tuple[float, float, float, float, int], ...] = (
+CT_SHAPES: tuple[tuple[float, float, float, float, int], ...] = (
     (0.50, 0.52, 0.40, 0.30, 1024),  # body outline, water
     (0.50, 0.52, 0.37, 0.27, 1060),  # soft tissue
     (0.33, 0.45, 0.10, 0.13, 300),   # lungs
@@ -297,7 +297,7 @@ _SHAPES: tuple[tuple[float, float, float, float, int], ...] = (
     (0.50, 0.70, 0.05, 0.04, 1900),  # vertebra
     (0.50, 0.70, 0.025, 0.02, 1150),  # spinal canal
 )
-AIR = 24
+AIR = 24  # CT number of air + 1024: the background of CT_SHAPES
 
 
 def phantom_pattern(nbytes: int = PATTERN_BYTES, seed: int = SEED) -> bytes:
@@ -317,7 +317,7 @@ def phantom_pattern(nbytes: int = PATTERN_BYTES, seed: int = SEED) -> bytes:
         for y in range(n):
             row = [AIR] * n
             fy = (y + 0.5) / n
-            for cx, cy, rx, ry, v in _SHAPES:
+            for cx, cy, rx, ry, v in CT_SHAPES:
                 ry_z = ry * (1 + 0.15 * z)  # organs grow and shrink between slices
                 d = 1 - ((fy - cy) / ry_z) ** 2
                 if d <= 0:

@@ -68,6 +68,8 @@ from pydicom import uid as dicom_uid
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
 
+from tools.bench import AIR, CT_SHAPES
+
 __all__ = [
     "ACCESSION_ISSUER",
     "ACCESSION_PREFIX",
@@ -171,18 +173,9 @@ class _Phantom:
 
 
 _PHANTOMS: dict[str, _Phantom] = {
-    # A chest cross-section in CT numbers + 1024 (air 24, water 1024, bone about 1900), as in
-    # tools/bench.py. Sigma 6 gives about 2x with zstd, like real CT slices.
-    "ct": _Phantom(24, (
-        (0.50, 0.52, 0.40, 0.30, 1024),  # body outline, water
-        (0.50, 0.52, 0.37, 0.27, 1060),  # soft tissue
-        (0.33, 0.45, 0.10, 0.13, 300),  # lungs
-        (0.67, 0.45, 0.10, 0.13, 300),
-        (0.45, 0.55, 0.06, 0.05, 1080),  # heart
-        (0.58, 0.62, 0.03, 0.03, 1300),  # contrast-filled vessel
-        (0.50, 0.70, 0.05, 0.04, 1900),  # vertebra
-        (0.50, 0.70, 0.025, 0.02, 1150),  # spinal canal
-    ), 12, 6.0),
+    # The chest cross-section of tools/bench.py (CT numbers + 1024). Sigma 6 gives about 2x
+    # with zstd, like real CT slices.
+    "ct": _Phantom(AIR, CT_SHAPES, 12, 6.0),
     # A T2-like head: dark background and skull, grey brain, bright ventricles.
     "mr": _Phantom(20, (
         (0.50, 0.50, 0.40, 0.45, 350),  # scalp
