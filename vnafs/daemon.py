@@ -351,13 +351,8 @@ def _dicom_setup(store: Store, index: Any, engine: Any, files: Any) -> tuple[Any
     store.ns.on_change = index.mark_changed
     store.ns.on_last_unlink = index.forget
     views = Views(index)
-
-    def removed(ino: int, rec: dict[str, Any], gone: tuple[str, ...]) -> None:
-        # Without this the kernel keeps showing a removed view name for up to ENTRY_TIMEOUT;
-        # the operation that removed it drops them before it replies (Operations.drop_stale).
-        views.stale += views.removed_dentries(ino, rec, gone)
-
-    index.on_removed = removed
+    # Without this the kernel keeps showing a removed view name for up to ENTRY_TIMEOUT.
+    index.on_removed = views.note_removed
     indexer = Indexer(engine, files, index)
     indexer.max_lag = store.config.dicom.index_lag
     return indexer, views

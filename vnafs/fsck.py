@@ -240,15 +240,15 @@ def _repair(store: Store, rep: Report, inodes: dict[int, Inode], links: Counter[
                 subdirs[node.parent] += 1
             else:
                 node.nlink = links[ino] + 1
-            ns._save(tx, node)
+            ns.save(tx, node)
         for ino in rep.bad_parent:
             node = ns.need_inode(txn, ino)
             node.parent = entry_parent[ino]
-            ns._save(tx, node)
+            ns.save(tx, node)
         for ino in rep.bad_nlink:
             node = ns.need_inode(txn, ino)
             node.nlink = 2 + subdirs[ino] if stat.S_ISDIR(node.mode) else links[ino]
-            ns._save(tx, node)
+            ns.save(tx, node)
             if node.nlink == 0:
                 db.put(txn, "orphans", u64(ino), b"")
                 rep.orphan_inodes.append(ino)

@@ -96,6 +96,8 @@ class DicomIndex:
             # Index generation: bumped by `reset`; records of older generations have no
             # derived entries left (see `_remove`).
             self.gen = self.db.counter(txn, "dicom_gen", 0)
+        # Called after a commit that changed a file's content (the indexer queues it).
+        self.on_changed: Callable[[int], None] = lambda ino: None
         # Called after a commit that took view names away: (ino, instance record, gone) where
         # `gone` lists "series"/"study" when those directories disappeared too.
         self.on_removed: Callable[[int, dict[str, Any], tuple[str, ...]], None] = (
@@ -120,15 +122,15 @@ class DicomIndex:
     def _sop_prefix(self, uid: str) -> bytes:
         return self.h("sop\0" + uid)
 
-    def patient_prefix(self, issuer: str, pid: str) -> bytes:
-        return b"p" + self.h(self.name(issuer)) + self.h(self.name(pid))
+    def name_prefix(self, kind: bytes, *names: str) -> bytes:
+        """A `dicom_lookup` prefix from view names: `kind` (b"p" or b"a"), issuer, value."""
+        return kind + b"".join(self.h(n) for n in names)
 
-    def issuer_prefix(self, kind: bytes, issuer_name: str) -> bytes:
-        """`kind` is b"p" or b"a"; the issuer is given by its view name."""
-        return kind + self.h(issuer_name)
+    def patient_prefix(self, issuer: str, pid: str) -> bytes:
+        return self.name_prefix(b"p", self.name(issuer), self.name(pid))
 
     def accession_prefix(self, issuer: str, acc: str) -> bytes:
-        return b"a" + self.h(self.name(issuer)) + self.h(self.name(acc))
+        return self.name_prefix(b"a", self.name(issuer), self.name(acc))
 
     def date_prefix(self, date: str) -> bytes:
         return b"d" + self.h(date)
@@ -171,7 +173,7 @@ class DicomIndex:
 
     def mark_changed(self, tx: Tx, ino: int) -> None:
         self.db.put(tx.txn, "dicom_todo", u64(ino), u64(tx.now))
-        tx.changed.append(ino)
+        tx.after_commit.append(lambda: self.on_changed(ino))
 
     def mark(self, txn: lmdb.Transaction, ino: int) -> int | None:
         body = self.db.get(txn, "dicom_todo", u64(ino))
@@ -193,10 +195,6 @@ class DicomIndex:
     def entry(self, txn: lmdb.Transaction, ino: int) -> FileEntry | None:
         body = self.db.vget(txn, "dicom_files", u64(ino))
         return None if body is None else FileEntry.unpack(ino, body)
-
-    def entries(self, txn: lmdb.Transaction) -> Iterator[FileEntry]:
-        for ident, body in self.db.vscan(txn, "dicom_files", b""):
-            yield FileEntry.unpack(read_u64(ident), body)
 
     def digest(self, txn: lmdb.Transaction, ino: int) -> str:
         """A digest of the file's content: block ids are keyed hashes of the plaintext."""
@@ -245,7 +243,7 @@ class DicomIndex:
                 or parsed.status is Status.NOT_DICOM
                 or (parsed.instance is None and parsed.status is Status.OK)):
             if node is not None and node.nlink:
-                self._set_flags(tx, ino, 0)
+                self._set_flags(tx, node, 0)
             return
         # A file pydicom cannot parse at all still gets a record, so it is listed as a problem.
         inst = parsed.instance or _NO_IDENTITY
@@ -269,16 +267,16 @@ class DicomIndex:
         if parsed.status is not Status.OK:
             self._put(tx, "dicom_lookup", b"!" + u64(ino),
                       {"kind": parsed.status.value, "problem": parsed.problem})
-            self._set_flags(tx, ino, 0)
+            self._set_flags(tx, node, 0)
             return
         self._add_to_views(tx, entry)
-        self._set_flags(tx, ino, FLAG_DICOM_VIEWS | (FLAG_DICOM_ACCESSION if inst.accession
-                                                     else 0))
+        self._set_flags(tx, node, FLAG_DICOM_VIEWS | (FLAG_DICOM_ACCESSION if inst.accession
+                                                      else 0))
 
-    def _set_flags(self, tx: Tx, ino: int, flags: int) -> None:
-        node = self.ns.inode(tx.txn, ino)
+    def _set_flags(self, tx: Tx, node: Inode, flags: int) -> None:
+        # `node` is the record `apply` read: nothing in between writes the inode.
         mask = FLAG_DICOM_VIEWS | FLAG_DICOM_ACCESSION
-        if node is not None and node.flags & mask != flags:
+        if node.flags & mask != flags:
             node.flags = (node.flags & ~mask) | flags
             self.ns.save(tx, node)
 

@@ -128,8 +128,7 @@ class Engine:
         self.stats: Counter[str] = Counter()
         self.health = Health()
         self.on_orphaned: Callable[[int], None] = lambda ino: None
-        self.on_changed: Callable[[int], None] = lambda ino: None
-        # trio.current_time() of the newest write or create (the indexer stands back).
+        # trio.current_time() of the newest write request (the indexer stands back).
         self.last_write = 0.0
 
     # -- metadata commits -----------------------------------------------------------------------
@@ -159,8 +158,6 @@ class Engine:
         self._unsynced = True
         for ino in tx.orphaned:
             self.on_orphaned(ino)
-        for ino in tx.changed:
-            self.on_changed(ino)
         for after in tx.after_commit:
             after()
         return result

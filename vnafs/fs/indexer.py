@@ -29,7 +29,7 @@ from vnafs.dicom.index import DicomIndex
 from vnafs.errors import IntegrityError
 from vnafs.fs.engine import Engine
 from vnafs.fs.files import Files, OpenFile
-from vnafs.meta.records import BLOCK_SIZE
+from vnafs.meta.records import BLOCK_SIZE, Inode
 
 log = logging.getLogger("vnafs.indexer")
 
@@ -138,7 +138,7 @@ class Indexer:
         # Set by the daemon: drop what the kernel caches about an inode whose link count the
         # index just changed, and view names the index just removed.
         self.invalidate: Callable[[list[int]], Awaitable[None]] = _nothing
-        engine.on_changed = self.changed
+        index.on_changed = self.changed
         files.on_closed = self.closed
 
     # -- what the engine and the open-file layer tell us ------------------------------------------
@@ -172,9 +172,7 @@ class Indexer:
             return
         head = bytes(head_block[: min(first.length, HEAD_BYTES)])
         tail = bytes(tail_block[max(0, last.length - TAIL_BYTES) : last.length])
-        old = self._edges.pop(of.ino, None)
-        if old is not None:
-            self._edge_bytes -= len(old[1]) + len(old[2])
+        self._take_edges(of.ino)
         self._edges[of.ino] = (of.size, head, tail)
         self._edge_bytes += len(head) + len(tail)
 
@@ -305,7 +303,7 @@ class Indexer:
             self.stats["from_header"] += 1
         if parsed is None and node is not None and node.nlink and stat.S_ISREG(node.mode) \
                 and node.size:
-            parsed = await self._parse(node.ino, edges)
+            parsed = await self._parse(node, edges)
         item = _Result(ino, parsed, mark)
         self._results.append(item)
         self._results_ready.set()
@@ -359,24 +357,21 @@ class Indexer:
             self._edge_bytes -= len(edges[1]) + len(edges[2])
         return edges
 
-    async def _parse(self, ino: int, edges: tuple[int, bytes, bytes] | None) -> Parsed | None:
-        node = self.ns.get_inode(ino)
+    async def _parse(self, node: Inode, edges: tuple[int, bytes, bytes] | None
+                     ) -> Parsed | None:
+        ino = node.ino
         if edges is not None and edges[0] != node.size:
             edges = None  # changed since it was closed
-        if edges is not None and edges[1][128:132] != b"DICM" \
-                and not _may_be_raw_dataset(edges[1]):
+        if edges is not None and not _may_be_dicom(edges[1]):
             return None  # decided from memory: no block load for most non-DICOM files
         of = self.files.attach(node)
         try:
             size = of.size
             if edges is None:
-                head = await self.files.read(ino, 0, 132, touch_atime=False)
-                if head[128:132] != b"DICM" and not _may_be_raw_dataset(head):
-                    # Most non-DICOM files stop here; files without a preamble (rare, old)
-                    # still go to the parser, which decides.
+                head = await self.files.read(ino, 0, min(size, HEAD_BYTES), touch_atime=False)
+                if not _may_be_dicom(head):
                     return None
-                pieces = [(0, await self.files.read(ino, 0, min(size, HEAD_BYTES),
-                                                    touch_atime=False))]
+                pieces = [(0, head)]
             else:
                 pieces = [(0, edges[1]), (size - len(edges[2]), edges[2])]
 
@@ -408,8 +403,11 @@ async def _nothing(inos: list[int]) -> None:
     return None
 
 
-def _may_be_raw_dataset(prefix: bytes) -> bool:
-    """Whether a file without the DICM marker starts like a raw dataset (group 0002 or 0008)."""
-    group_le = int.from_bytes(prefix[0:2], "little")
-    group_be = int.from_bytes(prefix[0:2], "big")
+def _may_be_dicom(head: bytes) -> bool:
+    """Whether the parser should look at a file: it has the DICM marker, or (rare, old files
+    without a preamble) starts like a raw dataset (group 0002 or 0008). The parser decides."""
+    if head[128:132] == b"DICM":
+        return True
+    group_le = int.from_bytes(head[0:2], "little")
+    group_be = int.from_bytes(head[0:2], "big")
     return group_le in (0x0002, 0x0008) or group_be in (0x0002, 0x0008)

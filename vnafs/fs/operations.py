@@ -27,7 +27,7 @@ from vnafs.errors import IntegrityError
 from vnafs.fs.engine import Engine
 from vnafs.fs.files import Files
 from vnafs.fs.views import Child, Views, dir_mode, is_view_ino
-from vnafs.meta.namespace import NAME_MAX, Namespace
+from vnafs.meta.namespace import NAME_MAX, Namespace, fail
 from vnafs.meta.records import ROOT_INO, Inode
 
 log = logging.getLogger("vnafs.fs")
@@ -65,10 +65,6 @@ def translated(
 def _name_ok(name: bytes) -> None:
     if len(name) > NAME_MAX:
         raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
-
-
-def _fail(code: int) -> OSError:
-    return OSError(code, os.strerror(code))
 
 
 def _invalidate(entries: list[tuple[int, str]], inos: Sequence[int]) -> None:
@@ -167,9 +163,9 @@ class Operations(pyfuse3.Operations):
     def _guard(self, parent: int, name: bytes | None = None) -> None:
         """Refuse changes inside the views, and real names that would hide them."""
         if self._is_view(parent):
-            raise _fail(errno.EROFS)
+            raise fail(errno.EROFS)
         if self.views is not None and parent == ROOT_INO and name == self.views_name:
-            raise _fail(errno.EEXIST)
+            raise fail(errno.EEXIST)
 
     def _view_lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
         assert self.views is not None
@@ -359,7 +355,7 @@ class Operations(pyfuse3.Operations):
         self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
         if self._is_view(inode):
-            raise _fail(errno.EISDIR)
+            raise fail(errno.EISDIR)
         node = self.ns.get_inode(inode)
         if stat.S_ISDIR(node.mode):
             raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,16 +32,15 @@ import lmdb
 
 from vnafs.dicom.index import DicomIndex
 from vnafs.dicom.names import valid_uid
+from vnafs.meta.namespace import fail
 
 VIEW_BIT = 1 << 62
 _MASK = (1 << 61) - 1
 LEAF_SUFFIX = ".dcm"
+# The `dicom_lookup` record kind behind each view keyed by free-text names.
+_KINDS = {"by-accession": b"a", "by-patient": b"p"}
 
 Path = tuple[str, ...]
-
-
-def _enoent() -> OSError:
-    return OSError(errno.ENOENT, os.strerror(errno.ENOENT))
 
 
 def is_view_ino(ino: int) -> bool:
@@ -82,7 +80,7 @@ class Views:
     def path_of(self, ino: int) -> Path:
         path = self._paths.get(ino)
         if path is None:
-            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+            raise fail(errno.ESTALE)
         return path
 
     def _remember(self, path: Path) -> int:
@@ -121,60 +119,60 @@ class Views:
         return self._remember(path)
 
     # Every directory shape ends in a study: `<StudyUID>/<SeriesUID>/<leaf>`. `_study_at`
-    # says where the study name sits in a path of that top-level view, and `_study_listed`
-    # whether a study name is valid under the path in front of it.
+    # says where the study name sits in a path of that top-level view, and `_studies_prefix`
+    # which lookup records list the studies of the directory in front of it.
 
     @staticmethod
     def _study_at(top: str) -> int:
         return {"by-study": 1, "by-date": 4, "by-accession": 3, "by-patient": 3}[top]
 
+    def _studies_prefix(self, path: Path) -> bytes:
+        """The `dicom_lookup` prefix of the studies under a by-date, by-accession or
+        by-patient directory (the path up to, not including, the study name)."""
+        if path[0] == "by-date":
+            return self.index.date_prefix(path[1] + path[2] + path[3])
+        return self.index.name_prefix(_KINDS[path[0]], *path[1:])
+
     def _lookup(self, txn: lmdb.Transaction, path: Path, name: str) -> Child:
         if not path:
             if name in self.tops():
                 return Child(name, (name,))
-            raise _enoent()
+            raise fail(errno.ENOENT)
         top, depth = path[0], len(path)
         at = self._study_at(top)
-        if depth == at - 1 and top in ("by-accession", "by-patient"):
+        if depth == at - 1 and top in _KINDS:
             # One seek instead of listing every accession (or patient) of the issuer.
-            kind = b"a" if top == "by-accession" else b"p"
-            prefix = kind + self.index.h(path[1]) + self.index.h(name)
+            prefix = self.index.name_prefix(_KINDS[top], path[1], name)
             if next(self.index.lookup(txn, prefix), None) is None:
-                raise _enoent()
+                raise fail(errno.ENOENT)
             return Child(name, (*path, name))
         if depth < at:
             for child in self._list(txn, path):
                 if child.name == name:
                     return child
-            raise _enoent()
+            raise fail(errno.ENOENT)
         if depth == at:
             if not valid_uid(name) or not self._study_under(txn, path, name):
-                raise _enoent()
+                raise fail(errno.ENOENT)
             return Child(name, (*path, name))
         if depth == at + 1:
             if not valid_uid(name) or self.index.series(txn, path[at], name) is None:
-                raise _enoent()
+                raise fail(errno.ENOENT)
             return Child(name, (*path, name))
         if depth == at + 2:
             ino = self._leaf(txn, path[at], path[at + 1], name)
             return Child(name, ino=ino)
-        raise _enoent()
+        raise fail(errno.ENOENT)
 
     def _study_under(self, txn: lmdb.Transaction, path: Path, uid: str) -> bool:
-        top = path[0]
-        skey = self.index.study_key(uid)
-        if top == "by-study":
+        if path[0] == "by-study":
             return self.index.study(txn, uid) is not None
-        if top == "by-date":
-            prefix = self.index.date_prefix(path[1] + path[2] + path[3])
-        else:
-            kind = b"a" if top == "by-accession" else b"p"
-            prefix = kind + self.index.h(path[1]) + self.index.h(path[2])
-        return next(self.index.lookup(txn, prefix + skey), None) is not None
+        key = self._studies_prefix(path) + self.index.study_key(uid)
+        return next(self.index.lookup(txn, key), None) is not None
 
     def _leaf(self, txn: lmdb.Transaction, study: str, series: str, name: str) -> int:
         if not name.endswith(LEAF_SUFFIX):
-            raise _enoent()
+            raise fail(errno.ENOENT)
         stem = name[: -len(LEAF_SUFFIX)]
         sop, _, suffix = stem.partition("~")
         candidates = []
@@ -184,18 +182,18 @@ class Views:
                     and entry.record["study"] == study and entry.record["series"] == series):
                 candidates.append(ino)
         if not candidates:
-            raise _enoent()
+            raise fail(errno.ENOENT)
         candidates.sort()
         if not suffix:
             return candidates[0]
         if suffix.isdigit() and int(suffix) in candidates[1:]:
             return int(suffix)
-        raise _enoent()
+        raise fail(errno.ENOENT)
 
-    def removed_dentries(self, ino: int, rec: dict[str, Any], gone: tuple[str, ...]
-                         ) -> list[tuple[int, str]]:
-        """(parent view inode, name) of every view name the kernel may still cache for a file
-        that just left the index, plus its series and study directories if they went too."""
+    def note_removed(self, ino: int, rec: dict[str, Any], gone: tuple[str, ...]) -> None:
+        """Add to `stale` every view name the kernel may still cache for a file that just left
+        the index, plus its series and study directories if they went too (the operation that
+        removed them hands `stale` to the kernel before it replies)."""
         study, series, date = rec["study"], rec["series"], rec["date"]
         bases: list[Path] = [("by-study",)]
         if len(date) == 8 and date.isdigit():
@@ -215,7 +213,7 @@ class Views:
                 out.append((view_ino((*base, study)), series))
             if "study" in gone:
                 out.append((view_ino(base), study))
-        return out
+        self.stale += out
 
     # -- listing ----------------------------------------------------------------------------------
 
@@ -245,18 +243,12 @@ class Views:
                 yield Child(name, ino=ino)
 
     def _studies_under(self, txn: lmdb.Transaction, path: Path) -> Iterator[str]:
-        top = path[0]
-        if top == "by-study":
+        if path[0] == "by-study":
             for study in self.index.studies(txn):
                 if valid_uid(study["uid"]):
                     yield study["uid"]
             return
-        if top == "by-date":
-            prefix = self.index.date_prefix(path[1] + path[2] + path[3])
-        else:
-            kind = b"a" if top == "by-accession" else b"p"
-            prefix = kind + self.index.h(path[1]) + self.index.h(path[2])
-        for item in self.index.lookup(txn, prefix):
+        for item in self.index.lookup(txn, self._studies_prefix(path)):
             if valid_uid(item["study"]):
                 yield item["study"]
 
@@ -277,10 +269,10 @@ class Views:
             for name in names:
                 yield Child(name, (*path, name))
             return
-        kind = b"a" if top == "by-accession" else b"p"
         field = "acc" if top == "by-accession" else "pid"
         names = sorted({self.index.name(item[field])
-                        for item in self.index.lookup(txn, kind + self.index.h(path[1]))})
+                        for item in self.index.lookup(txn, self.index.name_prefix(_KINDS[top],
+                                                                                  path[1]))})
         for name in names:
             yield Child(name, (*path, name))
 

@@ -59,8 +59,6 @@ class Tx:
     now: int
     freed_blocks: list[bytes] = field(default_factory=list)
     orphaned: list[int] = field(default_factory=list)
-    # Regular files whose content or size this transaction changed (filled by `on_change`).
-    changed: list[int] = field(default_factory=list)
     # Run on the event loop once the transaction has committed (e.g. kernel cache invalidation).
     after_commit: list[Callable[[], None]] = field(default_factory=list)
 
@@ -216,8 +214,6 @@ class Namespace:
     def save(self, tx: Tx, node: Inode) -> None:
         self.db.vput(tx.txn, "inodes", u64(node.ino), node.pack(), self.epoch)
 
-    _save = save
-
     def _dir(self, tx: Tx, ino: int) -> Inode:
         node = self.need_inode(tx.txn, ino)
         if not stat.S_ISDIR(node.mode):
@@ -229,7 +225,7 @@ class Namespace:
     def _touch_dir(self, tx: Tx, node: Inode, nlink_delta: int = 0) -> None:
         node.mtime_ns = node.ctime_ns = tx.now
         node.nlink += nlink_delta
-        self._save(tx, node)
+        self.save(tx, node)
 
     def _new_ino(self, tx: Tx) -> int:
         ino = self.db.counter(tx.txn, "next_ino")
@@ -267,7 +263,7 @@ class Namespace:
         """One name of a non-directory went away."""
         node.nlink -= 1
         node.ctime_ns = tx.now
-        self._save(tx, node)
+        self.save(tx, node)
         if node.nlink == 0:
             self.db.put(tx.txn, "orphans", u64(node.ino), b"")
             tx.orphaned.append(node.ino)
@@ -278,7 +274,7 @@ class Namespace:
         """An empty directory lost its name; it lives on (nlink 0) while a handle holds it."""
         node.nlink = 0
         node.ctime_ns = tx.now
-        self._save(tx, node)
+        self.save(tx, node)
         self.db.put(tx.txn, "orphans", u64(node.ino), b"")
         tx.orphaned.append(node.ino)
 
@@ -337,7 +333,7 @@ class Namespace:
             birthtime_ns=tx.now,
             target=target,
         )
-        self._save(tx, node)
+        self.save(tx, node)
         self._link_entry(tx, parent, name, node.ino)
         self._touch_dir(tx, pnode, 1 if is_dir else 0)
         return node
@@ -355,7 +351,7 @@ class Namespace:
             raise fail(errno.EEXIST)
         node.nlink += 1
         node.ctime_ns = tx.now
-        self._save(tx, node)
+        self.save(tx, node)
         self._link_entry(tx, parent, name, ino)
         self._touch_dir(tx, pnode)
         return node
@@ -442,7 +438,7 @@ class Namespace:
             src.parent = p2
             src_parent.nlink -= 1
             dst_parent.nlink += 1
-        self._save(tx, src)
+        self.save(tx, src)
         self._touch_dir(tx, src_parent)
         if p1 != p2:
             self._touch_dir(tx, dst_parent)
@@ -466,7 +462,7 @@ class Namespace:
                     new_parent.nlink += 1
         for node in (a, b):
             node.ctime_ns = tx.now
-            self._save(tx, node)
+            self.save(tx, node)
         self._touch_dir(tx, pa)
         if pa.ino != pb.ino:
             self._touch_dir(tx, pb)
@@ -504,7 +500,7 @@ class Namespace:
         if mtime_ns is not None:
             node.mtime_ns = mtime_ns
         node.ctime_ns = tx.now
-        self._save(tx, node)
+        self.save(tx, node)
         return node
 
     def _truncate_blocks(self, tx: Tx, ino: int, size: int) -> None:
@@ -554,7 +550,7 @@ class Namespace:
             node.ctime_ns = ctime_ns
         if atime_ns is not None:
             node.atime_ns = atime_ns
-        self._save(tx, node)
+        self.save(tx, node)
         return node
 
     def free_orphan(self, tx: Tx, ino: int) -> None:
@@ -576,7 +572,7 @@ class Namespace:
             raise fail(errno.ENODATA)
         self.db.vput(tx.txn, "xattrs", key, pack_xattr(name, value), self.epoch)
         node.ctime_ns = tx.now
-        self._save(tx, node)
+        self.save(tx, node)
 
     def removexattr(self, tx: Tx, ino: int, name: bytes) -> None:
         node = self.need_inode(tx.txn, ino)
@@ -584,7 +580,7 @@ class Namespace:
         if not existed:
             raise fail(errno.ENODATA)
         node.ctime_ns = tx.now
-        self._save(tx, node)
+        self.save(tx, node)
 
     # -- statistics -----------------------------------------------------------------------------
 
