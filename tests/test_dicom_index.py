@@ -14,12 +14,13 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 import warnings
 from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import Fs, run_vnafs
+from conftest import VNAFS, Fs, run_vnafs
 from pydicom.data import get_charset_files, get_testdata_files
 from test_phi import phi_found
 
@@ -174,6 +175,26 @@ def test_find_by_patient_issuer_accession_study(fs: Fs, studies) -> None:
     assert res.returncode == 1 and res.stderr.count("\n") == 1 and "YYYY-MM-DD" in res.stderr
     res = run_vnafs("find", str(fs.mnt), check=False)
     assert res.returncode == 1 and "exactly one of" in res.stderr
+
+
+def test_concurrent_waiters_all_return(fs: Fs, studies) -> None:
+    """Several `find --wait` at once, while files are still queued: every one returns (the
+    waiters share one wakeup; a waiter must never be left on an event nobody sets)."""
+    src, instances = studies
+    shutil.copytree(src, fs.mnt / "incoming")
+    one = instances[0]
+    procs = [subprocess.Popen([VNAFS, "find", str(fs.mnt), "--wait", "--json", "--study",
+                               one.study_uid], stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    try:
+        outs = [p.communicate(timeout=20)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs)
+    assert all(json.loads(out)[0]["study"] == one.study_uid for out in outs)
 
 
 def test_conflicts_and_bad_files_are_listed_not_hidden(fs: Fs, studies) -> None:

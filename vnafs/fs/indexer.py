@@ -194,7 +194,9 @@ class Indexer:
         self._wakeup.set()
         try:
             while self.pending:
-                self._idle = trio.Event()
+                # Shared by every waiter; replaced only once it has fired (see `_sleep`).
+                if self._idle.is_set():
+                    self._idle = trio.Event()
                 await self._idle.wait()
         finally:
             self._urgent -= 1
