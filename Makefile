@@ -10,7 +10,13 @@ PYTEST_ARGS ?=
 # (gocryptfs only as a reference point for tools/bench; dcmtk, orthanc, curl and iproute2
 # for the tests with real DICOM writers).
 SYSDEPS := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv gocryptfs attr acl rsync \
-           dcmtk orthanc curl iproute2
+           dcmtk orthanc curl iproute2 nodejs
+
+# Azurite (Azure Blob emulator) for the archive backend tests. 3.35.0 is the newest release that
+# runs on node 20. Installed once into .cache/; the file target makes reruns silent. npm is not
+# in SYSDEPS because NodeSource's nodejs package bundles npm and conflicts with Debian's npm
+# package: it is installed only when no npm command exists (Debian's own nodejs).
+AZURITE := .cache/azurite/node_modules/azurite/dist/src/blob/main.js
 
 .DEFAULT_GOAL := help
 .PHONY: help sysdeps venv test lint demo bench clean
@@ -49,7 +55,12 @@ $(VENV)/.stamp: pyproject.toml | sysdeps
 
 venv: $(VENV)/.stamp
 
-test: venv
+$(AZURITE): | sysdeps
+	@command -v npm >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+		--no-install-recommends npm
+	npm install --no-audit --no-fund --silent --prefix .cache/azurite azurite@3.35.0
+
+test: venv $(AZURITE)
 	$(VENV)/bin/ruff check vnafs tools tests
 	$(VENV)/bin/mypy vnafs
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests

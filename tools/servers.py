@@ -1,0 +1,337 @@
+"""Real object-store servers for tests: SeaweedFS (S3) and Azurite (Azure Blob).
+
+The archive backends are only worth testing against real servers: request signing, conditional
+puts, error bodies and connection failures are exactly what a mock gets wrong. Each class here
+starts one server on 127.0.0.1 on free ports, waits (bounded) until it answers a signed request,
+and stops it by its PID, SIGTERM then SIGKILL, in `stop()` / `__exit__`, also when a test failed.
+`stop()` then `start()` restarts on the same data and ports, for "archive unreachable, then back"
+tests.
+
+Buckets and containers are created with small hand-signed HTTP requests (AWS SigV4, Azure
+SharedKey): obstore cannot create them, and a signer in 20 lines beats another test dependency.
+These classes are plain context managers; the pytest fixtures live in the test modules.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from email.utils import formatdate
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+REPO = Path(__file__).resolve().parent.parent
+WEED = Path(sys.executable).with_name("weed")
+# Installed by `make test` (see the Makefile's AZURITE target).
+AZURITE_MAIN = REPO / ".cache/azurite/node_modules/azurite/dist/src/blob/main.js"
+
+READY_TIMEOUT = 30.0
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_ports(count: int, *, grpc_offset: bool = False) -> list[int]:
+    """`count` distinct free loopback ports; with grpc_offset, port + 10000 is free too.
+
+    SeaweedFS puts each service's gRPC listener on its HTTP port + 10000, so those must be free
+    as well. The kernel picks the ports (bind to 0), which keeps parallel test runs apart; a port
+    can still be taken between this check and the server's bind, which shows up as a start
+    failure with the log tail, not as a hang.
+    """
+    ports: list[int] = []
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port in ports or (grpc_offset and (port > 55535 or port + 10000 in ports
+                                              or not _port_free(port + 10000))):
+            continue
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise RuntimeError(f"could not find {count} free ports on 127.0.0.1")
+
+
+class _Server:
+    """One server process: start, bounded readiness wait, stop by PID."""
+
+    name = "server"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log = workdir / f"{self.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        # TMPDIR: files a server drops in the temp directory (weed's glog files) land in the
+        # workdir instead of accumulating in /tmp.
+        tmp = self.workdir / "tmp"
+        tmp.mkdir(exist_ok=True)
+        return {**os.environ, "TMPDIR": str(tmp)}
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def start(self) -> None:
+        if self.proc is not None:
+            return
+        with open(self.log, "ab") as log:
+            # Own session: the server's children (none expected) and terminal signals stay
+            # away from pytest; stop() still signals only this PID.
+            self.proc = subprocess.Popen(self.command(), cwd=self.workdir, stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=self.environment(), start_new_session=True)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()  # also on Ctrl-C or a bug in ready(): never leave the server behind
+            raise
+
+    def _wait_ready(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not self.ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with status {self.proc.returncode} "
+                                   f"during start-up; log tail:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} was not ready after {READY_TIMEOUT:.0f} s; "
+                                   f"log tail:\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def _http(req: urllib.request.Request, timeout: float = 5.0) -> tuple[int, bytes]:
+    """Status and body of one request; HTTP errors are answers, not exceptions."""
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+# --- SeaweedFS -------------------------------------------------------------------------------
+
+class SeaweedFS(_Server):
+    """`weed mini` (master, volume, filer and S3 in one process) with one access key."""
+
+    name = "seaweedfs"
+    region = "us-east-1"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.master_port, self.volume_port, self.filer_port, self.s3_port, self.admin_port = (
+            free_ports(5, grpc_offset=True))
+        self.endpoint = f"http://127.0.0.1:{self.s3_port}"
+        self.access_key = "AK" + secrets.token_hex(8).upper()
+        self.secret_key = secrets.token_urlsafe(30)
+        self.data = workdir / "data"
+        self.data.mkdir(exist_ok=True)
+        # With an identity configured, SeaweedFS checks signatures; without, it accepts any key.
+        config = {"identities": [{
+            "name": "vnafs-test",
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+        }]}
+        self.config = workdir / "s3.json"
+        self.config.write_text(json.dumps(config))
+        self.config.chmod(0o600)
+
+    def command(self) -> list[str]:
+        # Every flag matters: without them weed binds all addresses, opens extra ports
+        # (iceberg, lance, webdav, admin UI) and sends telemetry. autoCreateBucket is off so a
+        # missing bucket fails as it does on real S3 instead of being created by the first put.
+        return [
+            str(WEED), "mini", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={self.master_port}", f"-volume.port={self.volume_port}",
+            f"-filer.port={self.filer_port}", f"-s3.port={self.s3_port}",
+            f"-admin.port={self.admin_port}", f"-s3.config={self.config}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
+            "-master.telemetry=false", "-master.electionTimeout=1s",
+            "-s3.autoCreateBucket=false",
+            f"-filer.localSocket={self.workdir / 'filer.sock'}",
+            f"-s3.localSocket={self.workdir / 's3.sock'}",
+        ]
+
+    def stop(self) -> None:
+        super().stop()
+        # weed names its gRPC unix sockets after the gRPC port, always in /tmp (TMPDIR is
+        # ignored), and leaves the admin and S3 ones behind. The ports are ours, so are these.
+        ports = {"master": self.master_port, "volume": self.volume_port,
+                 "filer": self.filer_port, "s3": self.s3_port, "admin": self.admin_port}
+        for service, port in ports.items():
+            with contextlib.suppress(FileNotFoundError):
+                Path(f"/tmp/seaweedfs-{service}-grpc-{port + 10000}.sock").unlink()
+
+    def request(self, method: str, path: str) -> tuple[int, bytes]:
+        """One SigV4-signed S3 request with an empty body (path-style, no query string)."""
+        host = f"127.0.0.1:{self.s3_port}"
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        payload = hashlib.sha256(b"").hexdigest()
+        headers = {"host": host, "x-amz-content-sha256": payload, "x-amz-date": stamp}
+        signed = ";".join(sorted(headers))
+        canonical = "\n".join([method, path, "", *(f"{k}:{headers[k]}" for k in sorted(headers)),
+                               "", signed, payload])
+        scope = f"{stamp[:8]}/{self.region}/s3/aws4_request"
+        to_sign = "\n".join(["AWS4-HMAC-SHA256", stamp, scope,
+                             hashlib.sha256(canonical.encode()).hexdigest()])
+        key = ("AWS4" + self.secret_key).encode()
+        for part in (stamp[:8], self.region, "s3", "aws4_request"):
+            key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+        signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+        headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={self.access_key}/{scope}, "
+                                    f"SignedHeaders={signed}, Signature={signature}")
+        req = urllib.request.Request(self.endpoint + path, method=method, headers=headers,
+                                     data=b"" if method == "PUT" else None)
+        return _http(req)
+
+    def data_nodes(self) -> int:
+        """Volume servers the master knows; 0 until the first heartbeat after a (re)start."""
+        url = f"http://127.0.0.1:{self.master_port}/dir/status"
+        status, body = _http(urllib.request.Request(url))
+        if status != 200:
+            return 0
+        topology = json.loads(body).get("Topology", {})
+        return sum(len(rack.get("DataNodes") or []) for dc in topology.get("DataCenters") or []
+                   for rack in dc.get("Racks") or [])
+
+    def ready(self) -> bool:
+        # A signed ListBuckets: the S3 gateway is up, the identity is loaded and the filer
+        # answers behind it (the port alone opens before the filer is ready). That is not
+        # enough after a restart: until the volume server's heartbeat reaches the master
+        # (up to ~5 s) every object read or write fails with 500 InternalError.
+        with contextlib.suppress(OSError, ValueError):
+            return self.request("GET", "/")[0] == 200 and self.data_nodes() > 0
+        return False
+
+    def create_bucket(self, name: str) -> None:
+        status, body = self.request("PUT", f"/{name}")
+        if status != 200:
+            raise RuntimeError(f"creating bucket {name} failed: {status} {body[:300]!r}")
+
+    def url(self, bucket: str, prefix: str = "") -> str:
+        return f"s3://{bucket}/{prefix}?endpoint={self.endpoint}"
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+
+
+# --- Azurite ---------------------------------------------------------------------------------
+
+class Azurite(_Server):
+    """Azurite's Blob service, with its one built-in account."""
+
+    name = "azurite"
+    account = "devstoreaccount1"
+    # Azurite's documented well-known development key (public; not a secret).
+    account_key = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/"
+                   "KBHBeksoGMGw==")
+    api_version = "2021-08-06"
+
+    def __init__(self, workdir: Path) -> None:
+        if not AZURITE_MAIN.exists():
+            raise RuntimeError(f"Azurite is not installed at {AZURITE_MAIN}; run make test "
+                               "(it installs Azurite with npm into .cache/azurite)")
+        super().__init__(workdir)
+        (self.port,) = free_ports(1)
+        self.endpoint = f"http://127.0.0.1:{self.port}/{self.account}"
+        self.data = workdir / "data"
+        self.data.mkdir(exist_ok=True)
+
+    def command(self) -> list[str]:
+        # --location keeps its database and blobs in our workdir (else it writes to the cwd);
+        # --skipApiVersionCheck lets clients newer than this Azurite talk to it.
+        return ["node", str(AZURITE_MAIN), "--blobHost", "127.0.0.1",
+                "--blobPort", str(self.port), "--location", str(self.data),
+                "--disableTelemetry", "--silent", "--skipApiVersionCheck"]
+
+    def request(self, method: str, path: str, query: dict[str, str]) -> tuple[int, bytes]:
+        """One SharedKey-signed Blob request with an empty body; `path` starts after the
+        account (path-style URL, as the emulator uses)."""
+        headers = {"x-ms-date": formatdate(usegmt=True), "x-ms-version": self.api_version}
+        resource = f"/{self.account}/{self.account}{path}" + "".join(
+            f"\n{k}:{v}" for k, v in sorted(query.items()))
+        # VERB, the 11 standard headers (Content-Length "" means 0; Content-Type is set because
+        # urllib would otherwise add a form content type to a PUT, which is signed), then the
+        # x-ms- headers and the resource.
+        content_type = "application/octet-stream" if method == "PUT" else ""
+        standard = ["", "", "", "", content_type, "", "", "", "", "", ""]
+        to_sign = "\n".join([method, *standard, ""]) + "".join(
+            f"{k}:{v}\n" for k, v in sorted(headers.items())) + resource
+        signature = base64.b64encode(hmac.new(base64.b64decode(self.account_key),
+                                              to_sign.encode(), hashlib.sha256).digest())
+        headers["Authorization"] = f"SharedKey {self.account}:{signature.decode()}"
+        if content_type:
+            headers["Content-Type"] = content_type
+        qs = "&".join(f"{k}={v}" for k, v in query.items())
+        req = urllib.request.Request(f"{self.endpoint}{path}?{qs}", method=method,
+                                     headers=headers, data=b"" if method == "PUT" else None)
+        return _http(req)
+
+    def ready(self) -> bool:
+        with contextlib.suppress(OSError):
+            return self.request("GET", "", {"comp": "list"})[0] == 200
+        return False
+
+    def create_container(self, name: str) -> None:
+        status, body = self.request("PUT", f"/{name}", {"restype": "container"})
+        if status != 201:
+            raise RuntimeError(f"creating container {name} failed: {status} {body[:300]!r}")
+
+    def url(self, container: str, prefix: str = "") -> str:
+        return f"azure://{container}/{prefix}?account={self.account}&endpoint={self.endpoint}"
+
+    def env(self) -> dict[str, str]:
+        return {"AZURE_STORAGE_ACCOUNT_KEY": self.account_key}
+
+
+__all__ = ["Azurite", "SeaweedFS", "free_ports"]
+
