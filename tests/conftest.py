@@ -52,6 +52,9 @@ class Fs:
 
     root: Path
     options: list[str] = field(default_factory=lambda: ["allow_other"])
+    # Archive URL given to mkfs, and the environment (archive credentials) of every command.
+    archive: str | None = None
+    env: dict[str, str] | None = None
 
     @property
     def key(self) -> Path:
@@ -67,15 +70,35 @@ class Fs:
 
     def create(self) -> Fs:
         self.mnt.mkdir(mode=0o755, exist_ok=True)
-        run_vnafs("keygen", str(self.key))
-        run_vnafs("mkfs", "--key-file", str(self.key), str(self.hot))
+        if not self.key.exists():
+            run_vnafs("keygen", str(self.key))
+        archive = ["--archive", self.archive] if self.archive else []
+        run_vnafs("mkfs", "--key-file", str(self.key), *archive, str(self.hot), env=self.env)
         return self
 
     def mount(self, *extra: str) -> Fs:
         opts = [a for o in self.options for a in ("-o", o)]
         run_vnafs("mount", "--key-file", str(self.key), *opts, *extra, str(self.hot),
-                  str(self.mnt))
+                  str(self.mnt), env=self.env)
         return self
+
+    def status(self) -> dict[str, Any]:
+        return dict(json.loads(run_vnafs("status", "--json", str(self.mnt)).stdout))
+
+    def wait_replicated(self, timeout: float = 90) -> dict[str, Any]:
+        """Block until everything committed so far is in the archive; the archive status.
+
+        Nothing pending means every dirty mark was cleared, which happens only when the cycle
+        that shipped it has committed. Bounded: fails the test with the last status."""
+        deadline = time.monotonic() + timeout
+        arch: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            arch = self.status()["archive"]
+            if (not arch["pending_records"] and not arch["pending_blocks"]
+                    and arch["recovery_point_ns"]):
+                return arch
+            time.sleep(0.2)
+        raise AssertionError(f"replication did not catch up in {timeout} s: {arch}")
 
     def umount(self) -> None:
         run_vnafs("umount", str(self.mnt))

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ def cmd_mkfs(args: argparse.Namespace) -> int:
     from vnafs.daemon import mkfs
 
     mkfs(Path(args.hot), _source(args), archive_url=args.archive, uid=os.getuid(),
-         gid=os.getgid())
+         gid=os.getgid(), credentials=args.credentials)
     print(f"created vnafs hot store {Path(args.hot).resolve()}")
     return 0
 
@@ -77,17 +78,29 @@ def cmd_mkfs(args: argparse.Namespace) -> int:
 def cmd_mount(args: argparse.Namespace) -> int:
     from vnafs import config, daemon
 
-    hot, mnt = Path(args.hot).resolve(), Path(args.mountpoint).resolve()
+    mnt = Path(args.mountpoint).resolve()
     source = _source(args)
     daemon.check_dev_fuse()
     daemon.check_mountpoint(mnt)
-    daemon.read_format(hot)
+    if args.archive_only:
+        from vnafs.archive.follower import default_cache
+
+        url = config.validate_archive_url(args.hot)
+        hot = Path(args.cache).resolve() if args.cache else default_cache(url, mnt)
+        config.apply_mount_options(config.Config(), args.options)
+        credentials = Path(args.credentials) if args.credentials else None
+        opener: Callable[[], Any] = partial(_open_archive, url, source, hot, credentials)
+    else:
+        hot = Path(args.hot).resolve()
+        daemon.read_format(hot)
+        config.apply_mount_options(config.load(hot), args.options)  # validate before forking
+        opener = partial(_open_hot, hot, source)
     if "," in str(hot):
         raise VnafsError("the hot store path must not contain a comma: move or rename it")
-    config.apply_mount_options(config.load(hot), args.options)  # validate before forking
     if args.foreground:
+        hot.mkdir(mode=0o700, parents=True, exist_ok=True)
         setup_logging(hot, stderr=True)
-        return _run_daemon(hot, mnt, source, args.options, lambda msg: None)
+        return _run_daemon(hot, mnt, opener, args.options, lambda msg: None)
 
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -97,28 +110,43 @@ def cmd_mount(args: argparse.Namespace) -> int:
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
-        setup_logging(hot, stderr=False)
-
-        def report(msg: str | None) -> None:
-            os.write(write_fd, b"OK\n" if msg is None else b"ERR " + msg.encode() + b"\n")
-
         code = 1
         try:
-            code = _run_daemon(hot, mnt, source, args.options, report)
+            hot.mkdir(mode=0o700, parents=True, exist_ok=True)
+            setup_logging(hot, stderr=False)
+
+            def report(msg: str | None) -> None:
+                os.write(write_fd, b"OK\n" if msg is None else b"ERR " + msg.encode() + b"\n")
+
+            code = _run_daemon(hot, mnt, opener, args.options, report)
         finally:
             os._exit(code)
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
         line = pipe.readline().decode(errors="replace").strip()
     if line == "OK":
-        print(f"mounted {hot} at {mnt}")
+        what = f"archive {args.hot} (read-only)" if args.archive_only else str(hot)
+        print(f"mounted {what} at {mnt}")
         return 0
     if line.startswith("ERR "):
         raise VnafsError(line[4:])
     raise VnafsError(f"the vnafs daemon exited during start-up: see {hot}/vnafs.log")
 
 
-def _run_daemon(hot: Path, mnt: Path, source: Any, options: list[str],
+def _open_hot(hot: Path, source: Any) -> Any:
+    from vnafs import daemon
+
+    return daemon.open_store(hot, source), None
+
+
+def _open_archive(url: str, source: Any, cache: Path, credentials: Path | None) -> Any:
+    from vnafs.archive.follower import ArchiveFollower, open_archive_store
+
+    store, backend = open_archive_store(url, source, cache, credentials)
+    return store, ArchiveFollower(store, backend)
+
+
+def _run_daemon(hot: Path, mnt: Path, opener: Callable[[], Any], options: list[str],
                 report: Callable[[str | None], None]) -> int:
     import trio
 
@@ -132,7 +160,7 @@ def _run_daemon(hot: Path, mnt: Path, source: Any, options: list[str],
         report(msg)
 
     try:
-        store = daemon.open_store(hot, source)
+        store, follower = opener()
     except VnafsError as exc:
         ready(str(exc))
         if report is not None:
@@ -140,7 +168,9 @@ def _run_daemon(hot: Path, mnt: Path, source: Any, options: list[str],
         return 1
     try:
         config.apply_mount_options(store.config, options)
-        trio.run(daemon.serve, store, mnt, ready)
+        if follower is not None:
+            follower.poll = store.config.archive.poll
+        trio.run(partial(daemon.serve, follower=follower), store, mnt, ready)
         return 0
     except VnafsError as exc:
         log.error("%s", exc)
@@ -196,10 +226,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     disk = st["disk"]
     print(f"  hot store     {st['hot_store']}  "
           f"({disk['free_bytes'] / gib:.1f} GiB free of {disk['size_bytes'] / gib:.1f})")
-    archive = st["archive"] or "none configured"
-    if st["archive"]:
-        archive += "  (configured; replication is not in this version yet)"
-    print(f"  archive       {archive}")
+    _print_archive(st.get("archive"))
     print(f"  inodes        {st['inodes']}   directory entries {st['dirents']}")
     print(f"  blocks        {st['blocks']}  ({st['block_bytes_stored'] / (1 << 20):.1f} MiB "
           "sealed on disk)")
@@ -217,6 +244,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(problems["problems"].items()))
         print(f"  problems      {counts}; newest: {problems['last_problem']}")
     return 0
+
+
+def _print_archive(a: dict[str, Any] | str | None) -> None:
+    if not isinstance(a, dict):
+        print(f"  archive       {a or 'none configured'}")
+        return
+    print(f"  archive       {a['url']}  ({a.get('mode', 'replicating')}: {a['state']})")
+    rp = a.get("recovery_point") or "none yet"
+    lag = a.get("lag_seconds")
+    lag_text = f", lag {lag:.1f} s" if isinstance(lag, (int, float)) else ""
+    print(f"  recovery pt   {rp} (cycle {a.get('cycle', 0)}{lag_text})")
+    if "pending_blocks" in a:
+        print(f"  pending       {a['pending_blocks']} blocks "
+              f"({a['pending_bytes'] / (1 << 20):.1f} MiB), {a['pending_records']} records")
+    if a.get("last_error"):
+        print(f"  archive error {a['last_error']}")
 
 
 def _date(value: str | None, flag: str) -> str | None:
@@ -302,6 +345,69 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     return 0 if report.clean or (args.repair and not report.damage) else 2
 
 
+def cmd_restore(args: argparse.Namespace) -> int:
+    from vnafs import config
+    from vnafs.archive.backend import open_backend
+    from vnafs.archive.restore import restore
+
+    url = config.validate_archive_url(args.url)
+    backend = open_backend(url, credentials_file=Path(args.credentials) if args.credentials
+                           else None)
+    backend.check()
+    report = restore(backend, Path(args.hot), _source(args), progress=not args.no_progress)
+    mib = report.bytes_downloaded / (1 << 20)
+    rp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(report.recovery_point_ns / 1e9)) \
+        if report.recovery_point_ns else "this run's earlier pass"
+    print(f"restored {Path(args.hot).resolve()} as of {rp}: {report.blocks} blocks "
+          f"({report.blocks_downloaded} downloaded now, {mib:.1f} MiB) in {report.seconds:.1f} s")
+    if report.missing or report.corrupt:
+        print(f"vnafs: {len(report.missing)} blocks are missing and {len(report.corrupt)} "
+              "damaged in the archive; the files that use them read EIO (vnafs fsck names "
+              "them)", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from vnafs import control
+
+    hot = control.hot_store_of(Path(args.mountpoint))
+    rep = control.control_request(hot, {"op": "archive_verify"})
+    with tqdm(total=rep["total_bytes"] or None, unit="B", unit_scale=True, unit_divisor=1024,
+              desc="verifying archive", disable=args.json or None) as bar:
+        while not rep["finished"]:
+            time.sleep(0.5)
+            rep = control.control_request(hot, {"op": "archive_verify_progress"})
+            bar.total = rep["total_bytes"] or bar.total
+            bar.update(rep["done_bytes"] - bar.n)
+    if args.json:
+        print(json.dumps(rep, indent=2, sort_keys=True))
+    else:
+        print(f"checked {rep['objects']} archive objects ({rep['bytes'] / (1 << 20):.1f} MiB) "
+              f"in {rep['seconds']:.1f} s")
+        for label in ("corrupt", "missing", "repaired", "unrepaired"):
+            for name in rep[label]:
+                print(f"  {label:10} {name}")
+        if rep["checkpoint_needed"]:
+            print("  metadata: the next replication cycle writes a new checkpoint")
+    if rep.get("error"):
+        raise VnafsError(f"archive verification failed: {rep['error']}")
+    return 2 if rep["unrepaired"] else 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from vnafs import control
+
+    hot = control.hot_store_of(Path(args.mountpoint))
+    rep = control.control_request(hot, {"op": "archive_gc"}, timeout=3600)
+    print(f"archive gc: deleted {rep['blocks_deleted']} blocks and {rep['parts_deleted']} "
+          f"metadata parts ({rep['bytes_freed'] / (1 << 20):.1f} MiB); "
+          f"{rep['tombstones_kept']} deleted blocks are still within the retention period")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from vnafs import demo
 
@@ -326,15 +432,23 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("mkfs", help="create a hot store")
     _key_args(s)
     s.add_argument("--archive", metavar="URL", help="archive URL (file://, s3://, azure://)")
+    s.add_argument("--credentials", metavar="FILE",
+                   help="archive credentials file (TOML, mode 0600); kept in vnafs.toml")
     s.add_argument("hot")
     s.set_defaults(fn=cmd_mkfs)
 
-    s = sub.add_parser("mount", help="mount a hot store")
+    s = sub.add_parser("mount", help="mount a hot store (or an archive, read-only)")
     _key_args(s)
     s.add_argument("-o", dest="options", action="append", default=[],
-                   help="mount options: allow_other, sync_on_close, cache_mib=N")
+                   help="mount options: allow_other, sync_on_close, cache_mib=N, poll=SECONDS")
     s.add_argument("--foreground", "-f", action="store_true", help="do not detach")
-    s.add_argument("hot")
+    s.add_argument("--archive-only", action="store_true",
+                   help="HOT is an archive URL: mount it read-only, following replication")
+    s.add_argument("--cache", metavar="DIR", help="metadata cache of an --archive-only mount "
+                   "(default: under /var/cache/vnafs)")
+    s.add_argument("--credentials", metavar="FILE",
+                   help="archive credentials file for --archive-only (TOML, mode 0600)")
+    s.add_argument("hot", metavar="HOT|URL")
     s.add_argument("mountpoint")
     s.set_defaults(fn=cmd_mount)
 
@@ -378,6 +492,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("hot")
     s.set_defaults(fn=cmd_fsck)
+
+    s = sub.add_parser("verify", help="re-read and authenticate every archived object")
+    s.add_argument("--archive", action="store_true", required=True,
+                   help="verify the archive (the only kind of verification so far)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("mountpoint")
+    s.set_defaults(fn=cmd_verify)
+
+    s = sub.add_parser("gc", help="delete archived data whose retention has expired (logged)")
+    s.add_argument("--archive", action="store_true", required=True,
+                   help="collect in the archive (the only kind of collection)")
+    s.add_argument("mountpoint")
+    s.set_defaults(fn=cmd_gc)
+
+    s = sub.add_parser("restore", help="rebuild a hot store from the archive")
+    _key_args(s)
+    s.add_argument("--credentials", metavar="FILE", help="archive credentials file (TOML, 0600)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("url", metavar="ARCHIVE_URL")
+    s.add_argument("hot", metavar="NEW_HOT")
+    s.set_defaults(fn=cmd_restore)
 
     s = sub.add_parser("demo", help="create, mount and fill a demonstration file system")
     s.add_argument("--dir", default="/var/tmp/vnafs-demo")

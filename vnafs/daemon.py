@@ -17,6 +17,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,9 @@ def read_format(root: Path) -> int:
     if not root.is_dir():
         raise VnafsError(f"hot store {root} is not a directory: give the directory 'vnafs mkfs' "
                          "created")
+    if (root / "RESTORING").exists():
+        raise VnafsError(f"hot store {root} is an unfinished restore: run the same vnafs restore "
+                         "command again to finish it")
     try:
         text = (root / FORMAT_FILE).read_text()
     except FileNotFoundError:
@@ -100,6 +104,7 @@ def open_store(root: Path, source: KekSource, *, lock: bool = True) -> Store:
         keyring = Keyring.open(root / "keyring", source)
         sealer = Sealer(keyring, zstd_level=cfg.store.zstd_level)
         db = MetaDB(root / "meta", sealer)
+        db.journal = bool(cfg.archive.url)
         try:
             ns = Namespace(db)
         except IntegrityError as exc:
@@ -114,7 +119,8 @@ def open_store(root: Path, source: KekSource, *, lock: bool = True) -> Store:
     return Store(root, cfg, keyring, sealer, db, ns, hot, lock_fd)
 
 
-def mkfs(root: Path, source: KekSource, *, archive_url: str | None, uid: int, gid: int) -> None:
+def mkfs(root: Path, source: KekSource, *, archive_url: str | None, uid: int, gid: int,
+         credentials: str | None = None) -> None:
     root = root.resolve()
     if root.exists() and not root.is_dir():
         raise VnafsError(f"{root} is a file, not a directory: give an empty or new directory for "
@@ -123,7 +129,10 @@ def mkfs(root: Path, source: KekSource, *, archive_url: str | None, uid: int, gi
         raise VnafsError(f"{root} is not empty: give an empty or new directory for the hot store")
     cfg = Config()
     if archive_url:
-        cfg.archive_url = config_mod.validate_archive_url(archive_url)
+        cfg.archive.url = config_mod.validate_archive_url(archive_url)
+        if credentials:
+            cfg.archive.credentials = str(Path(credentials).resolve())
+        check_new_archive(cfg.archive.url, Path(credentials) if credentials else None)
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(root, 0o700)
     keyring = Keyring.create(root / "keyring", source)
@@ -135,7 +144,11 @@ def mkfs(root: Path, source: KekSource, *, archive_url: str | None, uid: int, gi
         db.close()
     HotStore(root, sealer).create_layout()
     (root / config_mod.CONFIG_NAME).write_text(cfg.to_toml())
-    # FORMAT is written last: a store without it is an unfinished mkfs, never half-used.
+    write_format(root)
+
+
+def write_format(root: Path) -> None:
+    """FORMAT is written last: a store without it is unfinished (mkfs, restore), never used."""
     tmp = root / (FORMAT_FILE + ".tmp")
     tmp.write_text(f"{FORMAT_MAGIC} {FORMAT_VERSION}\n")
     with open(tmp, "rb") as f:
@@ -146,6 +159,19 @@ def mkfs(root: Path, source: KekSource, *, archive_url: str | None, uid: int, gi
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def check_new_archive(url: str, credentials: Path | None = None) -> None:
+    """mkfs: the archive must be reachable and must not hold another file system already
+    (two hot stores replicating under one prefix would overwrite each other's HEAD)."""
+    from vnafs.archive import log as alog
+    from vnafs.archive.backend import open_backend
+
+    backend = open_backend(url, credentials_file=credentials)
+    backend.check()
+    if backend.size(alog.HEAD_NAME) is not None or backend.size(alog.KEYRING_NAME) is not None:
+        raise VnafsError(f"archive {url} already holds a file system: give each hot store its "
+                         "own prefix, or rebuild from it with vnafs restore")
 
 
 def recover(store: Store) -> dict[str, int]:
@@ -263,9 +289,13 @@ def fuse_options(store: Store, cfg: Config) -> set[str]:
 
 
 async def serve(
-    store: Store, mountpoint: Path, ready: Callable[[str | None], None]
+    store: Store, mountpoint: Path, ready: Callable[[str | None], None], *,
+    follower: Any = None,
 ) -> None:
-    """Mount `store` at `mountpoint` and serve until unmounted or signalled."""
+    """Mount `store` at `mountpoint` and serve until unmounted or signalled.
+
+    With `follower` (an `ArchiveFollower`), the store is a read-only archive mount's metadata
+    cache: nothing is written, blocks come from the archive, and new cycles are applied."""
     import pyfuse3  # only the mounted daemon needs FUSE
 
     from vnafs.fs.engine import Engine
@@ -273,8 +303,10 @@ async def serve(
     from vnafs.fs.operations import Operations
 
     cfg = store.config
-    recover(store)
-    store.ns.start_mount()
+    readonly = follower is not None
+    if not readonly:
+        recover(store)
+        store.ns.start_mount()
     engine = Engine(
         store.ns,
         store.hot,
@@ -282,32 +314,64 @@ async def serve(
         workers=cfg.store.workers,
         max_inflight_blocks=max(2, cfg.store.max_inflight_mib * (1 << 20) // BLOCK_SIZE),
     )
+    backend = follower.backend if readonly else _archive_backend(store)
+    replicator = None
+    if backend is not None:
+        from vnafs.archive.recall import Recall
+
+        engine.recall = Recall(backend, store.hot, repair=not readonly,
+                               timeout=cfg.archive.recall_timeout)
     index = _dicom_index(store)
     async with trio.open_nursery() as nursery:
         files = Files(engine, nursery, sync_on_close=cfg.mount.sync_on_close)
+        files.readonly = readonly
         indexer, views = _dicom_setup(store, index, engine, files)
         ops = Operations(engine, files, block_size=BLOCK_SIZE, views=views,
                          views_name=cfg.dicom.views)
+        options = fuse_options(store, cfg)
+        if readonly:
+            options.add("ro")
         try:
-            pyfuse3.init(ops, str(mountpoint), fuse_options(store, cfg))
+            pyfuse3.init(ops, str(mountpoint), options)
         except RuntimeError as exc:
             raise VnafsError(f"mounting {mountpoint} failed ({exc}): check that /dev/fuse is "
                              "usable and the mount point is a free directory") from None
-        handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
-            "status": lambda req: status_of(store, engine, files, str(mountpoint), indexer),
-        }
-        if indexer is not None:
+
+        async def status(req: dict[str, Any]) -> Any:
+            out = status_of(store, engine, files, str(mountpoint), indexer)
+            if replicator is not None:
+                out["archive"] = await trio.to_thread.run_sync(replicator.status,
+                                                               limiter=engine.io)
+                if out["archive"]["state"] != "ok" and out["health"] == "ok":
+                    out["health"] = "degraded"  # behind its RPO, or failing
+            if follower is not None:
+                out["archive"] = follower.status()
+            return out
+
+        handlers: dict[str, Callable[[dict[str, Any]], Any]] = {"status": status}
+        if indexer is not None and not readonly:
             indexer.invalidate = ops.drop_stale
             await nursery.start(indexer.run)
             handlers.update(_dicom_handlers(indexer, engine))
+        if backend is not None and not readonly:
+            from vnafs.archive.replicator import Replicator
+
+            replicator = Replicator(store.root, store.ns, engine, backend, cfg.archive,
+                                    reopen=partial(_archive_backend, store))
+            await nursery.start(replicator.run)
+            handlers.update(_archive_handlers(store, engine, replicator, nursery))
+        if follower is not None:
+            await nursery.start(follower.run, engine)
         control = ControlServer(store.root / "control.sock", handlers)
         await nursery.start(control.serve)
         nursery.start_soon(_watch_signals, nursery)
-        nursery.start_soon(engine.sync_periodically, cfg.store.sync_interval)
+        if not readonly:
+            nursery.start_soon(engine.sync_periodically, cfg.store.sync_interval)
         nursery.start_soon(_raise_readahead, mountpoint)
         pid_file = store.root / "daemon.pid"
         pid_file.write_text(f"{os.getpid()}\n")
-        log.info("mounted %s (vnafs %s)", mountpoint, __version__)
+        log.info("mounted %s (vnafs %s%s)", mountpoint, __version__,
+                 ", read-only archive mount" if readonly else "")
         ready(None)
         try:
             await pyfuse3.main(min_tasks=4, max_tasks=64)
@@ -317,16 +381,36 @@ async def serve(
                     await files.flush(ino)
                 except OSError as exc:
                     log.error("could not commit inode %d at unmount: %s", ino, exc.strerror)
-            if indexer is not None:
+            if indexer is not None and not readonly:
                 # Index what is queued, so the next mount starts clean; what does not fit in
                 # the time keeps its change mark and is indexed at the next mount.
                 with trio.move_on_after(UNMOUNT_INDEX_SECONDS):
                     await indexer.wait_idle()
+            if replicator is not None:
+                # One last cycle so the archive is current; an unreachable archive only delays
+                # the unmount by this much (the outbox stays for the next mount).
+                with trio.move_on_after(UNMOUNT_REPLICATE_SECONDS):
+                    try:
+                        await replicator.cycle()
+                    except (VnafsError, IntegrityError, OSError) as exc:
+                        log.warning("final replication at unmount failed (%s); the outbox is "
+                                    "kept for the next mount", exc)
             await engine.barrier()
             pyfuse3.close(unmount=True)
             pid_file.unlink(missing_ok=True)
             log.info("unmounted %s", mountpoint)
             nursery.cancel_scope.cancel()
+
+
+def _archive_backend(store: Store) -> Any:
+    """The archive backend of a hot store, None without an archive; checked before mounting
+    (a bad URL or credentials file is a one-line error, an unreachable archive is not)."""
+    a = store.config.archive
+    if not a.url:
+        return None
+    from vnafs.archive.backend import open_backend
+
+    return open_backend(a.url, credentials_file=Path(a.credentials) if a.credentials else None)
 
 
 def _dicom_index(store: Store) -> Any:
@@ -387,7 +471,60 @@ def _dicom_handlers(indexer: Any, engine: Any) -> dict[str, Callable[[dict[str, 
                                            "total": indexer.reindex_total}}
 
 
+def _archive_handlers(store: Store, engine: Any, replicator: Any, nursery: trio.Nursery
+                      ) -> dict[str, Callable[[dict[str, Any]], Any]]:
+    """`vnafs verify --archive` (a background task the CLI polls) and `vnafs gc --archive`."""
+    from vnafs.archive import verify
+    from vnafs.archive.backend import ArchiveError
+
+    backend = replicator.backend
+    current: list[verify.Verifier] = []
+
+    async def run_verify(verifier: verify.Verifier) -> None:
+        try:
+            await trio.to_thread.run_sync(verifier.run)
+        except (ArchiveError, IntegrityError, OSError) as exc:
+            verifier.report.error = str(exc)
+            verifier.report.finished = True
+        if verifier.report.checkpoint_needed:
+            replicator.force_checkpoint()
+
+    def verify_start(req: dict[str, Any]) -> Any:
+        if not current or current[-1].report.finished:
+            current[:] = [verify.Verifier(store.db, store.hot, backend)]
+            nursery.start_soon(run_verify, current[-1])
+        return current[-1].report.as_dict()
+
+    def verify_progress(req: dict[str, Any]) -> Any:
+        if not current:
+            raise VnafsError("no archive verification has run since mount: start one with "
+                             "vnafs verify --archive")
+        return current[-1].report.as_dict()
+
+    async def gc(req: dict[str, Any]) -> Any:
+        retention_ns = store.config.archive.retention_days * 86400 * 10**9
+        now = time.time_ns()
+        ids, young = await trio.to_thread.run_sync(verify.expired_tombstones, store.db,
+                                                   retention_ns, now)
+        report = verify.GcReport(tombstones_kept=young)
+        for start in range(0, len(ids), 100):
+            async with engine.writer:  # see collect_blocks: no resend may run in between
+                await trio.to_thread.run_sync(verify.collect_blocks, store.db, backend,
+                                              ids[start:start + 100], retention_ns, now,
+                                              report)
+        await trio.to_thread.run_sync(verify.collect_parts, backend, store.sealer,
+                                      replicator.state.committed, report)
+        replicator.nudge()
+        log.info("archive gc: %d blocks and %d metadata parts deleted, %d bytes freed",
+                 report.blocks_deleted, report.parts_deleted, report.bytes_freed)
+        return report.as_dict()
+
+    return {"archive_verify": verify_start, "archive_verify_progress": verify_progress,
+            "archive_gc": gc}
+
+
 UNMOUNT_INDEX_SECONDS = 60
+UNMOUNT_REPLICATE_SECONDS = 30
 
 # The kernel asks FUSE file systems for 128 KiB at a time by default; 4 MiB of readahead lets it
 # send 1 MiB reads (measured: 512 MiB cold read 1.53 s -> 1.25 s).

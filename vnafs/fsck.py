@@ -166,7 +166,11 @@ def check(store: Store, *, repair: bool = False, verify_data: bool = True,
             rep.bad_refcount.append(block_id.hex())
 
     on_disk = set(store.hot.ids())
-    rep.orphan_blocks = sorted(b.hex() for b in on_disk - set(ref_counts))
+    # A block whose last reference went away before it reached the archive keeps its file
+    # and a count-0 record until the replicator has uploaded it (architecture.md 9).
+    awaiting_upload = {b for b, rc in stored_refs.items() if rc.count == 0
+                       and rc.state == STATE_HOT}
+    rep.orphan_blocks = sorted(b.hex() for b in on_disk - set(ref_counts) - awaiting_upload)
     bar = _progress(len(ref_counts), progress and verify_data, "verifying blocks")
     for block_id in ref_counts:
         rep.checked_blocks += 1

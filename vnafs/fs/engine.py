@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import lmdb
@@ -130,6 +130,9 @@ class Engine:
         self.on_orphaned: Callable[[int], None] = lambda ino: None
         # trio.current_time() of the newest write request (the indexer stands back).
         self.last_write = 0.0
+        # Fetches a block the hot store lacks (or holds damaged) from the archive; returns its
+        # plaintext or raises IntegrityError (vnafs/archive/recall.py). None: no archive.
+        self.recall: Callable[[bytes], Awaitable[bytes]] | None = None
 
     # -- metadata commits -----------------------------------------------------------------------
 
@@ -251,15 +254,26 @@ class Engine:
             try:
                 data = await trio.to_thread.run_sync(self.store.get, block_id, limiter=self.io)
             except IntegrityError as exc:
-                log.error("%s", exc)
-                self.health.report("integrity", str(exc))
-                raise OSError(errno.EIO, os.strerror(errno.EIO)) from None
+                data = await self._recall(block_id, exc)
             self.cache.put(block_id, data)
             self.stats["blocks_loaded"] += 1
             return data
         finally:
             del self._loading[block_id]
             event.set()
+
+    async def _recall(self, block_id: bytes, exc: IntegrityError) -> bytes:
+        """The hot copy is missing or damaged: fetch the archive's, or answer EIO."""
+        if self.recall is not None:
+            try:
+                data = await self.recall(block_id)
+                self.stats["blocks_recalled"] += 1
+                return data
+            except IntegrityError as recall_exc:
+                exc = recall_exc
+        log.error("%s", exc)
+        self.health.report("integrity", str(exc))
+        raise OSError(errno.EIO, os.strerror(errno.EIO)) from None
 
     def loading(self, block_id: bytes) -> bool:
         return block_id in self._loading or self.cache.get(block_id) is not None

@@ -74,6 +74,8 @@ class Files:
         self.ns = engine.ns
         self.nursery = nursery
         self.sync_on_close = sync_on_close
+        # A read-only archive mount: nothing is ever committed, not even atime.
+        self.readonly = False
         self.open: dict[int, OpenFile] = {}
         self.dir_handles: Counter[int] = Counter()
         self._readahead = trio.CapacityLimiter(READAHEAD_BLOCKS * 2)
@@ -332,7 +334,7 @@ class Files:
         if offset == of.last_read_end:
             self._start_readahead(of, end)
         of.last_read_end = end
-        if touch_atime:
+        if touch_atime and not self.readonly:
             self._touch_atime(of)
         return b"".join(parts)
 

@@ -367,7 +367,8 @@ class Operations(pyfuse3.Operations):
             except BaseException:
                 await self.files.release(inode)
                 raise
-        return pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, inode), keep_cache=True)
+        return pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, inode),
+                                keep_cache=not self.files.readonly)
 
     @translated
     async def create(
@@ -387,7 +388,10 @@ class Operations(pyfuse3.Operations):
         self.files.attach(node)
         if flags & os.O_TRUNC and node.size:  # create() on an existing file (no O_EXCL)
             node = await self._setattr(node.ino, {"size": 0})
-        fi = pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, node.ino), keep_cache=True)
+        # A read-only archive mount's files can change under it (a newer replicated cycle), so
+        # its page cache is not kept across opens.
+        fi = pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, node.ino),
+                              keep_cache=not self.files.readonly)
         return fi, self._entry(node)
 
     @translated

@@ -14,6 +14,7 @@ in four small functions, is what lets the rest of the engine stay ignorant of it
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
@@ -43,7 +44,18 @@ TABLES: dict[str, bytes] = {
     "dicom_member": b"M",
     "dicom_lookup": b"L",
     "dicom_todo": b"q",
+    # Archive replication (vnafs/archive/, docs/format.md sections 5.3 and 6).
+    "tombstones": b"t",
+    "repl_state": b"z",
+    "repl_dirty": b"y",
+    "repl_blocks": b"u",
 }
+TAG_TABLES = {tag: name for name, tag in TABLES.items()}
+
+# Tables whose changes go to the archive. `refs` is rebuilt from `blockmap` on restore (its
+# replication state differs between the hot store and the archive by definition), and the
+# replication bookkeeping describes this hot store's outbox, not the file system.
+REPLICATED = frozenset(TABLES) - {"refs", "repl_state", "repl_dirty", "repl_blocks"}
 
 # LMDB reserves address space, not disk: the file grows only as records are written.
 MAP_SIZE = 1 << 40
@@ -90,6 +102,11 @@ class MetaDB:
         self.dbs = {
             name: self.env.open_db(name.encode(), create=not readonly) for name in TABLES
         }
+        # Set when an archive is configured: every change of a replicated table then leaves a
+        # dirty mark for the replicator in the same transaction (docs/architecture.md 9).
+        self.journal = False
+        self._last_mark = 0
+        self._dirty = self.dbs["repl_dirty"]
 
     def close(self) -> None:
         self.env.close()
@@ -115,9 +132,22 @@ class MetaDB:
 
     def put(self, txn: lmdb.Transaction, table: str, key: bytes, plaintext: bytes) -> None:
         txn.put(key, self._seal(table, key, plaintext), db=self.dbs[table])
+        if self.journal and table in REPLICATED:
+            self.mark_dirty(txn, TABLES[table] + key)
 
     def delete(self, txn: lmdb.Transaction, table: str, key: bytes) -> bool:
-        return bool(txn.delete(key, db=self.dbs[table]))
+        existed = bool(txn.delete(key, db=self.dbs[table]))
+        if existed and self.journal and table in REPLICATED:
+            self.mark_dirty(txn, TABLES[table] + key)
+        return existed
+
+    def mark_dirty(self, txn: lmdb.Transaction, tagged_key: bytes) -> None:
+        """Record that a replicated record changed. The mark is a strictly increasing clock
+        value, so the replicator can clear exactly the marks it shipped: a mark that changed
+        after its read means the record changed again and goes in the next cycle."""
+        mark = max(self._last_mark + 1, time.time_ns())
+        self._last_mark = mark
+        txn.put(tagged_key, _U64.pack(mark), db=self._dirty)
 
     def scan(
         self, txn: lmdb.Transaction, table: str, prefix: bytes = b"", start: bytes = b""

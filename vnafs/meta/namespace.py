@@ -28,6 +28,7 @@ from vnafs.meta.records import (
     BLOCK_SIZE,
     ROOT_INO,
     STATE_HOT,
+    STATE_REPLICATED,
     BlockRef,
     Inode,
     RefCount,
@@ -243,7 +244,16 @@ class Namespace:
 
     def _ref_add(self, tx: Tx, block_id: bytes, stored: int) -> None:
         body = self.db.get(tx.txn, "refs", block_id)
-        rc = RefCount(0, STATE_HOT, stored) if body is None else RefCount.unpack(body)
+        if body is not None:
+            rc = RefCount.unpack(body)
+        elif self.db.journal and self.db.get(tx.txn, "tombstones", block_id) is not None:
+            # Referenced again before archive gc removed it: the archive still holds it.
+            self.db.delete(tx.txn, "tombstones", block_id)
+            rc = RefCount(0, STATE_REPLICATED, stored)
+        else:
+            rc = RefCount(0, STATE_HOT, stored)
+            if self.db.journal:
+                tx.txn.put(block_id, b"", db=self.db.dbs["repl_blocks"])
         rc.count += 1
         self.db.put(tx.txn, "refs", block_id, rc.pack())
 
@@ -252,12 +262,35 @@ class Namespace:
         if body is None:
             return  # already inconsistent; fsck reports it
         rc = RefCount.unpack(body)
-        rc.count -= 1
-        if rc.count <= 0:
+        rc.count = max(0, rc.count - 1)
+        if rc.count > 0:
+            self.db.put(tx.txn, "refs", block_id, rc.pack())
+        elif self.db.journal and rc.state == STATE_HOT:
+            # A cycle's snapshot may still name it: the replicator uploads it, then frees it
+            # (docs/architecture.md 9, "Blocks must reach the archive before metadata").
+            self.db.put(tx.txn, "refs", block_id, rc.pack())
+        else:
             self.db.delete(tx.txn, "refs", block_id)
             tx.freed_blocks.append(block_id)
-        else:
-            self.db.put(tx.txn, "refs", block_id, rc.pack())
+            if self.db.journal and rc.state != STATE_HOT:
+                self.db.put(tx.txn, "tombstones", block_id, u64(tx.now))
+
+    def release_replicated(self, tx: Tx, block_ids: list[bytes]) -> None:
+        """The replicator stored these blocks in the archive: mark them replicated, and free
+        the ones nothing references any more (their archive copies get tombstones)."""
+        for block_id in block_ids:
+            tx.txn.delete(block_id, db=self.db.dbs["repl_blocks"])
+            body = self.db.get(tx.txn, "refs", block_id)
+            if body is None:
+                continue
+            rc = RefCount.unpack(body)
+            if rc.count == 0:
+                self.db.delete(tx.txn, "refs", block_id)
+                tx.freed_blocks.append(block_id)
+                self.db.put(tx.txn, "tombstones", block_id, u64(tx.now))
+            elif rc.state == STATE_HOT:
+                rc.state = STATE_REPLICATED
+                self.db.put(tx.txn, "refs", block_id, rc.pack())
 
     def _drop_link(self, tx: Tx, node: Inode) -> None:
         """One name of a non-directory went away."""

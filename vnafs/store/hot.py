@@ -46,6 +46,11 @@ class HotStore:
     def put(self, block_id: bytes, plaintext: bytes | bytearray, *, compress: bool = True) -> int:
         """Seal and store a block; returns the number of bytes stored."""
         envelope = self.sealer.seal(KIND_BLOCK, block_id, plaintext, compress=compress)
+        self.put_envelope(block_id, envelope)
+        return len(envelope)
+
+    def put_envelope(self, block_id: bytes, envelope: bytes) -> None:
+        """Store an already sealed block (written to tmp/, then renamed into place)."""
         tmp = self.tmp / secrets.token_hex(12)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -62,7 +67,6 @@ class HotStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return len(envelope)
 
     def get(self, block_id: bytes) -> bytes:
         """Read, authenticate and decompress a block; IntegrityError if it is damaged or gone."""

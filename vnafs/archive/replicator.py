@@ -1,0 +1,406 @@
+"""The daemon task that replicates a hot store into its archive, one way and asynchronously.
+
+Ingest never waits for it: every commit leaves dirty marks and new-block entries in LMDB (the
+durable outbox, `vnafs/meta/db.py`), and this task ships them in *cycles*, each a consistent
+point in time: blocks first, then the sealed metadata parts, then `meta/HEAD`, the commit
+marker; only then are the marks it shipped cleared. docs/architecture.md section 9 explains why
+that order makes every state the archive can be in (also after a crash at any point) a state
+the hot store really had, and docs/format.md section 6 gives the bytes.
+
+Failures end the cycle and are retried with exponential backoff and jitter; the last error and
+the recovery point are published through `vnafs status`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import trio
+
+from vnafs.archive import log as alog
+from vnafs.archive.backend import ArchiveAuthError, ArchiveError, ArchiveMissing, Backend
+from vnafs.config import ArchiveConfig
+from vnafs.errors import IntegrityError, VnafsError
+from vnafs.meta.db import REPLICATED, TABLES, MetaDB, records
+from vnafs.meta.namespace import Namespace, Tx
+from vnafs.meta.records import STATE_HOT, RefCount
+from vnafs.seal import Sealer
+
+log = logging.getLogger("vnafs.replicator")
+
+# Upload progress is committed every this many blocks: a crash re-sends at most one batch.
+BATCH_BLOCKS = 16
+MAX_BACKOFF = 60.0
+
+
+@dataclass
+class ReplState:
+    """What this hot store has put in the archive (table `repl_state`, format.md 5.3)."""
+
+    cycle: int = 0
+    committed: int = 0
+    checkpoint: tuple[int, int] = (0, 0)
+    logs: list[tuple[int, int]] = field(default_factory=list)
+    rp_ns: int = 0
+    since_checkpoint: int = 0
+    keyring_sha256: str = ""
+    config_sha256: str = ""
+
+    def to_json(self) -> bytes:
+        d = dict(vars(self))
+        d["checkpoint"] = list(self.checkpoint)
+        d["logs"] = [list(x) for x in self.logs]
+        return json.dumps(d).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> ReplState:
+        d = json.loads(raw)
+        st = cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        st.checkpoint = (int(d["checkpoint"][0]), int(d["checkpoint"][1]))
+        st.logs = [(int(c), int(p)) for c, p in d["logs"]]
+        return st
+
+
+STATE_KEY = b"state"
+
+
+def load_state(db: MetaDB) -> ReplState:
+    with db.begin() as txn:
+        raw = db.get(txn, "repl_state", STATE_KEY)
+    return ReplState() if raw is None else ReplState.from_json(raw)
+
+
+def save_state(db: MetaDB, txn: Any, st: ReplState) -> None:
+    db.put(txn, "repl_state", STATE_KEY, st.to_json())
+
+
+@dataclass
+class Plan:
+    """One cycle: what read transaction T saw."""
+
+    cycle: int
+    checkpoint: bool
+    t_ns: int
+    blocks: list[tuple[bytes, int]]
+    marks: list[tuple[bytes, bytes]]
+    parts: list[Path]
+
+
+class TokenBucket:
+    """Caps the upload rate (bytes/s); 0 means no cap."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._next = 0.0
+
+    async def take(self, n: int) -> None:
+        if self.rate <= 0:
+            return
+        now = trio.current_time()
+        start = max(now, self._next)
+        self._next = start + n / self.rate
+        await trio.sleep_until(start)
+
+
+class Replicator:
+    def __init__(self, root: Path, ns: Namespace, engine: Any, backend: Backend,
+                 cfg: ArchiveConfig, reopen: Callable[[], Backend] | None = None) -> None:
+        self.root = root
+        self.ns = ns
+        self.db: MetaDB = ns.db
+        self.sealer: Sealer = ns.db.sealer
+        self.engine = engine
+        self.backend = backend
+        # Builds a new client: after a credentials error the credentials file (or its
+        # rotation) is read again, so fixing it needs no remount.
+        self.reopen = reopen
+        self.cfg = cfg
+        self.state = load_state(self.db)
+        self.uploads = trio.CapacityLimiter(cfg.uploads)
+        self.bucket = TokenBucket(cfg.bandwidth_mib * (1 << 20))
+        self.wakeup = trio.Event()
+        self.last_error: str | None = None
+        self.last_error_time: float | None = None
+        self.failures = 0
+        self.running = False
+        self.stats: dict[str, int] = {"cycles": 0, "checkpoints": 0, "blocks_uploaded": 0,
+                                      "bytes_uploaded": 0, "blocks_present": 0,
+                                      "records_shipped": 0}
+        self._missing_reported: set[bytes] = set()
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def nudge(self) -> None:
+        self.wakeup.set()
+
+    def force_checkpoint(self) -> None:
+        """Make the next cycle a checkpoint (verify found a damaged or missing metadata part:
+        a new checkpoint means HEAD no longer depends on it)."""
+        self.state.since_checkpoint = max(self.state.since_checkpoint,
+                                          self.cfg.checkpoint_every)
+        self.nudge()
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        wait = 0.0  # the first cycle runs at once: a mount catches up on what the last left
+        while True:
+            with trio.move_on_after(wait):
+                await self.wakeup.wait()
+            self.wakeup = trio.Event()
+            try:
+                self.running = True
+                await self.cycle()
+            except (ArchiveError, IntegrityError, OSError) as exc:
+                self.failures += 1
+                message = str(exc) if not isinstance(exc, OSError) else (
+                    f"replication failed: {exc.strerror or exc}")
+                if message != self.last_error:
+                    log.error("%s (retrying)", message)
+                self.last_error, self.last_error_time = message, time.time()
+                self.engine.health.report("archive", message)
+                if isinstance(exc, ArchiveAuthError) and self.reopen is not None:
+                    await self._reopen()
+                # Exponential backoff with "equal jitter": never hammer a struggling archive,
+                # never let several sites retry in lockstep.
+                base = min(MAX_BACKOFF, 2.0 ** min(self.failures, 6))
+                wait = base / 2 + random.uniform(0, base / 2)
+                continue
+            finally:
+                self.running = False
+            if self.failures:
+                log.info("archive reachable again; replication resumed")
+            self.failures = 0
+            self.last_error = None
+            wait = self.cfg.interval
+
+    async def _reopen(self) -> None:
+        assert self.reopen is not None
+        try:
+            self.backend = await trio.to_thread.run_sync(self.reopen)
+        except VnafsError as exc:  # e.g. the credentials file is unreadable right now
+            log.error("%s", exc)
+
+    async def cycle(self) -> bool:
+        """Run one replication cycle if there is anything to ship; True if one ran."""
+        st = self.state
+        keyring = (self.root / "keyring").read_bytes()
+        config = (self.root / "vnafs.toml").read_bytes()
+        small = (alog.sha256(keyring) != st.keyring_sha256
+                 or alog.sha256(config) != st.config_sha256)
+        checkpoint = st.checkpoint[0] == 0 or st.since_checkpoint >= self.cfg.checkpoint_every
+        if not (small or checkpoint or await self._run(self._has_work)):
+            return False
+        prior = st.cycle
+        number = prior + 1
+        await self._run(self._check_head, prior)
+        checkpoint = st.checkpoint[0] == 0 or st.since_checkpoint >= self.cfg.checkpoint_every
+        await self.engine.commit(self._reserve, number)
+        plan = await self._run(self._plan, number, checkpoint)
+        try:
+            # Read after T, so the keyring uploaded covers every seal the cycle ships.
+            await self._upload_small()
+            await self._upload_blocks(plan.blocks)
+            for i, path in enumerate(plan.parts):
+                kind = alog.KIND_CHECKPOINT if checkpoint else alog.KIND_LOG
+                data = await trio.to_thread.run_sync(path.read_bytes)
+                await self._put(alog.part_name(kind, number, i), data, create=True)
+            if checkpoint:
+                head_ckpt, logs = (number, len(plan.parts)), []
+            else:
+                head_ckpt, logs = st.checkpoint, [*st.logs, (number, len(plan.parts))]
+            head = alog.Head(self.sealer.keyring.fs_id.hex(), number, plan.t_ns, head_ckpt,
+                             logs, st.keyring_sha256, time.time_ns())
+            await self._put(alog.HEAD_NAME,
+                            alog.seal_object(self.sealer, alog.HEAD_NAME, head.to_json()))
+            await self.engine.commit(self._finish, plan, head)
+        finally:
+            for path in plan.parts:
+                path.unlink(missing_ok=True)
+        self.stats["cycles"] += 1
+        self.stats["checkpoints"] += checkpoint
+        self.stats["records_shipped"] += len(plan.marks)
+        return True
+
+    async def _upload_small(self) -> None:
+        """The keyring and vnafs.toml, when they changed since they were last uploaded."""
+        st = self.state
+        keyring = await trio.to_thread.run_sync((self.root / "keyring").read_bytes)
+        if alog.sha256(keyring) != st.keyring_sha256:
+            await self._put(alog.KEYRING_NAME, keyring)
+            st.keyring_sha256 = alog.sha256(keyring)
+        config = await trio.to_thread.run_sync((self.root / "vnafs.toml").read_bytes)
+        if alog.sha256(config) != st.config_sha256:
+            sealed = alog.seal_object(self.sealer, alog.CONFIG_NAME, config)
+            await self._put(alog.CONFIG_NAME, sealed)
+            st.config_sha256 = alog.sha256(config)
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.engine.io)
+
+    async def _put(self, name: str, data: bytes, *, create: bool = False) -> bool:
+        await self.bucket.take(len(data))
+        written: bool = await trio.to_thread.run_sync(
+            lambda: self.backend.put(name, data, create=create), limiter=self.uploads)
+        return written
+
+    # -- the parts of a cycle -------------------------------------------------------------------
+
+    def _has_work(self) -> bool:
+        with self.db.begin() as txn:
+            return bool(txn.stat(self.db.dbs["repl_dirty"])["entries"]
+                        or txn.stat(self.db.dbs["repl_blocks"])["entries"])
+
+    def _check_head(self, prior: int) -> None:
+        """Refuse to write into a prefix another hot store writes to (a restored copy started
+        while the original still runs, or a URL given to two sites): their HEADs would
+        overwrite each other. Our own HEAD has a cycle between our last committed one and our
+        last reserved one (a cycle can crash after writing HEAD, before committing)."""
+        try:
+            envelope = self.backend.get(alog.HEAD_NAME)
+        except ArchiveMissing:
+            if self.state.committed:
+                log.warning("the archive lost its meta/HEAD (deleted behind our back?); this "
+                            "cycle writes a new checkpoint and HEAD")
+                self.state.since_checkpoint = self.cfg.checkpoint_every
+            return
+        try:
+            head = alog.Head.from_json(alog.open_object(self.sealer, alog.HEAD_NAME, envelope))
+        except IntegrityError:
+            raise ArchiveError(f"the archive {self.backend.url.display()} holds another file "
+                               "system's HEAD: give each hot store its own prefix") from None
+        if head.fs_id != self.sealer.keyring.fs_id.hex() or not (
+                self.state.committed <= head.cycle <= prior):
+            raise ArchiveError(
+                f"another hot store is replicating into {self.backend.url.display()} (its HEAD "
+                f"is at cycle {head.cycle}, ours at {self.state.committed}): only one hot "
+                "store may write to an archive prefix; unmount the other one")
+
+    def _reserve(self, tx: Tx, number: int) -> None:
+        self.state.cycle = number
+        save_state(self.db, tx.txn, self.state)
+
+    def _plan(self, number: int, checkpoint: bool) -> Plan:
+        dbs = self.db.dbs
+        writer = alog.PartWriter(self.sealer, self.root / "tmp", alog.KIND_CHECKPOINT
+                                 if checkpoint else alog.KIND_LOG, number)
+        try:
+            with self.db.begin() as txn:
+                t_ns = time.time_ns()
+                marks = list(records(txn.cursor(db=dbs["repl_dirty"])))
+                pending = {key for key, _ in records(txn.cursor(db=dbs["repl_blocks"]))}
+                blocks: list[tuple[bytes, int]] = []
+                # A checkpoint also takes blocks written before an archive was configured.
+                for key, value in records(txn.cursor(db=dbs["refs"])):
+                    if key in pending or checkpoint:
+                        rc = RefCount.unpack(self.db._open("refs", key, value))
+                        if key in pending or rc.state == STATE_HOT:
+                            blocks.append((key, rc.stored))
+                if checkpoint:
+                    for name in sorted(REPLICATED):
+                        tag = TABLES[name]
+                        for key, value in records(txn.cursor(db=dbs[name])):
+                            writer.add(tag, key, value)
+                else:
+                    for dkey, _ in marks:
+                        tag, key = dkey[:1], dkey[1:]
+                        name = alog.TAG_TABLES[tag]
+                        writer.add(tag, key, cast(bytes | None, txn.get(key, db=dbs[name])))
+            parts = writer.close()
+        except BaseException:
+            for path in writer.paths:
+                path.unlink(missing_ok=True)
+            raise
+        return Plan(number, checkpoint, t_ns, blocks, marks, parts)
+
+    async def _upload_blocks(self, blocks: list[tuple[bytes, int]]) -> None:
+        for start in range(0, len(blocks), BATCH_BLOCKS):
+            batch = blocks[start:start + BATCH_BLOCKS]
+            done: list[bytes] = []
+            async with trio.open_nursery() as nursery:
+                for block_id, _ in batch:
+                    nursery.start_soon(self._upload_block, block_id, done)
+            if done:
+                await self.engine.commit(self.ns.release_replicated, done)
+
+    async def _upload_block(self, block_id: bytes, done: list[bytes]) -> None:
+        path = self.engine.store.path(block_id)
+        try:
+            data = await trio.to_thread.run_sync(path.read_bytes)
+        except FileNotFoundError:
+            if block_id not in self._missing_reported:
+                self._missing_reported.add(block_id)
+                message = (f"block {block_id.hex()} is missing from the hot store and cannot be "
+                           "replicated; run vnafs fsck")
+                log.error("%s", message)
+                self.engine.health.report("integrity", message)
+            return
+        written = await self._put(alog.block_name(block_id), data, create=True)
+        self.stats["blocks_uploaded" if written else "blocks_present"] += 1
+        self.stats["bytes_uploaded"] += len(data) if written else 0
+        done.append(block_id)
+
+    def _finish(self, tx: Tx, plan: Plan, head: alog.Head) -> None:
+        dirty = self.db.dbs["repl_dirty"]
+        for dkey, mark in plan.marks:
+            if tx.txn.get(dkey, db=dirty) == mark:
+                tx.txn.delete(dkey, db=dirty)
+        st = self.state
+        st.committed = plan.cycle
+        st.rp_ns = plan.t_ns
+        st.checkpoint = head.checkpoint
+        st.logs = list(head.logs)
+        st.since_checkpoint = 0 if plan.checkpoint else st.since_checkpoint + 1
+        save_state(self.db, tx.txn, st)
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """For `vnafs status` (runs in a worker thread: it scans the outbox)."""
+        dbs = self.db.dbs
+        pending_bytes = 0
+        with self.db.begin() as txn:
+            records_pending = txn.stat(dbs["repl_dirty"])["entries"]
+            blocks_pending = 0
+            for key, _ in records(txn.cursor(db=dbs["repl_blocks"])):
+                blocks_pending += 1
+                body = self.db.get(txn, "refs", key)
+                if body is not None:
+                    pending_bytes += RefCount.unpack(body).stored
+        st = self.state
+        now = time.time_ns()
+        pending = bool(records_pending or blocks_pending)
+        lag = (now - st.rp_ns) / 1e9 if pending and st.rp_ns else 0.0
+        if self.last_error:
+            state = "retrying"
+        elif pending:
+            state = "catching up" if lag > self.cfg.rpo else "ok"
+        else:
+            state = "ok"
+        return {
+            "url": self.backend.url.display(),
+            "state": state,
+            "recovery_point": _iso(st.rp_ns) if st.rp_ns else None,
+            "recovery_point_ns": st.rp_ns or None,
+            "lag_seconds": round(lag, 3) if st.rp_ns else None,
+            "rpo_seconds": self.cfg.rpo,
+            "pending_records": records_pending,
+            "pending_blocks": blocks_pending,
+            "pending_bytes": pending_bytes,
+            "cycle": st.committed,
+            "checkpoint_cycle": st.checkpoint[0],
+            "last_error": self.last_error,
+            "last_error_time": self.last_error_time,
+            **{f"since_mount_{k}": v for k, v in self.stats.items()},
+        }
+
+
+def _iso(ns: int) -> str:
+    millis = ns % 10**9 // 10**6
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + f".{millis:03d}Z"

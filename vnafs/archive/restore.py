@@ -1,0 +1,258 @@
+"""Reading a file system back out of its archive: `vnafs restore` and the read-only mount.
+
+Both start the same way: fetch the keyring (the KEK must open it, so a wrong key fails before
+anything is written), fetch `meta/HEAD`, and apply the checkpoint and the cycles it lists into an
+LMDB environment (docs/format.md section 6). Restore then rebuilds the block reference counts
+and downloads every block, checking each before it is written; the read-only mount keeps only
+the metadata and lets the engine recall blocks as they are read, and re-applies HEAD whenever
+a newer cycle appears.
+
+Crash notes: restore marks the store `RESTORING` until its last step and writes `FORMAT` last,
+so an interrupted restore is never mounted; running it again skips the metadata if that stage
+had finished and downloads only the blocks still missing. The read-only mount applies each new
+HEAD in one write transaction, so its readers see the old state or the new, never a mixture.
+
+Everything here is synchronous (offline tools and worker threads).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vnafs import config as config_mod
+from vnafs.archive import log as alog
+from vnafs.archive.backend import ArchiveMissing, Backend
+from vnafs.archive.replicator import ReplState, save_state
+from vnafs.errors import IntegrityError, VnafsError
+from vnafs.keys import KekSource, Keyring
+from vnafs.meta.db import MetaDB, records
+from vnafs.seal import KIND_BLOCK, Sealer
+from vnafs.store.hot import HotStore
+
+log = logging.getLogger("vnafs.restore")
+
+RESTORING = "RESTORING"
+FOLLOW_KEY = b"follow"
+
+
+def read_head(backend: Backend, sealer: Sealer) -> alog.Head:
+    try:
+        envelope = backend.get(alog.HEAD_NAME)
+    except ArchiveMissing:
+        raise VnafsError(f"archive {backend.url.display()} holds no replicated file system yet "
+                         "(no meta/HEAD): check the URL and prefix, or wait for the first "
+                         "replication cycle") from None
+    try:
+        head = alog.Head.from_json(alog.open_object(sealer, alog.HEAD_NAME, envelope))
+    except IntegrityError as exc:
+        raise VnafsError(f"{exc}: the archive's HEAD is damaged or not this file system's; "
+                         "check the URL and run vnafs verify --archive on the source") from None
+    if head.fs_id != sealer.keyring.fs_id.hex():
+        raise VnafsError("the archive's HEAD belongs to another file system than its keyring: "
+                         "the archive prefix is shared by mistake; check the URL")
+    return head
+
+
+def fetch_keyring(backend: Backend, path: Path, source: KekSource) -> Keyring:
+    """Download the keyring to `path` and open it with the KEK."""
+    try:
+        raw = backend.get(alog.KEYRING_NAME)
+    except ArchiveMissing:
+        raise VnafsError(f"archive {backend.url.display()} holds no keyring: check the URL and "
+                         "prefix (no file system has replicated there)") from None
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(raw)
+    os.chmod(tmp, 0o600)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    tmp.rename(path)
+    return Keyring.open(path, source)
+
+
+def fetch_config(backend: Backend, sealer: Sealer, root: Path, url: str) -> config_mod.Config:
+    """The source store's vnafs.toml, pointing at the archive it was read from."""
+    cfg_path = root / config_mod.CONFIG_NAME
+    try:
+        text = alog.open_object(sealer, alog.CONFIG_NAME, backend.get(alog.CONFIG_NAME))
+        cfg_path.write_bytes(text)
+        cfg = config_mod.load(root)
+    except ArchiveMissing:
+        cfg = config_mod.Config()
+    cfg.archive.url = url
+    cfg_path.write_text(cfg.to_toml())
+    return cfg
+
+
+def apply_head(db: MetaDB, backend: Backend, sealer: Sealer, head: alog.Head,
+               applied: int, *, follow_record: bytes | None = None) -> int:
+    """Apply every part a reader at cycle `applied` is missing, in one write transaction
+    (with the read-only mount's position, `follow_record`, in the same transaction).
+
+    Returns the number of entries applied."""
+    n = 0
+    with db.begin(write=True) as txn:
+        for _, name in head.parts_after(applied):
+            if name.startswith("meta/checkpoint/") and name.endswith("-0000"):
+                alog.clear_replicated(db, txn)
+            try:
+                envelope = backend.get(name)
+            except ArchiveMissing:
+                raise VnafsError(f"archive object {name} named by meta/HEAD is missing: the "
+                                 "archive is damaged; run vnafs verify --archive on the "
+                                 "source") from None
+            n += alog.apply_part(db, txn, alog.read_part(sealer, name, envelope))
+        if follow_record is not None:
+            db.put(txn, "repl_state", FOLLOW_KEY, follow_record)
+    return n
+
+
+# -- restore --------------------------------------------------------------------------------------
+
+
+@dataclass
+class RestoreReport:
+    cycle: int = 0
+    recovery_point_ns: int = 0
+    records: int = 0
+    blocks: int = 0
+    blocks_downloaded: int = 0
+    bytes_downloaded: int = 0
+    missing: list[str] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def restore(backend: Backend, root: Path, source: KekSource, *, progress: bool = True,
+            workers: int = 8) -> RestoreReport:
+    """Rebuild a hot store at `root` from the archive (resuming an interrupted restore)."""
+    from vnafs.daemon import write_format
+
+    started = time.monotonic()
+    root = root.resolve()
+    marker = root / RESTORING
+    url = backend.url.display()
+    stage = "metadata"
+    if marker.exists():
+        state = json.loads(marker.read_text())
+        if state.get("url") != url:
+            raise VnafsError(f"{root} holds an unfinished restore from another archive "
+                             f"({state.get('url')}): finish that one or empty the directory")
+        stage = state.get("stage", "metadata")
+    elif root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise VnafsError(f"{root} is not empty: restore into an empty or new directory")
+    if stage == "metadata" and root.exists():
+        for child in root.iterdir():
+            if child.name != RESTORING:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(root, 0o700)
+    _mark(marker, url, stage)
+
+    keyring = fetch_keyring(backend, root / "keyring", source) if stage == "metadata" else \
+        Keyring.open(root / "keyring", source)
+    sealer = Sealer(keyring)
+    report = RestoreReport()
+    hot = HotStore(root, sealer)
+    db = MetaDB(root / "meta", sealer)
+    try:
+        sizes = {bid: size for name, size in backend.list("blocks/")
+                 if (bid := alog.block_id_of(name)) is not None}
+        if stage == "metadata":
+            fetch_config(backend, sealer, root, url)
+            head = read_head(backend, sealer)
+            report.records = apply_head(db, backend, sealer, head, 0)
+            with db.begin(write=True) as txn:
+                alog.rebuild_refs(db, txn, sizes)
+                # The restored store goes on replicating where the lost one stopped.
+                save_state(db, txn, ReplState(
+                    cycle=head.cycle, committed=head.cycle, checkpoint=head.checkpoint,
+                    logs=list(head.logs), rp_ns=head.rp_ns, since_checkpoint=len(head.logs),
+                    keyring_sha256=alog.sha256((root / "keyring").read_bytes())))
+            report.cycle, report.recovery_point_ns = head.cycle, head.rp_ns
+            hot.create_layout()
+            stage = "blocks"
+            _mark(marker, url, stage)
+        with db.begin() as txn:
+            wanted = [key for key, _ in records(txn.cursor(db=db.dbs["refs"]))]
+        report.blocks = len(wanted)
+        todo = [bid for bid in wanted if not hot.path(bid).exists()]
+        total = sum(sizes.get(bid, 0) for bid in todo)
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                  desc="restoring blocks", disable=not progress, leave=True) as bar, \
+                ThreadPoolExecutor(max_workers=workers) as pool:
+            for bid, got in zip(todo, pool.map(lambda b: _fetch_block(backend, hot, b), todo),
+                                strict=True):
+                if got == -1:
+                    report.missing.append(bid.hex())
+                elif got == -2:
+                    report.corrupt.append(bid.hex())
+                else:
+                    report.blocks_downloaded += 1
+                    report.bytes_downloaded += got
+                bar.update(sizes.get(bid, max(got, 0)))
+        hot.syncfs()
+    finally:
+        db.close()
+        hot.close()
+    if report.missing or report.corrupt:
+        log.error("restore: %d blocks missing and %d damaged in the archive",
+                  len(report.missing), len(report.corrupt))
+    write_format(root)
+    marker.unlink()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _mark(marker: Path, url: str, stage: str) -> None:
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"url": url, "stage": stage}) + "\n")
+    tmp.rename(marker)
+
+
+def _fetch_block(backend: Backend, hot: HotStore, block_id: bytes) -> int:
+    """Download and check one block; its size, -1 if missing, -2 if damaged."""
+    try:
+        envelope = backend.get(alog.block_name(block_id))
+    except ArchiveMissing:
+        return -1
+    try:
+        hot.sealer.open(KIND_BLOCK, block_id, envelope, name=f"archive block {block_id.hex()}")
+    except IntegrityError:
+        return -2
+    hot.put_envelope(block_id, envelope)
+    return len(envelope)
+
+
+# -- the read-only archive mount ------------------------------------------------------------------
+
+
+def follow(db: MetaDB, backend: Backend, sealer: Sealer) -> tuple[int, int] | None:
+    """Bring a read-only mount's metadata cache up to the archive's HEAD.
+
+    Returns (cycle, entries applied), or None when nothing changed."""
+    with db.begin() as txn:
+        raw = db.get(txn, "repl_state", FOLLOW_KEY)
+    applied = json.loads(raw)["cycle"] if raw else 0
+    head = read_head(backend, sealer)
+    if head.cycle < applied:
+        raise VnafsError(f"the archive's HEAD went back from cycle {applied} to {head.cycle}: "
+                         "it was rolled back or replaced; remount to start over")
+    if head.cycle == applied:
+        return None
+    record = json.dumps({"cycle": head.cycle, "rp_ns": head.rp_ns}).encode()
+    return head.cycle, apply_head(db, backend, sealer, head, applied, follow_record=record)
+
+
+def follow_state(db: MetaDB) -> dict[str, int]:
+    with db.begin() as txn:
+        raw = db.get(txn, "repl_state", FOLLOW_KEY)
+    return json.loads(raw) if raw else {"cycle": 0, "rp_ns": 0}
