@@ -200,3 +200,29 @@ def fs(new_fs: Fs) -> Fs:
 def mnt(fs: Fs) -> Path:
     """The root of a freshly created, mounted, empty vnafs."""
     return fs.mnt
+
+
+# -- object stores for the archive tests --------------------------------------------------------
+
+BUCKET = "vnafs-test"
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One real SeaweedFS (S3) for the session, with bucket BUCKET; stopped at the end.
+    Tests that stop it must start it again (tools/servers.py keeps ports and data)."""
+    from tools.servers import SeaweedFS
+
+    with SeaweedFS(tmp_path_factory.mktemp("seaweedfs")) as srv:
+        srv.create_bucket(BUCKET)
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One real Azurite (Azure Blob) for the session, with container BUCKET."""
+    from tools.servers import Azurite
+
+    with Azurite(tmp_path_factory.mktemp("azurite")) as srv:
+        srv.create_container(BUCKET)
+        yield srv

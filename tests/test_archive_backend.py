@@ -15,12 +15,13 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import BUCKET
 from tools.servers import Azurite, SeaweedFS
 from vnafs.archive.backend import (
     ArchiveAuthError,
@@ -31,23 +32,6 @@ from vnafs.archive.backend import (
     open_backend,
     parse_url,
 )
-
-BUCKET = "vnafs-test"
-
-
-@pytest.fixture(scope="module")
-def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    with SeaweedFS(tmp_path_factory.mktemp("seaweedfs")) as srv:
-        srv.create_bucket(BUCKET)
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
-    with Azurite(tmp_path_factory.mktemp("azurite")) as srv:
-        srv.create_container(BUCKET)
-        yield srv
-
 
 Opener = Callable[[str], Backend]
 

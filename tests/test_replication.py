@@ -94,6 +94,19 @@ def restore_to(fs: Fs, target: Path, *extra: str) -> str:
     return res.stdout
 
 
+def assert_restores(fs: Fs, workdir: Path, expected: dict[str, tuple[int, int, str]],
+                    name: str = "restored") -> None:
+    """Restore `fs`'s archive into a new hot store, mount it and compare with `expected`."""
+    target, mnt = workdir / name, workdir / f"{name}-mnt"
+    restore_to(fs, target)
+    mnt.mkdir()
+    run_vnafs("mount", "--key-file", str(fs.key), str(target), str(mnt), env=fs.env)
+    try:
+        assert tree(mnt) == expected
+    finally:
+        run_vnafs("umount", str(mnt))
+
+
 def test_status_shows_recovery_point_and_nothing_pending(archived: Fs) -> None:
     (archived.mnt / "x").write_bytes(b"x" * 1000)
     arch = archived.wait_replicated()
@@ -153,17 +166,7 @@ def test_changes_made_while_daemon_was_killed_are_replicated_after_remount(
     archived.mount()
     archived.wait_replicated()
     archived.umount()
-    target = workdir / "restored"
-    restore_to(archived, target)
-    copy = Fs(workdir / "site", archive=archived.archive)
-    copy_hot = target
-    ro = workdir / "ro"
-    ro.mkdir()
-    run_vnafs("mount", "--key-file", str(copy.key), str(copy_hot), str(ro))
-    try:
-        assert tree(ro) == expected
-    finally:
-        run_vnafs("umount", str(ro))
+    assert_restores(archived, workdir, expected)
 
 
 def test_unmount_ships_the_last_changes(archived: Fs, workdir: Path) -> None:
@@ -171,16 +174,9 @@ def test_unmount_ships_the_last_changes(archived: Fs, workdir: Path) -> None:
     _set_archive(archived, interval=3600)
     archived.mount()
     (archived.mnt / "last").write_bytes(b"written just before unmount")
+    expected = tree(archived.mnt)
     archived.umount()  # the final cycle at unmount ships it
-    target = workdir / "restored"
-    restore_to(archived, target)
-    ro = workdir / "ro"
-    ro.mkdir()
-    run_vnafs("mount", "--key-file", str(archived.key), str(target), str(ro))
-    try:
-        assert (ro / "last").read_bytes() == b"written just before unmount"
-    finally:
-        run_vnafs("umount", str(ro))
+    assert_restores(archived, workdir, expected)
 
 
 def test_deleted_data_stays_in_the_archive_as_tombstone(archived: Fs) -> None:
@@ -370,14 +366,7 @@ def test_verify_reports_and_repairs_damage_behind_our_back(archived: Fs, workdir
     rep = json.loads(run_vnafs("verify", "--archive", "--json", str(archived.mnt)).stdout)
     assert not rep["corrupt"] and not rep["missing"], rep
     archived.umount()
-    restore_to(archived, workdir / "restored")
-    ro = workdir / "ro"
-    ro.mkdir()
-    run_vnafs("mount", "--key-file", str(archived.key), str(workdir / "restored"), str(ro))
-    try:
-        assert tree(ro) == expected
-    finally:
-        run_vnafs("umount", str(ro))
+    assert_restores(archived, workdir, expected)
 
 
 def test_gc_deletes_only_what_retention_allows(archived: Fs) -> None:

@@ -17,28 +17,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Fs, run_vnafs
-from tests.test_replication import _set_archive, restore_to, tree, write_sample
+from tests.conftest import BUCKET, Fs, run_vnafs
+from tests.test_replication import (
+    _set_archive,
+    assert_restores,
+    restore_to,
+    tree,
+    write_sample,
+)
 from tools.servers import Azurite, SeaweedFS
 from vnafs.archive.backend import open_backend
 
-BUCKET = "vna"
 NAME = "Oyelaran^Thaddeus"
 PID = "MRN-5550-2468"
-
-
-@pytest.fixture(scope="module")
-def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    with SeaweedFS(tmp_path_factory.mktemp("seaweedfs")) as srv:
-        srv.create_bucket(BUCKET)
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
-    with Azurite(tmp_path_factory.mktemp("azurite")) as srv:
-        srv.create_container(BUCKET)
-        yield srv
 
 
 def site(workdir: Path, srv: SeaweedFS | Azurite, name: str = "site", parent: str = "",
@@ -123,15 +114,7 @@ def test_azure_replicates_and_restores(workdir: Path, azurite: Azurite) -> None:
         before = tree(fs.mnt)
         fs.wait_replicated()
         fs.umount()
-        target = workdir / "restored"
-        restore_to(fs, target)
-        ro = workdir / "ro"
-        ro.mkdir()
-        run_vnafs("mount", "--key-file", str(fs.key), str(target), str(ro), env=fs.env)
-        try:
-            assert tree(ro) == before
-        finally:
-            run_vnafs("umount", str(ro))
+        assert_restores(fs, workdir, before)
     finally:
         fs.cleanup()
 
@@ -160,15 +143,7 @@ def test_archive_down_for_a_minute_during_ingest(s3_fs: Fs, seaweed: SeaweedFS,
     arch = s3_fs.wait_replicated(timeout=180)
     assert arch["state"] == "ok" and arch["last_error"] is None
     s3_fs.umount()
-    target = workdir / "restored"
-    restore_to(s3_fs, target)
-    ro = workdir / "ro"
-    ro.mkdir()
-    run_vnafs("mount", "--key-file", str(s3_fs.key), str(target), str(ro), env=s3_fs.env)
-    try:
-        assert tree(ro) == expected
-    finally:
-        run_vnafs("umount", str(ro))
+    assert_restores(s3_fs, workdir, expected)
 
 
 def test_wrong_credentials_are_reported_and_retried(workdir: Path, seaweed: SeaweedFS) -> None:
@@ -231,15 +206,7 @@ def test_kill9_in_the_middle_of_replication_resumes_without_gaps(
         sent = arch["since_mount_blocks_uploaded"] + arch["since_mount_blocks_present"]
         assert sent <= 40 - done  # committed progress is never re-sent
         fs.umount()
-        target = workdir / "restored"
-        restore_to(fs, target)
-        ro = workdir / "ro"
-        ro.mkdir()
-        run_vnafs("mount", "--key-file", str(fs.key), str(target), str(ro), env=fs.env)
-        try:
-            assert tree(ro) == expected
-        finally:
-            run_vnafs("umount", str(ro))
+        assert_restores(fs, workdir, expected)
     finally:
         fs.cleanup()
 
@@ -259,15 +226,7 @@ def test_two_sites_in_one_bucket_do_not_interfere(workdir: Path, seaweed: Seawee
             fs.wait_replicated()
             fs.umount()
         for fs, want in zip(sites, expected, strict=True):
-            target = workdir / f"restored-{fs.root.name}"
-            restore_to(fs, target)
-            ro = workdir / f"ro-{fs.root.name}"
-            ro.mkdir()
-            run_vnafs("mount", "--key-file", str(fs.key), str(target), str(ro), env=fs.env)
-            try:
-                assert tree(ro) == want
-            finally:
-                run_vnafs("umount", str(ro))
+            assert_restores(fs, workdir, want, f"restored-{fs.root.name}")
     finally:
         for fs in sites:
             fs.cleanup()

@@ -408,6 +408,44 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _when(ns: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns / 1e9)) if ns else "-"
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from vnafs import control
+
+    hot = control.hot_store_of(Path(args.mountpoint))
+    op = args.snap_command
+    if op == "create":
+        snap = control.control_request(hot, {"op": "snapshot_create", "name": args.name,
+                                             "lock_until": args.lock_until})
+        print(f"created snapshot {snap['name']}")
+    elif op == "delete":
+        control.control_request(hot, {"op": "snapshot_delete", "name": args.name})
+        print(f"deleted snapshot {args.name}; its space is freed in the background")
+    elif op == "lock":
+        snap = control.control_request(hot, {"op": "snapshot_lock", "name": args.name,
+                                             "until": args.until})
+        print(f"snapshot {snap['name']} is locked until {_when(snap['lock_until_ns'])} UTC")
+    elif op == "list":
+        rows = control.control_request(hot, {"op": "snapshot_list"}, timeout=600)
+        if args.json:
+            print(json.dumps(rows, indent=2, sort_keys=True))
+            return 0
+        print(f"{'NAME':32} {'CREATED (UTC)':19}  {'EXPIRES (UTC)':19}  {'LOCKED':6} "
+              f"{'UNIQUE':>10}")
+        for r in rows:
+            print(f"{r['name']:32} {_when(r['created_ns']):19}  {_when(r['expiry_ns']):19}  "
+                  f"{'yes' if r['locked'] else 'no':6} {r['unique_bytes'] / (1 << 20):>6.1f} MiB")
+    elif op == "diff":
+        rows = control.control_request(hot, {"op": "snapshot_diff", "old": args.old,
+                                             "new": args.new}, timeout=3600)
+        for kind, path, new_path in rows:
+            print(f"{kind}\t{path}" + (f"\t{new_path}" if new_path else ""))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from vnafs import demo
 
@@ -492,6 +530,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("hot")
     s.set_defaults(fn=cmd_fsck)
+
+    s = sub.add_parser("snapshot", help="create, list, delete, lock and compare snapshots")
+    snap = s.add_subparsers(dest="snap_command", required=True, metavar="ACTION")
+    t = snap.add_parser("create", help="take a snapshot (name: @GMT-YYYY.MM.DD-hh.mm.ss)")
+    t.add_argument("mountpoint")
+    t.add_argument("name", nargs="?")
+    t.add_argument("--lock-until", metavar="DATE", help="lock it until this date (UTC)")
+    t = snap.add_parser("list", help="name, time, expiry, lock and unique bytes")
+    t.add_argument("mountpoint")
+    t.add_argument("--json", action="store_true")
+    t = snap.add_parser("delete", help="delete a snapshot (not a locked one)")
+    t.add_argument("mountpoint")
+    t.add_argument("name")
+    t = snap.add_parser("lock", help="lock a snapshot until a date (only ever later)")
+    t.add_argument("mountpoint")
+    t.add_argument("name")
+    t.add_argument("--until", required=True, metavar="DATE", help="YYYY-MM-DD (UTC)")
+    t = snap.add_parser("diff", help="what changed between two snapshots, or one and now")
+    t.add_argument("mountpoint")
+    t.add_argument("old")
+    t.add_argument("new", help="a snapshot name, or live")
+    s.set_defaults(fn=cmd_snapshot)
 
     s = sub.add_parser("verify", help="re-read and authenticate every archived object")
     s.add_argument("--archive", action="store_true", required=True,

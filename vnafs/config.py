@@ -54,12 +54,43 @@ class ArchiveConfig:
 
 
 @dataclass
+class Schedule:
+    """One `[[snapshots.schedule]]` entry: a snapshot every `every_s` seconds, the newest
+    `keep` kept, each locked for `lock_s` seconds (0 = not locked)."""
+
+    name: str
+    every_s: int
+    keep: int
+    lock_s: int = 0
+
+
+@dataclass
+class SnapshotConfig:
+    mkdir: bool = False
+    schedule: list[Schedule] = field(default_factory=list)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: object, what: str) -> int:
+    """Seconds of "90s", "15m", "1h", "30d", "2w"."""
+    if isinstance(text, str) and len(text) >= 2 and text[:-1].isdigit() and text[-1] in _UNITS:
+        seconds = int(text[:-1]) * _UNITS[text[-1]]
+        if seconds > 0:
+            return seconds
+    raise VnafsError(f"{what} must be a duration such as \"15m\", \"1h\", \"30d\" or \"2w\"; "
+                     "fix the file")
+
+
+@dataclass
 class Config:
     format: int = 1
     store: StoreConfig = field(default_factory=StoreConfig)
     mount: MountConfig = field(default_factory=MountConfig)
     dicom: DicomConfig = field(default_factory=DicomConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
+    snapshots: SnapshotConfig = field(default_factory=SnapshotConfig)
 
     @property
     def archive_url(self) -> str | None:
@@ -115,7 +146,19 @@ class Config:
             "# Read-only archive mounts look for new replicated changes this often (seconds).",
             f"poll = {a.poll}",
             f"recall_timeout = {a.recall_timeout}",
+            "",
+            "[snapshots]",
+            "# mkdir/rmdir in /.snapshots create and delete snapshots (docs/admin.md).",
+            f"mkdir = {str(self.snapshots.mkdir).lower()}",
         ]
+        for sch in self.snapshots.schedule:
+            lines += ["", "[[snapshots.schedule]]", f"every = \"{sch.every_s}s\"",
+                      f"keep = {sch.keep}"]
+            if sch.lock_s:
+                lines.append(f"lock = \"{sch.lock_s}s\"")
+        if not self.snapshots.schedule:
+            lines += ["# [[snapshots.schedule]]", '# every = "1h"', "# keep = 24",
+                      '# lock = "30d"        (optional: each snapshot locked this long)']
         return "\n".join(lines) + "\n"
 
 
@@ -173,7 +216,7 @@ def load(hot: Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise VnafsError(f"{path} is not valid TOML ({exc}); fix or restore the file") from None
     cfg = Config()
-    unknown = set(data) - {"format", "store", "mount", "dicom", "archive"}
+    unknown = set(data) - {"format", "store", "mount", "dicom", "archive", "snapshots"}
     if unknown:
         raise VnafsError(f"{path}: unknown section or key {sorted(unknown)[0]!r}; remove it")
     fmt = data.get("format", 1)
@@ -188,9 +231,32 @@ def load(hot: Path) -> Config:
     _section(path, data, "dicom", cfg.dicom)
     _check_view_name(path, cfg.dicom.views)
     _section(path, data, "archive", cfg.archive)
+    _snapshots(path, data.get("snapshots", {}), cfg.snapshots)
     if cfg.archive.url:
         cfg.archive.url = validate_archive_url(cfg.archive.url)
     return cfg
+
+
+def _snapshots(path: Path, values: Any, target: SnapshotConfig) -> None:
+    if not isinstance(values, dict):
+        raise VnafsError(f"{path}: [snapshots] must be a table; fix the file")
+    values = dict(values)
+    schedules = values.pop("schedule", [])
+    _section(path, {"snapshots": values}, "snapshots", target)
+    if not isinstance(schedules, list):
+        raise VnafsError(f"{path}: snapshot schedules are written [[snapshots.schedule]]; fix "
+                         "the file")
+    for i, entry in enumerate(schedules, 1):
+        what = f"{path}: snapshots.schedule #{i}"
+        if not isinstance(entry, dict) or set(entry) - {"every", "keep", "lock"} \
+                or "every" not in entry or "keep" not in entry:
+            raise VnafsError(f"{what} takes every, keep and optionally lock; fix the file")
+        keep = entry["keep"]
+        if not isinstance(keep, int) or isinstance(keep, bool) or not 1 <= keep <= 100000:
+            raise VnafsError(f"{what}: keep must be a whole number from 1 to 100000")
+        every = parse_duration(entry["every"], f"{what}: every")
+        lock = parse_duration(entry["lock"], f"{what}: lock") if "lock" in entry else 0
+        target.schedule.append(Schedule(f"every-{every}s", every, keep, lock))
 
 
 def _check_view_name(path: Path, name: str) -> None:

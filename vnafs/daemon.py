@@ -326,8 +326,14 @@ async def serve(
         files = Files(engine, nursery, sync_on_close=cfg.mount.sync_on_close)
         files.readonly = readonly
         indexer, views = _dicom_setup(store, index, engine, files)
+        from vnafs.fs.snapshot_service import SnapshotService
+        from vnafs.meta.snapshots import Snapshots
+
+        snaps = Snapshots(store.ns)
+        snapshots = SnapshotService(engine, snaps, cfg.snapshots)
         ops = Operations(engine, files, block_size=BLOCK_SIZE, views=views,
-                         views_name=cfg.dicom.views)
+                         views_name=cfg.dicom.views, snapshots=snaps,
+                         snapshot_mkdir=cfg.snapshots.mkdir and not readonly)
         options = fuse_options(store, cfg)
         if readonly:
             options.add("ro")
@@ -346,6 +352,7 @@ async def serve(
                     out["health"] = "degraded"  # behind its RPO, or failing
             if follower is not None:
                 out["archive"] = follower.status()
+            out["snapshots"] = {"count": len(snaps.all()), "gc": dict(snapshots.gc_progress)}
             return out
 
         handlers: dict[str, Callable[[dict[str, Any]], Any]] = {"status": status}
@@ -362,6 +369,9 @@ async def serve(
             handlers.update(_archive_handlers(store, engine, replicator, nursery))
         if follower is not None:
             await nursery.start(follower.run, engine)
+        else:
+            await nursery.start(snapshots.run)
+            handlers.update(_snapshot_handlers(snapshots))
         control = ControlServer(store.root / "control.sock", handlers)
         await nursery.start(control.serve)
         nursery.start_soon(_watch_signals, nursery)
@@ -469,6 +479,43 @@ def _dicom_handlers(indexer: Any, engine: Any) -> dict[str, Callable[[dict[str, 
     return {"find": find, "problems": problems, "index_wait": wait, "reindex": reindex,
             "index_progress": lambda req: {"pending": indexer.pending,
                                            "total": indexer.reindex_total}}
+
+
+def _snapshot_handlers(service: Any) -> dict[str, Callable[[dict[str, Any]], Any]]:
+    """`vnafs snapshot ...` through the control socket (meta/snapshots.py)."""
+    from vnafs.fs.snapshot_service import parse_until
+    from vnafs.meta.snapshots import diff
+
+    def public(snap: Any) -> dict[str, Any]:
+        return {"name": snap.name, "id": snap.id, "epoch": snap.epoch,
+                "created_ns": snap.created_ns, "expiry_ns": snap.expiry_ns or None,
+                "lock_until_ns": snap.lock_until_ns or None}
+
+    async def create(req: dict[str, Any]) -> Any:
+        until = parse_until(req["lock_until"]) if req.get("lock_until") else 0
+        return public(await service.create(req.get("name") or None, lock_until_ns=until))
+
+    async def delete(req: dict[str, Any]) -> Any:
+        return public(await service.delete(str(req["name"]), by="request"))
+
+    async def lock(req: dict[str, Any]) -> Any:
+        return public(await service.lock(str(req["name"]), parse_until(str(req["until"]))))
+
+    async def listing(req: dict[str, Any]) -> Any:
+        return await service.listing()
+
+    async def snapshot_diff(req: dict[str, Any]) -> Any:
+        snaps = service.snaps
+        old = snaps.need(str(req["old"])).epoch
+        new = None if req["new"] == "live" else snaps.need(str(req["new"])).epoch
+
+        def run() -> list[list[str]]:
+            return [list(row) for row in diff(snaps.ns, old, new)]
+
+        return await trio.to_thread.run_sync(run, limiter=service.engine.io)
+
+    return {"snapshot_create": create, "snapshot_delete": delete, "snapshot_lock": lock,
+            "snapshot_list": listing, "snapshot_diff": snapshot_diff}
 
 
 def _archive_handlers(store: Store, engine: Any, replicator: Any, nursery: trio.Nursery

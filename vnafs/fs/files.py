@@ -62,6 +62,10 @@ class OpenFile:
     readahead_next: int = 0
     # False once block 0 shows an encapsulated DICOM transfer syntax (already compressed).
     compress: bool = True
+    # A file seen through a snapshot: its blocks are those of `source` at `epoch`, and it is
+    # never written (`ino` is the snapshot inode number the kernel knows).
+    epoch: int | None = None
+    source: int = 0
 
     @property
     def busy(self) -> bool:
@@ -85,10 +89,11 @@ class Files:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def attach(self, node: Inode) -> OpenFile:
+    def attach(self, node: Inode, *, epoch: int | None = None, source: int = 0) -> OpenFile:
         of = self.open.get(node.ino)
         if of is None:
-            of = OpenFile(node.ino, node.size, node.atime_ns, node.mtime_ns, node.ctime_ns)
+            of = OpenFile(node.ino, node.size, node.atime_ns, node.mtime_ns, node.ctime_ns,
+                          epoch=epoch, source=source or node.ino)
             self.open[node.ino] = of
         of.handles += 1
         return of
@@ -155,7 +160,7 @@ class Files:
         if index in of.committed:
             return of.committed[index]
         with self.ns.db.begin() as txn:
-            ref = self.ns.block_ref(txn, of.ino, index)
+            ref = self.ns.block_ref(txn, of.source, index, of.epoch)
         of.committed[index] = ref
         return ref
 
@@ -334,7 +339,7 @@ class Files:
         if offset == of.last_read_end:
             self._start_readahead(of, end)
         of.last_read_end = end
-        if touch_atime and not self.readonly:
+        if touch_atime and not self.readonly and of.epoch is None:
             self._touch_atime(of)
         return b"".join(parts)
 
@@ -351,7 +356,7 @@ class Files:
         if todo:
             with self.ns.db.begin() as txn:
                 for i in todo:
-                    of.committed[i] = self.ns.block_ref(txn, of.ino, i)
+                    of.committed[i] = self.ns.block_ref(txn, of.source, i, of.epoch)
         for i in range(first, last):
             ref = of.committed.get(i)
             if ref is not None and not self.engine.loading(ref.block_id):

@@ -12,6 +12,7 @@ permission checks (`default_permissions`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import logging
@@ -29,6 +30,15 @@ from vnafs.fs.files import Files
 from vnafs.fs.views import Child, Views, dir_mode, is_view_ino
 from vnafs.meta.namespace import NAME_MAX, Namespace, fail
 from vnafs.meta.records import ROOT_INO, Inode
+from vnafs.meta.snapshots import (
+    LIVE_LIMIT,
+    SNAPDIR_INO,
+    SNAPDIR_NAME,
+    SnapshotError,
+    Snapshots,
+    decode,
+    encode,
+)
 
 log = logging.getLogger("vnafs.fs")
 P = ParamSpec("P")
@@ -88,7 +98,8 @@ class Operations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, engine: Engine, files: Files, *, block_size: int,
-                 views: Views | None = None, views_name: str = ".dicom") -> None:
+                 views: Views | None = None, views_name: str = ".dicom",
+                 snapshots: Snapshots | None = None, snapshot_mkdir: bool = False) -> None:
         super().__init__()
         self.engine = engine
         self.ns: Namespace = engine.ns
@@ -102,6 +113,10 @@ class Operations(pyfuse3.Operations):
         # security.capability before every write; all xattr changes pass through here, so this
         # negative cache is exact.
         self._no_xattr: set[tuple[int, bytes]] = set()
+        # /.snapshots (docs/architecture.md section 10): None when snapshots are not served.
+        self.snaps = snapshots
+        self.snapshot_mkdir = snapshot_mkdir
+        self._snapdir_handles: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
 
     # -- attributes -----------------------------------------------------------------------------
 
@@ -127,6 +142,57 @@ class Operations(pyfuse3.Operations):
         e.st_ctime_ns = node.ctime_ns
         e.st_birthtime_ns = node.birthtime_ns
         return e
+
+    # -- snapshots (meta/snapshots.py) -----------------------------------------------------------
+
+    @staticmethod
+    def _in_snapshot(ino: int) -> bool:
+        return ino >= LIVE_LIMIT and not is_view_ino(ino) and ino != SNAPDIR_INO
+
+    def _snap(self, ino: int) -> tuple[int, int, int] | None:
+        """(snapshot id, its epoch, live inode number) for an inode inside a snapshot."""
+        if not self._in_snapshot(ino):
+            return None
+        sid, real = decode(ino)
+        snap = self.snaps.by_id(sid) if self.snaps is not None else None
+        if snap is None:
+            raise fail(errno.ESTALE)  # the snapshot was deleted
+        return sid, snap.epoch, real
+
+    def _snap_entry(self, sid: int, node: Inode) -> pyfuse3.EntryAttributes:
+        return self._entry(dataclasses.replace(node, ino=encode(sid, node.ino)))
+
+    def _snapdir_lookup(self, name: bytes) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            return self._view_dir_entry(SNAPDIR_INO)
+        if name == b"..":
+            return self._entry(self.ns.get_inode(ROOT_INO))
+        assert self.snaps is not None
+        snap = self.snaps.by_name(os.fsdecode(name))
+        if snap is None:
+            raise fail(errno.ENOENT)
+        return self._snap_entry(snap.id, self.ns.get_inode(ROOT_INO, snap.epoch))
+
+    def _refuse_in_snapshots(self, *inos: int) -> None:
+        for ino in inos:
+            if ino == SNAPDIR_INO or self._in_snapshot(ino):
+                raise fail(errno.EROFS)
+
+    async def _snapdir_change(self, name: bytes, create: bool) -> None:
+        """mkdir / rmdir in /.snapshots, when the configuration allows it."""
+        if not self.snapshot_mkdir or self.snaps is None:
+            raise fail(errno.EROFS)
+        snaps = self.snaps
+        try:
+            if create:
+                await self.engine.commit(snaps.create, os.fsdecode(name))
+            else:
+                await self.engine.commit(snaps.delete, os.fsdecode(name), by="rmdir")
+        except SnapshotError as exc:
+            raise OSError(exc.errno, str(exc)) from None
+        except OSError:
+            snaps.reload_epoch()
+            raise
 
     # -- the read-only DICOM views (fs/views.py) -------------------------------------------------
 
@@ -161,10 +227,14 @@ class Operations(pyfuse3.Operations):
         return self.views is not None and is_view_ino(ino)
 
     def _guard(self, parent: int, name: bytes | None = None) -> None:
-        """Refuse changes inside the views, and real names that would hide them."""
+        """Refuse changes inside the views and snapshots, and real names that would hide
+        them."""
         if self._is_view(parent):
             raise fail(errno.EROFS)
-        if self.views is not None and parent == ROOT_INO and name == self.views_name:
+        self._refuse_in_snapshots(parent)
+        if parent == ROOT_INO and (
+                (self.views is not None and name == self.views_name)
+                or (self.snaps is not None and name == SNAPDIR_NAME)):
             raise fail(errno.EEXIST)
 
     def _view_lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
@@ -190,6 +260,17 @@ class Operations(pyfuse3.Operations):
                 return self._view_lookup(parent_inode, name)
             if parent_inode == ROOT_INO and name == self.views_name:
                 return self._view_dir_entry(self.views.root_ino)
+        if self.snaps is not None:
+            if parent_inode == SNAPDIR_INO:
+                return self._snapdir_lookup(name)
+            if parent_inode == ROOT_INO and name == SNAPDIR_NAME:
+                return self._view_dir_entry(SNAPDIR_INO)
+            snap = self._snap(parent_inode)
+            if snap is not None:
+                sid, epoch, real = snap
+                if real == ROOT_INO and name == b"..":
+                    return self._view_dir_entry(SNAPDIR_INO)
+                return self._snap_entry(sid, self.ns.lookup(real, name, epoch))
         return self._entry(self.ns.lookup(parent_inode, name))
 
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
@@ -203,6 +284,11 @@ class Operations(pyfuse3.Operations):
             assert self.views is not None
             self.views.path_of(inode)
             return self._view_dir_entry(inode)
+        if inode == SNAPDIR_INO and self.snaps is not None:
+            return self._view_dir_entry(inode)
+        snap = self._snap(inode)
+        if snap is not None:
+            return self._snap_entry(snap[0], self.ns.get_inode(snap[2], snap[1]))
         return self._entry(self.ns.get_inode(inode))
 
     @translated
@@ -253,7 +339,8 @@ class Operations(pyfuse3.Operations):
 
     @translated
     async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
-        node = self.ns.get_inode(inode)
+        snap = self._snap(inode)
+        node = self.ns.get_inode(inode) if snap is None else self.ns.get_inode(snap[2], snap[1])
         if not stat.S_ISLNK(node.mode):
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         return node.target
@@ -284,6 +371,9 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         _name_ok(name)
+        if parent_inode == SNAPDIR_INO:
+            await self._snapdir_change(name, create=True)
+            return self._snapdir_lookup(name)
         self._guard(parent_inode, name)
         node = await self.engine.commit(self.ns.mknod, parent_inode, name,
                                         stat.S_IFDIR | stat.S_IMODE(mode), ctx.uid, ctx.gid)
@@ -315,6 +405,9 @@ class Operations(pyfuse3.Operations):
     async def rmdir(
         self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
     ) -> None:
+        if parent_inode == SNAPDIR_INO:
+            await self._snapdir_change(name, create=False)
+            return
         self._guard(parent_inode)
         await self.engine.commit(self.ns.rmdir, parent_inode, name)
 
@@ -329,6 +422,8 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> None:
         _name_ok(name_new)
+        if self._in_snapshot(parent_inode_old) and not self._in_snapshot(parent_inode_new):
+            raise fail(errno.EXDEV)  # mv copies out of a snapshot instead
         self._guard(parent_inode_old)
         self._guard(parent_inode_new, name_new)
         await self.engine.commit(self.ns.rename, parent_inode_old, name_old, parent_inode_new,
@@ -345,6 +440,8 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         _name_ok(new_name)
         self._guard(new_parent_inode, new_name)
+        if self._in_snapshot(inode):
+            raise fail(errno.EXDEV)
         node = await self.engine.commit(self.ns.link, inode, new_parent_inode, new_name)
         return self._entry(node)
 
@@ -354,8 +451,11 @@ class Operations(pyfuse3.Operations):
     async def open(
         self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
-        if self._is_view(inode):
+        if self._is_view(inode) or inode == SNAPDIR_INO:
             raise fail(errno.EISDIR)
+        snap = self._snap(inode)
+        if snap is not None:
+            return self._open_in_snapshot(snap, flags)
         node = self.ns.get_inode(inode)
         if stat.S_ISDIR(node.mode):
             raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
@@ -369,6 +469,19 @@ class Operations(pyfuse3.Operations):
                 raise
         return pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, inode),
                                 keep_cache=not self.files.readonly)
+
+    def _open_in_snapshot(self, snap: tuple[int, int, int], flags: int) -> pyfuse3.FileInfo:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise fail(errno.EROFS)
+        sid, epoch, real = snap
+        node = self.ns.get_inode(real, epoch)
+        if stat.S_ISDIR(node.mode):
+            raise fail(errno.EISDIR)
+        self.files.attach(dataclasses.replace(node, ino=encode(sid, real)), epoch=epoch,
+                          source=real)
+        # A snapshot never changes: the kernel may keep its pages.
+        return pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, encode(sid, real)),
+                                keep_cache=True)
 
     @translated
     async def create(
@@ -431,7 +544,15 @@ class Operations(pyfuse3.Operations):
             self._next_view_fh += 1
             self._view_handles[fh] = (inode, listing)
             return cast(pyfuse3.FileHandleT, fh)
-        node = self.ns.get_inode(inode)
+        if inode == SNAPDIR_INO and self.snaps is not None:
+            snapshots = [(os.fsencode(s.name), self._snap_entry(
+                s.id, self.ns.get_inode(ROOT_INO, s.epoch))) for s in self.snaps.all()]
+            fh = self._next_view_fh
+            self._next_view_fh += 1
+            self._snapdir_handles[fh] = snapshots
+            return cast(pyfuse3.FileHandleT, fh)
+        snap = self._snap(inode)
+        node = self.ns.get_inode(inode) if snap is None else self.ns.get_inode(snap[2], snap[1])
         if not stat.S_ISDIR(node.mode):
             raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         self.files.dir_handles[inode] += 1
@@ -444,13 +565,25 @@ class Operations(pyfuse3.Operations):
         if fh in self._view_handles:
             self._view_readdir(fh, start_id, token)
             return
+        listing = self._snapdir_handles.get(fh)
+        if listing is not None:
+            for cookie in range(start_id, len(listing)):
+                name, attrs = listing[cookie]
+                if not pyfuse3.readdir_reply(token, name, attrs, cookie + 1):
+                    return
+            return
+        snap = self._snap(fh)
         offset = start_id
         while True:
-            batch = self.ns.readdir(fh, offset, limit=256)
+            if snap is None:
+                batch = self.ns.readdir(fh, offset, limit=256)
+            else:
+                batch = self.ns.readdir(snap[2], offset, limit=256, epoch=snap[1])
             if not batch:
                 return
             for name, node, cookie in batch:
-                if not pyfuse3.readdir_reply(token, name, self._entry(node), cookie):
+                attrs = self._entry(node) if snap is None else self._snap_entry(snap[0], node)
+                if not pyfuse3.readdir_reply(token, name, attrs, cookie):
                     return
                 offset = cookie
 
@@ -472,6 +605,8 @@ class Operations(pyfuse3.Operations):
     @translated
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
         if self._view_handles.pop(fh, None) is not None:
+            return
+        if self._snapdir_handles.pop(fh, None) is not None:
             return
         await self.files.release_dir(fh)
 
@@ -516,8 +651,11 @@ class Operations(pyfuse3.Operations):
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> bytes:
-        if self._is_view(inode) or (inode, name) in self._no_xattr:
+        if self._is_view(inode) or inode == SNAPDIR_INO or (inode, name) in self._no_xattr:
             raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
+        snap = self._snap(inode)
+        if snap is not None:
+            return self.ns.getxattr(snap[2], name, snap[1])
         try:
             return self.ns.getxattr(inode, name)
         except OSError as exc:
@@ -531,9 +669,11 @@ class Operations(pyfuse3.Operations):
     async def listxattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> list[pyfuse3.XAttrNameT]:
-        if self._is_view(inode):
+        if self._is_view(inode) or inode == SNAPDIR_INO:
             return []
-        return cast(list[pyfuse3.XAttrNameT], self.ns.listxattr(inode))
+        snap = self._snap(inode)
+        names = self.ns.listxattr(inode) if snap is None else self.ns.listxattr(snap[2], snap[1])
+        return cast(list[pyfuse3.XAttrNameT], names)
 
     @translated
     async def removexattr(

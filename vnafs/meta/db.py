@@ -44,6 +44,8 @@ TABLES: dict[str, bytes] = {
     "dicom_member": b"M",
     "dicom_lookup": b"L",
     "dicom_todo": b"q",
+    # Snapshots (vnafs/meta/snapshots.py, docs/architecture.md section 10).
+    "snapshots": b"n",
     # Archive replication (vnafs/archive/, docs/format.md sections 5.3 and 6).
     "tombstones": b"t",
     "repl_state": b"z",

@@ -121,39 +121,44 @@ class Namespace:
 
     # -- reads ----------------------------------------------------------------------------------
 
-    def inode(self, txn: lmdb.Transaction, ino: int) -> Inode | None:
-        body = self.db.vget(txn, "inodes", u64(ino))
+    # Every read takes `epoch`: None reads the live tree, a number reads the tree a snapshot
+    # froze at that epoch (docs/architecture.md section 10).
+
+    def inode(self, txn: lmdb.Transaction, ino: int, epoch: int | None = None) -> Inode | None:
+        body = self.db.vget(txn, "inodes", u64(ino), epoch)
         return None if body is None else Inode.unpack(ino, body)
 
-    def need_inode(self, txn: lmdb.Transaction, ino: int) -> Inode:
-        node = self.inode(txn, ino)
+    def need_inode(self, txn: lmdb.Transaction, ino: int, epoch: int | None = None) -> Inode:
+        node = self.inode(txn, ino, epoch)
         if node is None:
             raise fail(errno.ENOENT)
         return node
 
-    def get_inode(self, ino: int) -> Inode:
+    def get_inode(self, ino: int, epoch: int | None = None) -> Inode:
         with self.db.begin() as txn:
-            return self.need_inode(txn, ino)
+            return self.need_inode(txn, ino, epoch)
 
-    def child(self, txn: lmdb.Transaction, parent: int, name: bytes) -> int | None:
-        body = self.db.vget(txn, "dirents", self.dirent_key(parent, name))
+    def child(self, txn: lmdb.Transaction, parent: int, name: bytes,
+              epoch: int | None = None) -> int | None:
+        body = self.db.vget(txn, "dirents", self.dirent_key(parent, name), epoch)
         return None if body is None else unpack_dirent(body)[0]
 
-    def lookup(self, parent: int, name: bytes) -> Inode:
+    def lookup(self, parent: int, name: bytes, epoch: int | None = None) -> Inode:
         if len(name) > NAME_MAX:
             raise fail(errno.ENAMETOOLONG)
         with self.db.begin() as txn:
             if name == b".":
-                return self.need_inode(txn, parent)
+                return self.need_inode(txn, parent, epoch)
             if name == b"..":
-                return self.need_inode(txn, self.need_inode(txn, parent).parent or ROOT_INO)
-            child = self.child(txn, parent, name)
+                up = self.need_inode(txn, parent, epoch).parent or ROOT_INO
+                return self.need_inode(txn, up, epoch)
+            child = self.child(txn, parent, name, epoch)
             if child is None:
                 raise fail(errno.ENOENT)
-            return self.need_inode(txn, child)
+            return self.need_inode(txn, child, epoch)
 
     def readdir(
-        self, parent: int, offset: int, limit: int = 1000
+        self, parent: int, offset: int, limit: int = 1000, epoch: int | None = None
     ) -> list[tuple[bytes, Inode, int]]:
         """Up to `limit` entries (name, inode, next offset) from the cookie `offset` on.
 
@@ -163,9 +168,9 @@ class Namespace:
         out: list[tuple[bytes, Inode, int]] = []
         start = b"" if offset <= 0 else ((offset - 1) << 2).to_bytes(8, "big")
         with self.db.begin() as txn:
-            for ident, body in self.db.vscan(txn, "dirents", u64(parent), start):
+            for ident, body in self.db.vscan(txn, "dirents", u64(parent), start, epoch):
                 child, name = unpack_dirent(body)
-                node = self.inode(txn, child)
+                node = self.inode(txn, child, epoch)
                 if node is None:
                     continue  # should not happen; fsck reports dangling entries
                 cookie = (int.from_bytes(ident[:8], "big") >> 2) + 2
@@ -177,30 +182,33 @@ class Namespace:
     def is_empty_dir(self, txn: lmdb.Transaction, ino: int) -> bool:
         return next(self.db.vscan(txn, "dirents", u64(ino)), None) is None
 
-    def block_ref(self, txn: lmdb.Transaction, ino: int, index: int) -> BlockRef | None:
-        body = self.db.vget(txn, "blockmap", self.block_key(ino, index))
+    def block_ref(self, txn: lmdb.Transaction, ino: int, index: int,
+                  epoch: int | None = None) -> BlockRef | None:
+        body = self.db.vget(txn, "blockmap", self.block_key(ino, index), epoch)
         return None if body is None else BlockRef.unpack(body)
 
-    def block_refs(self, txn: lmdb.Transaction, ino: int) -> Iterator[tuple[int, BlockRef]]:
-        for ident, body in self.db.vscan(txn, "blockmap", u64(ino)):
+    def block_refs(self, txn: lmdb.Transaction, ino: int, epoch: int | None = None
+                   ) -> Iterator[tuple[int, BlockRef]]:
+        for ident, body in self.db.vscan(txn, "blockmap", u64(ino), epoch=epoch):
             yield read_u64(ident), BlockRef.unpack(body)
 
     def has_block(self, block_id: bytes) -> bool:
         with self.db.begin() as txn:
             return txn.get(block_id, db=self.db.dbs["refs"]) is not None
 
-    def getxattr(self, ino: int, name: bytes) -> bytes:
+    def getxattr(self, ino: int, name: bytes, epoch: int | None = None) -> bytes:
         with self.db.begin() as txn:
-            self.need_inode(txn, ino)
-            body = self.db.vget(txn, "xattrs", self.xattr_key(ino, name))
+            self.need_inode(txn, ino, epoch)
+            body = self.db.vget(txn, "xattrs", self.xattr_key(ino, name), epoch)
         if body is None:
             raise fail(errno.ENODATA)
         return unpack_xattr(body)[1]
 
-    def listxattr(self, ino: int) -> list[bytes]:
+    def listxattr(self, ino: int, epoch: int | None = None) -> list[bytes]:
         with self.db.begin() as txn:
-            self.need_inode(txn, ino)
-            return [unpack_xattr(b)[0] for _, b in self.db.vscan(txn, "xattrs", u64(ino))]
+            self.need_inode(txn, ino, epoch)
+            return [unpack_xattr(b)[0]
+                    for _, b in self.db.vscan(txn, "xattrs", u64(ino), epoch=epoch)]
 
     def is_orphan(self, ino: int) -> bool:
         with self.db.begin() as txn:

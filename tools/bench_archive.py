@@ -1,0 +1,1011 @@
+"""Benchmark of archive replication: throughput, restore, recovery point, cost for the writer.
+
+Why it exists. The archive (docs/architecture.md section 9) is where studies live for decades,
+and replication is asynchronous: it must keep up with a PACS, a disaster recovery must not be
+slow for reasons of ours, and ingest must not pay for it. The targets are stated relative to what
+the object store itself can do, measured in the same run against the same server with the same
+client library, so the figures say what vnafs costs on top of the network and the server:
+replication at least 0.9x the throughput of plain PUTs of the very same sealed blocks, restore at
+least 0.8x that of plain GETs of the same objects, and a recovery point never more than 15 s
+(the default `rpo`) behind the newest write under a steady ingest. Everything runs on real mounts
+made with the real CLI (`vnafs keygen/mkfs/mount/umount/restore`), against one SeaweedFS
+(`weed mini`, tools/servers.py) on 127.0.0.1 that this tool starts and stops.
+
+What it does, under --dir (default /var/tmp/vnafs-bench-archive, one disk for everything):
+
+1. replicate: a hot store with an s3 archive and `[archive] interval = 3600` is mounted (its
+   first cycle, at mount, ships the empty file system), then --size-mib (default 1024) of CT
+   slices of 0.5 MiB from tools/gen_studies.write_ct_series are copied in: nothing replicates
+   meanwhile. SeaweedFS is stopped before `vnafs umount`, so the final cycle at unmount fails
+   at once and the whole backlog stays in the outbox (with the server up that cycle would ship
+   it, cut short after 30 s, and leave the timed mount little or nothing to do). SeaweedFS is
+   started again, `interval` set to 1, and the store mounted again: timed from the start of
+   `vnafs mount` until `status` shows no pending record and no pending block (the mount's first
+   cycle runs at once and ships the backlog: blocks, the log parts of every dirty record, HEAD).
+   MiB/s is over `since_mount_bytes_uploaded` of that mount (sealed block bytes). Baseline: the
+   same sealed block files, read from `<hot>/blocks/`, PUT (create-only, obstore through
+   `open_backend`, 4 threads like `[archive] uploads`) under another prefix of the same bucket,
+   once before the timed mount and once after; the faster run is the baseline.
+2. restore: `vnafs restore --no-progress` of that archive into a new directory, timed (process
+   start to exit: keyring, metadata, refs, every block fetched, authenticated and written, one
+   syncfs), against plain GETs of every `blocks/` object of the prefix into memory (a listing
+   plus 8 threads, like restore's 8 workers), once before and once after; the faster one counts.
+3. rpo: a hot store with the default archive settings (interval 2 s, rpo 15 s) takes one CT
+   study of --study-slices (300) slices per minute at an even pace (one slice every 0.2 s) for
+   --rpo-minutes (5); `status` is requested through the control socket every 0.5 s. Per poll,
+   trailing = wall time of the newest close() that had returned before the poll started minus
+   the recovery point (0 when the recovery point is newer). Max, p95 and median of trailing and
+   the maximum `lag_seconds` the daemon reported are shown, and how long after the last close
+   the recovery point passed it.
+4. ingest: --files (2000) CT slices (read into memory first) copied file by file (open, one
+   write, close; no fsync) into a fresh mount without archive, one with a `file://` archive (a
+   directory on the same disk) and one with the s3 archive, default settings (replication runs
+   alongside), --repeat times (2) in alternating order after one uncounted warm-up ingest
+   without archive (see tools/bench_dicom.py: the first ingest after the sources were written
+   is up to 45 % slower). Timed until the last close() returns; the time until everything was
+   replicated is shown for information. Ratios are throughput with archive / without.
+
+How to read the output. Times are wall clock (time.perf_counter); MiB/s is 2^20 bytes per second
+of sealed (compressed and encrypted) block bytes unless it says "CT data"; MB/s is 10^6 bytes
+per second. Ratios are vnafs / plain throughput (1.0 = as fast as the bare client). "CPU" is user
++ system time from /proc/PID/stat (the vnafs daemon, weed) or os.times (this process, for the
+plain client; a child, for restore). The peak RSS of weed is its VmHWM before every stop (it is
+restarted once), that of vnafs daemons their VmHWM before each unmount. The load average is
+printed per part: on two shared cores every figure moves by 10-30 % with other work, so compare
+runs from one quiet machine. Speed is measured, never asserted: a missed target is a row marked
+MISS, not a failure.
+
+Run it as root from the repository root with the project's virtualenv:
+
+    .venv/bin/python -m tools.bench_archive [--quick] [--only replicate,restore,rpo,ingest]
+                                            [--json FILE] [--dir DIR]
+
+--quick uses 256 MiB, 500 ingest files, one ingest run per mode and 2 minutes of rpo (about
+4 minutes in all; the full run takes about 15). `restore` needs the archive that `replicate`
+makes, so asking for it runs `replicate` too. --py-spy DIR records py-spy profiles (raw
+collapsed stacks) of the daemon during the replication drain and of `vnafs restore`; they
+perturb the timings, so leave it off for figures. Every mount is unmounted and SeaweedFS stopped
+(by its PID) on exit, also on Ctrl-C or SIGTERM, and the work directory is removed unless --keep
+is given. Exit status: 0 when every part ran, 1 when one failed (the reason is printed under the
+table), 2 for a usage problem, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tools.bench import (
+    MIB,
+    BenchError,
+    Target,
+    VnafsTarget,
+    _sigterm,
+    find_vnafs,
+    loadavg,
+    machine_info,
+    mounted_under,
+    say,
+    signals_ignored,
+    vm_hwm_kib,
+    vnafs_revision,
+    write_all,
+)
+from tools.bench_dicom import Report, daemon_cpu, median, p95, print_table, remove_rundir
+from tools.gen_studies import write_ct_series
+from tools.servers import SeaweedFS
+from vnafs import config as config_mod
+from vnafs.archive.backend import Backend, open_backend
+from vnafs.control import control_request
+from vnafs.errors import VnafsError
+
+DEFAULT_DIR = "/var/tmp/vnafs-bench-archive"
+PARTS = ("replicate", "restore", "rpo", "ingest")
+DEFAULT_SIZES = {"size_mib": 1024, "files": 2000, "rpo_minutes": 5, "repeat": 2}
+QUICK_SIZES = {"size_mib": 256, "files": 500, "rpo_minutes": 2, "repeat": 1}
+SLICES_PER_MIB = 2  # write_ct_series makes 512 x 512 x 16-bit slices, 0.5 MiB of pixels
+SEED = 20241130
+BUCKET = "vnafs-bench"
+REPLICATE_TARGET = 0.9  # vnafs replication / plain PUT throughput, at least
+RESTORE_TARGET = 0.8  # vnafs restore / plain GET throughput, at least
+RPO_TARGET = 15.0  # seconds the recovery point may trail the newest write, at most
+UPLOADS = config_mod.ArchiveConfig().uploads  # concurrent uploads of the replicator (4)
+RESTORE_WORKERS = 8  # vnafs.archive.restore.restore(workers=8), what `vnafs restore` uses
+DRAIN_POLL = 0.2  # seconds between status requests while a backlog drains
+RPO_POLL = 0.5  # seconds between status requests during the rpo part
+REPLICATE_DEADLINE = 1800.0  # seconds before a backlog that does not drain counts as stuck
+CATCH_UP_DEADLINE = 300.0  # after an ingest, for replication to catch up
+
+Failure = (BenchError, OSError, subprocess.SubprocessError, VnafsError)
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def run_env(argv: list[str], env: dict[str, str] | None, *, timeout: float = 300.0) -> str:
+    """tools.bench.run with an environment (the archive credentials)."""
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                             stdin=subprocess.DEVNULL, env=env)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{' '.join(argv)} did not finish within {timeout:.0f} s") from None
+    if res.returncode != 0:
+        out = (res.stdout + res.stderr).strip()
+        raise BenchError(f"{' '.join(argv)} failed ({res.returncode}): {out}")
+    return res.stdout
+
+
+def mib(n: float) -> float:
+    return n / MIB
+
+
+def rate(nbytes: float, seconds: float) -> float:
+    return nbytes / MIB / seconds if seconds > 0 else 0.0
+
+
+def load_sources(src: Path) -> list[tuple[str, bytes]]:
+    files = sorted(src.rglob("*.dcm"))
+    return [(str(p.relative_to(src)), p.read_bytes()) for p in files]
+
+
+def copy_files(top: Path, files: list[tuple[str, bytes]]) -> None:
+    """The ingest of a PACS: per file open(O_CREAT), one write, close; no fsync."""
+    for d in sorted({(top / rel).parent for rel, _ in files}):
+        d.mkdir(parents=True, exist_ok=True)
+    for rel, data in files:
+        fd = os.open(top / rel, os.O_CREAT | os.O_WRONLY, 0o644)
+        try:
+            write_all(fd, data)
+        finally:
+            os.close(fd)
+
+
+def block_files(hot: Path) -> list[tuple[str, Path, int]]:
+    """(archive object name, path, size) of every sealed block file of a hot store.
+
+    The hot store and the archive name blocks alike: blocks/<2 hex>/<62 hex>."""
+    out = []
+    for path in sorted((hot / "blocks").glob("??/*")):
+        if path.is_file():
+            out.append((f"blocks/{path.parent.name}/{path.name}", path, path.stat().st_size))
+    return out
+
+
+def own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def children_cpu() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+class PySpy:
+    """`py-spy record` of one process while a `with` block runs (--py-spy; off by default)."""
+
+    def __init__(self, outdir: Path | None, name: str) -> None:
+        self.outdir = outdir
+        self.name = name
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def attach(self, pid: int | None) -> None:
+        exe = Path(sys.executable).with_name("py-spy")
+        if self.outdir is None or pid is None or not exe.exists():
+            return
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        out = self.outdir / f"{self.name}.txt"
+        self.proc = subprocess.Popen(
+            [str(exe), "record", "--pid", str(pid), "--rate", "200", "--threads", "--nonblocking",
+             "--format", "raw", "-o", str(out)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+
+    def detach(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        say(f"  py-spy profile: {self.outdir}/{self.name}.txt")
+
+
+class ArchiveTarget(VnafsTarget):
+    """A vnafs file system made with `mkfs --archive URL` (or without), `[archive]` settings set
+    after mkfs, and every vnafs command run with the archive credentials in its environment."""
+
+    def __init__(self, root: Path, exe: str, *, archive: str | None, env: dict[str, str],
+                 settings: dict[str, int] | None = None) -> None:
+        super().__init__(root, exe)
+        self.archive = archive
+        self.env = env
+        self.settings = dict(settings or {})
+
+    def create(self) -> None:
+        self.root.mkdir(parents=True, mode=0o755)
+        self.path.mkdir(mode=0o755)
+        run_env([self.exe, "keygen", str(self.key)], self.env)
+        archive = ["--archive", self.archive] if self.archive else []
+        run_env([self.exe, "mkfs", "--key-file", str(self.key), *archive, str(self.hot)],
+                self.env)
+        if self.settings:
+            self.set_archive(**self.settings)
+
+    def set_archive(self, **values: int) -> None:
+        """Rewrite `[archive]` settings of vnafs.toml (read at mount)."""
+        cfg = config_mod.load(self.hot)
+        for key, value in values.items():
+            if not hasattr(cfg.archive, key):
+                raise BenchError(f"no archive setting {key!r}")
+            setattr(cfg.archive, key, value)
+        (self.hot / config_mod.CONFIG_NAME).write_text(cfg.to_toml())
+        got = config_mod.load(self.hot).archive
+        if any(getattr(got, k) != v for k, v in values.items()):
+            raise BenchError(f"setting {values} in {self.hot}/vnafs.toml did not take")
+
+    def mount(self) -> None:
+        Target.mount(self)
+        run_env([self.exe, "mount", "--key-file", str(self.key), "-o", "allow_other",
+                 str(self.hot), str(self.path)], self.env)
+        self._pid = self._pid_file()
+
+    def status(self, timeout: float = 30.0) -> dict[str, Any]:
+        return dict(control_request(self.hot, {"op": "status"}, timeout))
+
+    def archive_status(self) -> dict[str, Any]:
+        arch = self.status().get("archive")
+        if not arch:
+            raise BenchError(f"{self.path} has no archive in its status")
+        return dict(arch)
+
+    def wait_replicated(self, deadline_s: float, *, after_cycle: int = 0,
+                        poll: float = DRAIN_POLL) -> tuple[float, dict[str, Any], float]:
+        """Block until nothing is pending and a cycle after `after_cycle` has committed.
+
+        Returns (seconds waited, the archive status, seconds spent in status requests)."""
+        t0 = time.perf_counter()
+        in_status = 0.0
+        arch: dict[str, Any] = {}
+        while True:
+            s0 = time.perf_counter()
+            arch = self.archive_status()
+            in_status += time.perf_counter() - s0
+            if (not arch["pending_records"] and not arch["pending_blocks"]
+                    and arch["recovery_point_ns"] and arch["cycle"] > after_cycle):
+                return time.perf_counter() - t0, arch, in_status
+            if time.perf_counter() - t0 > deadline_s:
+                raise BenchError(f"replication did not catch up within {deadline_s:.0f} s: "
+                                 f"{arch['pending_blocks']} blocks and {arch['pending_records']}"
+                                 f" records pending, state {arch['state']}, last error "
+                                 f"{arch['last_error']}")
+            time.sleep(poll)
+
+
+@dataclass
+class Bench:
+    """The run: where file systems go, the SeaweedFS server, and what to clean up."""
+
+    rundir: Path
+    exe: str
+    keep: bool
+    seaweed: SeaweedFS
+    profile_dir: Path | None
+    targets: list[ArchiveTarget] = field(default_factory=list)
+    weed_hwm_kib: list[int] = field(default_factory=list)
+    prefixes: int = 0
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **self.seaweed.env()}
+
+    def s3_url(self, name: str) -> str:
+        """A fresh prefix of the bucket, never used before in this run."""
+        self.prefixes += 1
+        return self.seaweed.url(BUCKET, f"{self.prefixes:02d}-{name}")
+
+    def s3(self, url: str) -> Backend:
+        return open_backend(url, env=self.seaweed.env())
+
+    def new_fs(self, name: str, archive: str | None, settings: dict[str, int] | None = None
+               ) -> ArchiveTarget:
+        t = ArchiveTarget(self.rundir / name, self.exe, archive=archive, env=self.env,
+                          settings=settings)
+        self.targets.append(t)
+        t.create()
+        return t
+
+    def drop(self, t: ArchiveTarget) -> None:
+        """Unmount (if needed) and delete a file system that is no longer needed."""
+        with signals_ignored():
+            t.cleanup()
+        if not (self.keep or mounted_under(t.root)):
+            shutil.rmtree(t.root, ignore_errors=True)
+
+    def weed_pid(self) -> int | None:
+        proc = self.seaweed.proc
+        return proc.pid if proc is not None else None
+
+    def weed_cpu(self) -> float:
+        return daemon_cpu(self.weed_pid()) or 0.0
+
+    def sample_weed(self) -> None:
+        pid = self.weed_pid()
+        hwm = vm_hwm_kib(pid) if pid is not None else None
+        if hwm is not None:
+            self.weed_hwm_kib.append(hwm)
+
+    def stop_weed(self) -> None:
+        self.sample_weed()
+        self.seaweed.stop()
+
+    def start_weed(self) -> None:
+        self.seaweed.start()
+
+
+def daemon_rss_mib(t: ArchiveTarget) -> str:
+    return "-" if t.peak_rss_kib is None else f"{t.peak_rss_kib / 1024:.0f} MiB"
+
+
+# -- plain client baselines -----------------------------------------------------------------------
+
+
+@dataclass
+class PlainRun:
+    seconds: float
+    nbytes: int
+    objects: int
+    cpu_client: float
+    cpu_weed: float
+
+    @property
+    def mib_s(self) -> float:
+        return rate(self.nbytes, self.seconds)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**vars(self), "mib_s": self.mib_s}
+
+
+def plain_put(b: Bench, blocks: list[tuple[str, Path, int]], url: str) -> PlainRun:
+    """PUT every block file (read in the worker, like the replicator does) under `url`."""
+    backend = b.s3(url)
+
+    def put(item: tuple[str, Path, int]) -> int:
+        name, path, _ = item
+        data = path.read_bytes()
+        if not backend.put(name, data, create=True):
+            raise BenchError(f"{name} already exists under the fresh prefix {url}")
+        return len(data)
+
+    c0, w0 = own_cpu(), b.weed_cpu()
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=UPLOADS) as pool:
+        total = sum(pool.map(put, blocks))
+    seconds = time.perf_counter() - t0
+    return PlainRun(seconds, total, len(blocks), own_cpu() - c0, b.weed_cpu() - w0)
+
+
+def plain_get(b: Bench, url: str) -> PlainRun:
+    """List `blocks/` under `url` and GET every object into memory, RESTORE_WORKERS at a time."""
+    backend = b.s3(url)
+    c0, w0 = own_cpu(), b.weed_cpu()
+    t0 = time.perf_counter()
+    objects = list(backend.list("blocks/"))
+
+    def get(item: tuple[str, int]) -> int:
+        name, size = item
+        got = len(backend.get(name))
+        if got != size:
+            raise BenchError(f"{name}: got {got} bytes, listed {size}")
+        return got
+
+    with ThreadPoolExecutor(max_workers=RESTORE_WORKERS) as pool:
+        total = sum(pool.map(get, objects))
+    seconds = time.perf_counter() - t0
+    return PlainRun(seconds, total, len(objects), own_cpu() - c0, b.weed_cpu() - w0)
+
+
+def _plain_row(rep: Report, label: str, runs: list[PlainRun]) -> None:
+    rep.row(label, "  ".join(f"{r.seconds:.2f} s {r.mib_s:.1f} MiB/s" for r in runs)
+            + f"  (client CPU {runs[0].cpu_client:.1f} s, weed CPU {runs[0].cpu_weed:.1f} s)")
+
+
+# -- part 1: replication throughput ---------------------------------------------------------------
+
+
+@dataclass
+class Archived:
+    """What `replicate` leaves for `restore`: the unmounted store and its archive."""
+
+    target: ArchiveTarget
+    url: str
+    blocks: int
+    block_bytes: int
+
+
+def part_replicate(b: Bench, files: list[tuple[str, bytes]], rep: Report) -> Archived:
+    data_bytes = sum(len(d) for _, d in files)
+    say(f"\n== replicate: backlog of {len(files)} CT slices ({mib(data_bytes):.0f} MiB) vs "
+        f"plain PUT (load average {loadavg():.2f})")
+    figures: dict[str, Any] = {"files": len(files), "data_bytes": data_bytes}
+    rep.data["replicate"] = figures
+    url = b.s3_url("replicate")
+    t = b.new_fs("replicate", url, {"interval": 3600})
+    t.mount()
+    _, first, _ = t.wait_replicated(60)  # the first cycle, at mount: the empty file system
+    t0 = time.perf_counter()
+    copy_files(t.path / "incoming", files)
+    t_ingest = time.perf_counter() - t0
+    before = t.archive_status()
+    say(f"  ingest {t_ingest:.1f} s; outbox {before['pending_blocks']} blocks, "
+        f"{mib(before['pending_bytes']):.0f} MiB, {before['pending_records']} records")
+    if before["cycle"] != first["cycle"]:
+        raise BenchError(f"a replication cycle ran during the ingest (cycle {first['cycle']} -> "
+                         f"{before['cycle']}) although interval = 3600")
+    # Stop the archive so that the final cycle at unmount fails and leaves the outbox whole.
+    b.stop_weed()
+    try:
+        t0 = time.perf_counter()
+        t.umount()
+        t_umount = time.perf_counter() - t0
+    finally:
+        b.start_weed()
+    blocks = block_files(t.hot)
+    block_bytes = sum(s for _, _, s in blocks)
+    if len(blocks) != before["pending_blocks"]:
+        say(f"  note: {len(blocks)} block files in the hot store, "
+            f"{before['pending_blocks']} pending")
+    say(f"  unmount with the archive down {t_umount:.1f} s; {len(blocks)} sealed blocks, "
+        f"{mib(block_bytes):.1f} MiB ({data_bytes / block_bytes:.2f}x smaller than the CT data)")
+    t.set_archive(interval=1)
+
+    plain = [plain_put(b, blocks, b.s3_url("plain-put"))]
+    say(f"  plain PUT #1: {plain[0].seconds:.2f} s, {plain[0].mib_s:.1f} MiB/s")
+    spy = PySpy(b.profile_dir, "replicate-drain")
+    cpu_w0 = b.weed_cpu()
+    t0 = time.perf_counter()
+    try:
+        t.mount()
+        t_mount = time.perf_counter() - t0
+        spy.attach(t.pid())
+        _, arch, in_status = t.wait_replicated(REPLICATE_DEADLINE, after_cycle=before["cycle"])
+    finally:
+        spy.detach()
+    drain = time.perf_counter() - t0
+    cpu_daemon = daemon_cpu(t.pid()) or 0.0  # since the daemon started: mount + drain
+    cpu_weed = b.weed_cpu() - cpu_w0
+    sent = int(arch["since_mount_bytes_uploaded"])
+    sent_blocks = int(arch["since_mount_blocks_uploaded"])
+    say(f"  vnafs drain: {drain:.2f} s, {rate(sent, drain):.1f} MiB/s ({sent_blocks} blocks, "
+        f"{arch['since_mount_cycles']} cycles)")
+    plain.append(plain_put(b, blocks, b.s3_url("plain-put")))
+    say(f"  plain PUT #2: {plain[1].seconds:.2f} s, {plain[1].mib_s:.1f} MiB/s")
+    t.umount()
+    if sent_blocks + int(arch["since_mount_blocks_present"]) != len(blocks):
+        raise BenchError(f"the timed mount shipped {sent_blocks} blocks (+ "
+                         f"{arch['since_mount_blocks_present']} already present), the hot store "
+                         f"has {len(blocks)}")
+    if sent_blocks != len(blocks):
+        say(f"  note: {len(blocks) - sent_blocks} blocks were in the archive before the timed "
+            "mount (shipped by the unmount's final cycle)")
+    best = max(plain, key=lambda r: r.mib_s)
+    vnafs_rate = rate(sent, drain)
+    ratio = vnafs_rate / best.mib_s
+    rep.section(f"replicate: backlog of {len(files)} CT slices, {mib(data_bytes):.0f} MiB of CT "
+                f"= {len(blocks)} sealed blocks, {mib(block_bytes):.1f} MiB")
+    rep.row("vnafs: mount until nothing pending", f"{drain:.2f} s  {vnafs_rate:.1f} MiB/s  "
+            f"({mib(sent):.1f} MiB in {sent_blocks} blocks; mount command {t_mount:.2f} s)")
+    rep.row("vnafs: CT data protected per second", f"{rate(data_bytes, drain):.1f} MiB/s")
+    _plain_row(rep, f"plain PUT, {UPLOADS} threads (before, after)", plain)
+    rep.row("replication / plain PUT", f"{ratio:.2f}x", f">= {REPLICATE_TARGET}x",
+            ratio >= REPLICATE_TARGET)
+    rep.row("CPU during the drain", f"daemon {cpu_daemon:.1f} s (since its start), weed "
+            f"{cpu_weed:.1f} s; status requests {in_status:.2f} s")
+    rep.row("ingest / unmount, archive down (info)", f"{t_ingest:.1f} s / {t_umount:.1f} s")
+    figures.update(blocks=len(blocks), block_bytes=block_bytes, ingest_seconds=t_ingest,
+                   umount_seconds=t_umount, mount_seconds=t_mount, drain_seconds=drain,
+                   bytes_uploaded=sent, blocks_uploaded=sent_blocks, vnafs_mib_s=vnafs_rate,
+                   plain=[p.as_dict() for p in plain], plain_mib_s=best.mib_s, ratio=ratio,
+                   cpu_daemon=cpu_daemon, cpu_weed=cpu_weed, status_seconds=in_status,
+                   cycles=arch["since_mount_cycles"], outbox=before, daemon_rss_kib=t.rss)
+    return Archived(t, url, len(blocks), block_bytes)
+
+
+# -- part 2: restore ------------------------------------------------------------------------------
+
+
+_RESTORED = re.compile(r": (\d+) blocks \((\d+) downloaded now, ([\d.]+) MiB\) in ([\d.]+) s")
+
+
+def part_restore(b: Bench, src: Archived, rep: Report) -> None:
+    say(f"\n== restore: {src.blocks} blocks, {mib(src.block_bytes):.1f} MiB, vs plain GET "
+        f"(load average {loadavg():.2f})")
+    figures: dict[str, Any] = {"blocks": src.blocks, "block_bytes": src.block_bytes}
+    rep.data["restore"] = figures
+    plain = [plain_get(b, src.url)]
+    say(f"  plain GET #1: {plain[0].seconds:.2f} s, {plain[0].mib_s:.1f} MiB/s "
+        f"({plain[0].objects} objects)")
+    if plain[0].objects != src.blocks:
+        raise BenchError(f"the archive lists {plain[0].objects} blocks, the hot store had "
+                         f"{src.blocks}")
+    target = b.rundir / "restored"
+    cmd = [b.exe, "restore", "--key-file", str(src.target.key), "--no-progress", src.url,
+           str(target)]
+    spy = PySpy(b.profile_dir, "restore")
+    c0, w0 = children_cpu(), b.weed_cpu()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, env=b.env, text=True)
+    try:
+        spy.attach(proc.pid)
+        out, err = proc.communicate(timeout=REPLICATE_DEADLINE)
+    except BaseException:
+        proc.kill()
+        proc.wait(timeout=30)
+        raise
+    finally:
+        spy.detach()
+    seconds = time.perf_counter() - t0
+    cpu_restore, cpu_weed = children_cpu() - c0, b.weed_cpu() - w0
+    if proc.returncode != 0:
+        raise BenchError(f"vnafs restore failed ({proc.returncode}): {(out + err).strip()}")
+    m = _RESTORED.search(out)
+    if m is None:
+        raise BenchError(f"unexpected output of vnafs restore: {out.strip()!r}")
+    n_blocks, n_down, _, inner = int(m[1]), int(m[2]), float(m[3]), float(m[4])
+    if n_blocks != src.blocks or n_down != src.blocks:
+        raise BenchError(f"vnafs restore brought {n_down} of {n_blocks} blocks, expected "
+                         f"{src.blocks}")
+    restored = sum(s for _, _, s in block_files(target))
+    if restored != src.block_bytes:
+        raise BenchError(f"the restored store holds {restored} block bytes, the source "
+                         f"{src.block_bytes}")
+    say(f"  vnafs restore: {seconds:.2f} s, {rate(restored, seconds):.1f} MiB/s "
+        f"({inner:.1f} s by its own count)")
+    plain.append(plain_get(b, src.url))
+    say(f"  plain GET #2: {plain[1].seconds:.2f} s, {plain[1].mib_s:.1f} MiB/s")
+    best = max(plain, key=lambda r: r.mib_s)
+    vnafs_rate = rate(restored, seconds)
+    ratio = vnafs_rate / best.mib_s
+    rep.section(f"restore: {src.blocks} blocks, {mib(src.block_bytes):.1f} MiB")
+    rep.row("vnafs restore --no-progress", f"{seconds:.2f} s  {vnafs_rate:.1f} MiB/s  (its own "
+            f"count {inner:.1f} s; CPU {cpu_restore:.1f} s, weed {cpu_weed:.1f} s)")
+    _plain_row(rep, f"plain GET, {RESTORE_WORKERS} threads (before, after)", plain)
+    rep.row("restore / plain GET", f"{ratio:.2f}x", f">= {RESTORE_TARGET}x",
+            ratio >= RESTORE_TARGET)
+    figures.update(seconds=seconds, own_count_seconds=inner, mib_s=vnafs_rate,
+                   plain=[p.as_dict() for p in plain], plain_mib_s=best.mib_s, ratio=ratio,
+                   cpu_restore=cpu_restore, cpu_weed=cpu_weed)
+    if not b.keep:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+# -- part 3: recovery point under a steady ingest -------------------------------------------------
+
+
+@dataclass
+class Writer:
+    """Writes slices at an even pace in a thread; remembers when the newest close() returned."""
+
+    top: Path
+    files: list[tuple[str, bytes]]
+    pace: float
+    stop: threading.Event = field(default_factory=threading.Event)
+    last_close: float = 0.0  # time.time() after the newest close() returned; 0 before
+    written: int = 0
+    late: float = 0.0  # the most a write started after its due time
+    error: BaseException | None = None
+    finished: float = 0.0
+
+    def run(self) -> None:
+        try:
+            for d in sorted({(self.top / rel).parent for rel, _ in self.files}):
+                d.mkdir(parents=True, exist_ok=True)
+            start = time.monotonic()
+            for i, (rel, data) in enumerate(self.files):
+                due = start + i * self.pace
+                delay = due - time.monotonic()
+                if delay > 0 and self.stop.wait(delay):
+                    return
+                if self.stop.is_set():
+                    return
+                self.late = max(self.late, -delay)
+                fd = os.open(self.top / rel, os.O_CREAT | os.O_WRONLY, 0o644)
+                try:
+                    write_all(fd, data)
+                finally:
+                    os.close(fd)
+                self.last_close = time.time()
+                self.written += 1
+        except BaseException as exc:  # reported by the main thread
+            self.error = exc
+        finally:
+            self.finished = time.time()
+
+
+def part_rpo(b: Bench, minutes: int, slices: int, rep: Report) -> None:
+    pace = 60.0 / slices
+    say(f"\n== rpo: one CT study of {slices} slices per minute for {minutes} min, one slice "
+        f"every {pace:.2f} s (load average {loadavg():.2f})")
+    src = b.rundir / "src-rpo"
+    t0 = time.perf_counter()
+    files: list[tuple[str, bytes]] = []
+    for k in range(minutes):
+        out = src / f"study{k + 1:02d}"
+        write_ct_series(out, seed=SEED + 1 + k, count=slices)  # a new patient and study each
+        files += [(f"study{k + 1:02d}/{rel}", d) for rel, d in load_sources(out)]
+    if not b.keep:
+        shutil.rmtree(src, ignore_errors=True)
+    total = sum(len(d) for _, d in files)
+    say(f"  generated {len(files)} slices, {mib(total):.0f} MiB, in "
+        f"{time.perf_counter() - t0:.1f} s (not timed); held in memory")
+    figures: dict[str, Any] = {"minutes": minutes, "slices_per_study": slices, "pace": pace,
+                               "files": len(files), "bytes": total}
+    rep.data["rpo"] = figures
+    t = b.new_fs("rpo", b.s3_url("rpo"))  # default archive settings
+    t.mount()
+    t.wait_replicated(60)
+    cfg = config_mod.load(t.hot).archive
+    writer = Writer(t.path / "rpo", files, pace)
+    thread = threading.Thread(target=writer.run, name="rpo-writer", daemon=True)
+    samples: list[dict[str, Any]] = []
+    caught_up: float | None = None
+    try:
+        thread.start()
+        next_poll = time.monotonic()
+        deadline = time.monotonic() + minutes * 60 + CATCH_UP_DEADLINE
+        while time.monotonic() < deadline:
+            next_poll += RPO_POLL
+            newest = writer.last_close
+            polled = time.time()
+            st = t.status(timeout=10)
+            arch = st["archive"]
+            rp = (arch["recovery_point_ns"] or 0) / 1e9
+            done = not thread.is_alive()
+            samples.append({"t": polled, "newest_close": newest, "rp": rp,
+                            "trailing": max(0.0, newest - rp) if newest else 0.0,
+                            "lag": arch["lag_seconds"] or 0.0, "state": arch["state"],
+                            "health": st["health"], "pending_blocks": arch["pending_blocks"],
+                            "writing": not done})
+            if done and newest and rp >= writer.last_close and not arch["pending_blocks"]:
+                caught_up = time.time() - writer.last_close  # observed, so an upper bound
+                break
+            time.sleep(max(0.0, next_poll - time.monotonic()))
+        else:
+            raise BenchError(f"replication did not catch up {CATCH_UP_DEADLINE:.0f} s after "
+                             "the ingest")
+    finally:
+        writer.stop.set()
+        thread.join(timeout=30)
+    if writer.error is not None:
+        raise BenchError(f"the rpo writer failed: {writer.error}")
+    if writer.written != len(files):
+        raise BenchError(f"the rpo writer wrote {writer.written} of {len(files)} slices")
+    final = t.archive_status()
+    t.umount()
+    active = [s for s in samples if s["newest_close"]]
+    trailing = [s["trailing"] for s in active]
+    lags = [s["lag"] for s in active]
+    worst, high, mid = max(trailing), p95(trailing), median(trailing)
+    assert high is not None and mid is not None
+    not_ok = sum(1 for s in active if s["health"] != "ok")
+    rep.section(f"rpo: {minutes} CT studies of {slices} x 0.5 MiB, one a minute "
+                f"(interval {cfg.interval} s, rpo {cfg.rpo} s), {len(active)} polls")
+    rep.row("recovery point behind the newest close", f"max {worst:.2f} s  p95 {high:.2f} s  "
+            f"median {mid:.2f} s", f"<= {RPO_TARGET:g} s", worst <= RPO_TARGET)
+    rep.row("lag_seconds reported by the daemon", f"max {max(lags):.2f} s  median "
+            f"{median(lags) or 0:.2f} s; health not ok in {not_ok} polls",
+            f"<= {cfg.rpo} s", max(lags) <= cfg.rpo)
+    rep.row("after the last close: recovery point passes it",
+            f"{caught_up:.2f} s" if caught_up is not None else "-")
+    rep.row("writer (info)", f"{writer.written} slices, at most {writer.late * 1e3:.0f} ms "
+            f"late; {final['since_mount_cycles']} cycles, "
+            f"{mib(final['since_mount_bytes_uploaded']):.0f} MiB uploaded; daemon peak RSS "
+            f"{daemon_rss_mib(t)}")
+    figures.update(samples=samples, trailing_max=worst, trailing_p95=high, trailing_median=mid,
+                   lag_max=max(lags), caught_up_seconds=caught_up, writer_late=writer.late,
+                   cycles=final["since_mount_cycles"],
+                   bytes_uploaded=final["since_mount_bytes_uploaded"], daemon_rss_kib=t.rss)
+    b.drop(t)
+
+
+# -- part 4: ingest with and without an archive ---------------------------------------------------
+
+
+@dataclass
+class IngestRun:
+    mode: str
+    writes: float
+    replicated: float | None = None  # from the first write until nothing was pending
+    cpu_writes: float | None = None
+    loadavg: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+MODES = ("none", "file", "s3")
+MODE_LABELS = {"none": "no archive", "file": "file:// archive", "s3": "s3 archive"}
+
+
+def part_ingest(b: Bench, files: list[tuple[str, bytes]], repeat: int, warm_up: bool,
+                rep: Report) -> None:
+    total = sum(len(d) for _, d in files)
+    say(f"\n== ingest: {len(files)} CT slices ({mib(total):.0f} MiB) into mounts without "
+        f"archive, with file:// and with s3, {repeat}x (load average {loadavg():.2f})")
+    runs: list[IngestRun] = []
+    counter = [0]
+
+    def one(mode: str, counted: bool = True) -> IngestRun:
+        counter[0] += 1
+        name = f"ingest-{counter[0]:02d}-{mode}" + ("" if counted else "-warmup")
+        if mode == "none":
+            archive = None
+        elif mode == "file":
+            archive = f"file://{b.rundir / (name + '-archive')}"
+        else:
+            archive = b.s3_url(name)
+        t = b.new_fs(name, archive)
+        try:
+            t.mount()
+            if archive:
+                t.wait_replicated(60)
+            la = loadavg()
+            os.sync()
+            pid = t.pid()
+            cpu0 = daemon_cpu(pid)
+            t0 = time.perf_counter()
+            copy_files(t.path / "incoming", files)
+            res = IngestRun(mode, time.perf_counter() - t0, loadavg=la)
+            cpu1 = daemon_cpu(pid)
+            if cpu0 is not None and cpu1 is not None:
+                res.cpu_writes = cpu1 - cpu0
+            if archive:
+                waited, _, _ = t.wait_replicated(CATCH_UP_DEADLINE)
+                res.replicated = res.writes + waited
+            t.umount()
+        finally:
+            b.drop(t)
+            if archive and archive.startswith("file://") and not b.keep:
+                shutil.rmtree(archive.removeprefix("file://"), ignore_errors=True)
+        extra = "" if res.replicated is None else f", all replicated after {res.replicated:.2f} s"
+        say(f"  {name}: writes {res.writes:.2f} s ({total / res.writes / 1e6:.1f} MB/s, "
+            f"{len(files) / res.writes:.0f} files/s), daemon CPU {res.cpu_writes or 0:.1f} s"
+            f"{extra}  (load {res.loadavg:.2f})")
+        return res
+
+    warmup = one("none", counted=False).writes if warm_up else None
+    for r in range(repeat):
+        for mode in (MODES if r % 2 == 0 else tuple(reversed(MODES))):
+            runs.append(one(mode))
+    med = {m: median([x.writes for x in runs if x.mode == m]) for m in MODES}
+    rep.section(f"ingest {len(files)} x {total / len(files) / MIB:.2f} MiB CT "
+                f"(median of {repeat}; writes until the last close)")
+    for mode in MODES:
+        w = med[mode]
+        assert w is not None
+        repl = median([x.replicated for x in runs if x.mode == mode and x.replicated])
+        cpu = median([x.cpu_writes for x in runs if x.mode == mode and x.cpu_writes is not None])
+        extra = "" if repl is None else f"; all replicated after {repl:.2f} s"
+        rep.row(f"writes, {MODE_LABELS[mode]}", f"{w:.2f} s  {total / w / 1e6:.1f} MB/s  "
+                f"{len(files) / w:.0f} files/s  (daemon CPU {cpu or 0:.1f} s{extra})")
+    if warmup is not None:
+        rep.row("warm-up, no archive (not counted)", f"{warmup:.2f} s")
+    base = med["none"]
+    assert base is not None
+    ratios = {}
+    for mode in ("file", "s3"):
+        w = med[mode]
+        assert w is not None
+        ratios[mode] = base / w
+        rep.row(f"throughput {MODE_LABELS[mode]} / none", f"{ratios[mode]:.2f}x")
+    rep.data["ingest"] = {"files": len(files), "bytes": total, "repeat": repeat,
+                          "runs": [x.as_dict() for x in runs], "median_writes": med,
+                          "ratios": ratios, "warmup_writes": warmup}
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m tools.bench_archive",
+        description="Benchmark archive replication of vnafs against SeaweedFS: replication and "
+                    "restore throughput vs the plain client, recovery point under a steady "
+                    "ingest, ingest cost (run as root).")
+    p.add_argument("--dir", default=DEFAULT_DIR,
+                   help=f"work directory, on the disk to test (default {DEFAULT_DIR})")
+    p.add_argument("--size-mib", type=int,
+                   help="CT data in the replication backlog, MiB (default 1024; 2 slices/MiB)")
+    p.add_argument("--files", type=int, help="CT slices per ingest run (default 2000)")
+    p.add_argument("--repeat", type=int, help="ingest runs per mode (default 2, --quick 1)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip the untimed warm-up ingest before the timed ones")
+    p.add_argument("--rpo-minutes", type=int,
+                   help="minutes of steady ingest in the rpo part (default 5)")
+    p.add_argument("--study-slices", type=int, default=300,
+                   help="slices per one-minute study in the rpo part (default 300)")
+    p.add_argument("--only", default=",".join(PARTS),
+                   help=f"comma-separated parts among {','.join(PARTS)} (default all)")
+    p.add_argument("--quick", action="store_true",
+                   help="256 MiB, 500 ingest files, 1 run per mode, 2 rpo minutes "
+                        "(explicit sizes win)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument("--py-spy", metavar="DIR",
+                   help="record py-spy profiles of the drain and the restore into DIR")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = p.parse_args(argv)
+    only = [n.strip() for n in args.only.split(",") if n.strip()]
+    if not only or any(n not in PARTS for n in only):
+        p.error(f"--only takes names among {','.join(PARTS)}, not {args.only!r}")
+    if "restore" in only and "replicate" not in only:
+        only.append("replicate")  # restore reads the archive replicate makes
+    args.only = only
+    sizes = QUICK_SIZES if args.quick else DEFAULT_SIZES
+    vars(args).update({k: v for k, v in sizes.items() if getattr(args, k) is None})
+    for key in (*sizes, "study_slices"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("tools.bench_archive must run as root (it mounts file systems): "
+              "sudo .venv/bin/python -m tools.bench_archive", file=sys.stderr)
+        return 2
+    exe = find_vnafs()
+    if exe is None or shutil.which("fusermount3") is None:
+        say("the vnafs command (make venv) and fusermount3 (apt-get install fuse3) are needed")
+        return 2
+    if not Path(sys.executable).with_name("weed").exists():
+        say("SeaweedFS (weed) is not installed beside the Python interpreter (make venv)")
+        return 2
+    workdir = Path(args.dir).resolve()
+    made_workdir = not workdir.exists()
+    workdir.mkdir(parents=True, exist_ok=True)
+    slices = args.size_mib * SLICES_PER_MIB if "replicate" in args.only else 0
+    n_src = max(slices, args.files if "ingest" in args.only else 0)
+    # Sources, hot stores, the restored copy and the objects in SeaweedFS (3 copies of the
+    # backlog: vnafs and two plain runs), the rpo data, one ingest store + archive at a time.
+    need = (n_src * 0.55 * MIB * 1.5 + slices * 0.2 * MIB * 6
+            + args.rpo_minutes * args.study_slices * 0.3 * MIB * 3 + args.files * 0.2 * MIB * 8)
+    free = shutil.disk_usage(workdir).free
+    if free < need:
+        say(f"not enough space in {workdir}: {free / MIB:.0f} MiB free, about "
+            f"{need / MIB:.0f} MiB needed")
+        return 2
+    rundir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
+    os.chmod(rundir, 0o755)
+    info = machine_info(workdir)
+    say(f"vnafs archive benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}  "
+        f"({vnafs_revision() or 'no git'})")
+    say(f"{info['cpu']} x {info['nproc']}, {info['mem_gib']} GiB; Linux {info['kernel']}; "
+        f"Python {info['python']}; load average {info['loadavg_start']:.2f}")
+    say(f"work dir: {rundir} ({info['workdir_fs']})")
+    say(f"sizes: replicate {args.size_mib} MiB ({slices} slices); ingest {args.files} slices x "
+        f"{args.repeat} per mode; rpo {args.rpo_minutes} min of {args.study_slices} slices; "
+        f"parts {','.join(p for p in PARTS if p in args.only)}")
+
+    old_term = signal.signal(signal.SIGTERM, _sigterm)
+    rep = Report()
+    profile_dir = Path(args.py_spy).resolve() if args.py_spy else None
+    seaweed: SeaweedFS | None = None
+    b: Bench | None = None
+    interrupted = False
+    started = time.perf_counter()
+    loads: dict[str, list[float]] = {}
+    try:
+        seaweed = SeaweedFS(rundir / "seaweedfs")
+        seaweed.start()
+        seaweed.create_bucket(BUCKET)
+        bench = b = Bench(rundir, exe, args.keep, seaweed, profile_dir)
+        say(f"SeaweedFS (weed mini) pid {b.weed_pid()} at {seaweed.endpoint}, bucket {BUCKET}")
+        files: list[tuple[str, bytes]] = []
+        if n_src:
+            src = rundir / "src-ct"
+            t0 = time.perf_counter()
+            write_ct_series(src, seed=SEED, count=n_src)
+            files = load_sources(src)
+            if not args.keep:
+                shutil.rmtree(src, ignore_errors=True)
+            say(f"generated {len(files)} CT slices, "
+                f"{mib(sum(len(d) for _, d in files)):.0f} MiB, in "
+                f"{time.perf_counter() - t0:.1f} s (not timed); held in memory")
+        archived: list[Archived] = []
+
+        def do_replicate() -> None:
+            archived.append(part_replicate(bench, files[:slices], rep))
+
+        def do_restore() -> None:
+            if not archived:
+                raise BenchError("no archive to restore: the replicate part failed")
+            part_restore(bench, archived[0], rep)
+
+        parts: dict[str, Callable[[], None]] = {
+            "replicate": do_replicate,
+            "restore": do_restore,
+            "rpo": lambda: part_rpo(bench, args.rpo_minutes, args.study_slices, rep),
+            "ingest": lambda: part_ingest(bench, files[:args.files], args.repeat,
+                                          not args.no_warmup, rep),
+        }
+        for name in PARTS:
+            if name not in args.only:
+                continue
+            loads[name] = [loadavg()]
+            t0 = time.perf_counter()
+            try:
+                parts[name]()
+            except Failure as exc:
+                rep.errors.append(f"{name}: {exc}")
+                say(f"  {name} FAILED: {exc}")
+            finally:
+                bench.sample_weed()
+            loads[name].append(loadavg())
+            say(f"  ({name} took {time.perf_counter() - t0:.0f} s)")
+            if name == "restore" and archived:
+                bench.drop(archived[0].target)
+    except KeyboardInterrupt:
+        interrupted = True
+        say("\ninterrupted: unmounting, stopping SeaweedFS and cleaning up")
+    except Failure as exc:
+        rep.errors.append(f"setup: {exc}")
+        say(f"FAILED: {exc}")
+    finally:
+        with signals_ignored():
+            if b is not None:
+                for t in reversed(b.targets):
+                    t.cleanup()
+                if seaweed is not None:
+                    b.stop_weed()
+            elif seaweed is not None:
+                seaweed.stop()
+            remove_rundir(rundir, workdir, made_workdir, args.keep)
+        signal.signal(signal.SIGTERM, old_term)
+
+    elapsed = time.perf_counter() - started
+    weed_peak = max(b.weed_hwm_kib, default=None) if b is not None else None
+    daemon_peak = max((t.peak_rss_kib or 0 for t in b.targets), default=0) if b else 0
+    rep.section("servers")
+    rep.row("SeaweedFS (weed mini) peak RSS",
+            "-" if weed_peak is None else f"{weed_peak / 1024:.0f} MiB (VmHWM)")
+    rep.row("vnafs daemon peak RSS", f"{daemon_peak / 1024:.0f} MiB (VmHWM, highest daemon)")
+    print_table(rep)
+    say("\nload average (1 min) at the start and end of each part: " + ", ".join(
+        f"{k} {'-'.join(f'{x:.2f}' for x in v)}" for k, v in loads.items()))
+    say(f"total {elapsed:.0f} s; MiB/s = 2^20 B/s of sealed block bytes unless marked CT data; "
+        "MB/s = 10^6 B/s")
+    for err in rep.errors:
+        say(f"FAILED {err}")
+    if args.json:
+        doc = {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "json"},
+               "results": rep.data, "table": rep.rows, "loadavg": loads, "errors": rep.errors,
+               "seconds": elapsed, "interrupted": interrupted,
+               "weed_vmhwm_kib": b.weed_hwm_kib if b else [],
+               "daemon_vmhwm_kib": daemon_peak}
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        say(f"wrote {args.json}")
+    if interrupted:
+        return 130
+    return 1 if rep.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
