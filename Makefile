@@ -8,9 +8,10 @@ PYTEST_ARGS ?=
 
 # Debian packages needed to build pyfuse3 and to run the tests
 # (gocryptfs only as a reference point for tools/bench; dcmtk, orthanc, curl and iproute2
-# for the tests with real DICOM writers).
+# for the tests with real DICOM writers; nodejs for Azurite; samba and smbclient for the SMB
+# re-export and Previous Versions tests).
 SYSDEPS := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv gocryptfs attr acl rsync \
-           dcmtk orthanc curl iproute2 nodejs
+           dcmtk orthanc curl iproute2 nodejs samba smbclient
 
 # Azurite (Azure Blob emulator) for the archive backend tests. 3.35.0 is the newest release that
 # runs on node 20. Installed once into .cache/; the file target makes reruns silent. npm is not

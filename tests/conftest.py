@@ -226,3 +226,18 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     with Azurite(tmp_path_factory.mktemp("azurite")) as srv:
         srv.create_container(BUCKET)
         yield srv
+
+
+@pytest.fixture
+def ns(tmp_path: Path) -> Iterator[Any]:
+    """A formatted metadata store without a mount (Namespace over a fresh LMDB)."""
+    from vnafs.keys import KekSource, Keyring
+    from vnafs.meta.db import MetaDB
+    from vnafs.meta.namespace import Namespace
+    from vnafs.seal import Sealer
+
+    keyring = Keyring.create(tmp_path / "keyring", KekSource(key=b"k" * 32, origin="test"))
+    db = MetaDB(tmp_path / "meta", Sealer(keyring))
+    Namespace.format(db, 0, 0, time.time_ns())
+    yield Namespace(db)
+    db.close()

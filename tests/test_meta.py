@@ -1,24 +1,22 @@
 """The metadata engine without a mount: epoch versioning, reference counts, sealed records.
 
-Snapshots (a later issue) depend on one property proven here: after the epoch advances, every
+Snapshots (meta/snapshots.py) depend on one property proven here: after the epoch advances, every
 change (overwrite, truncate, unlink, rename, rmdir, chmod, xattr) leaves the view at the older
 epoch exactly as it was, and blocks stay referenced while any version names them. These tests
-drive `Namespace` directly, as `fsck`, restore and the archive-only mount will.
+drive `Namespace` directly, as `fsck` does.
 """
 
 from __future__ import annotations
 
 import stat
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
 
 from vnafs.errors import IntegrityError
-from vnafs.keys import KekSource, Keyring
-from vnafs.meta.db import MetaDB, u64
+from vnafs.meta.db import u64
 from vnafs.meta.namespace import Namespace, NewBlock, Tx
 from vnafs.meta.records import (
     ROOT_INO,
@@ -28,18 +26,8 @@ from vnafs.meta.records import (
     pack_xattr,
     unpack_dirent,
 )
-from vnafs.seal import Sealer
 
 T = TypeVar("T")
-
-
-@pytest.fixture
-def ns(tmp_path: Path) -> Iterator[Namespace]:
-    keyring = Keyring.create(tmp_path / "keyring", KekSource(key=b"k" * 32, origin="test"))
-    db = MetaDB(tmp_path / "meta", Sealer(keyring))
-    Namespace.format(db, 0, 0, time.time_ns())
-    yield Namespace(db)
-    db.close()
 
 
 def write(ns: Namespace, fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, Tx]:

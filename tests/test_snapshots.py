@@ -283,3 +283,29 @@ def test_snapshots_survive_restore_and_show_in_archive_mounts(workdir: Path) -> 
         assert res.returncode == 1 and "locked" in res.stderr
     finally:
         fs.cleanup()
+
+
+def test_dicom_views_inside_a_snapshot_are_those_of_its_time(fs: Fs) -> None:
+    from tools.gen_studies import write_ct_series
+
+    made = write_ct_series(fs.mnt / "pacs", seed=11, count=3)
+    assert fs.wait_indexed()["instances"] == 3
+    views_before = tree(fs.mnt / ".dicom" / "by-study")
+    snap(fs, "create", "s")
+    os.unlink(fs.mnt / "pacs" / made[0].path)  # the live index forgets this instance
+    write_ct_series(fs.mnt / "pacs2", seed=12, count=2)
+    assert fs.wait_indexed()["instances"] == 4
+    assert tree(fs.mnt / ".dicom" / "by-study") != views_before
+    inside = fs.mnt / SNAP / "s" / ".dicom" / "by-study"
+    assert tree(inside) == views_before
+    # A reindex rebuilds the live index record by record; the snapshot's stays as it was.
+    live_views = tree(fs.mnt / ".dicom" / "by-study")
+    run_vnafs("reindex", str(fs.mnt))
+    assert fs.wait_indexed()["instances"] == 4
+    assert tree(fs.mnt / ".dicom" / "by-study") == live_views
+    assert tree(inside) == views_before
+    leaf = next(p for p in inside.rglob("*.dcm"))
+    assert os.lstat(leaf).st_ino >> 40 == int(listing(fs)[0]["id"])  # type: ignore[call-overload]
+    with pytest.raises(OSError) as exc:
+        os.unlink(leaf)
+    assert exc.value.errno == errno.EROFS

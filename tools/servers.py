@@ -1,7 +1,8 @@
-"""Real object-store servers for tests: SeaweedFS (S3) and Azurite (Azure Blob).
+"""Real servers for tests and benchmarks: SeaweedFS (S3), Azurite (Azure Blob) and Samba (SMB).
 
-The archive backends are only worth testing against real servers: request signing, conditional
-puts, error bodies and connection failures are exactly what a mock gets wrong. Each class here
+The archive backends and the SMB re-export are only worth testing against real servers:
+request signing, conditional puts, error bodies, connection failures and Samba's VFS modules are
+exactly what a mock gets wrong. Each class here
 starts one server on 127.0.0.1 on free ports, waits (bounded) until it answers a signed request,
 and stops it by its PID, SIGTERM then SIGKILL, in `stop()` / `__exit__`, also when a test failed.
 `stop()` then `start()` restarts on the same data and ports, for "archive unreachable, then back"
@@ -9,17 +10,20 @@ tests.
 
 Buckets and containers are created with small hand-signed HTTP requests (AWS SigV4, Azure
 SharedKey): obstore cannot create them, and a signer in 20 lines beats another test dependency.
-These classes are plain context managers; the pytest fixtures live in the test modules.
+These classes are plain context managers; the pytest fixtures live in tests/conftest.py and the
+test modules.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import hashlib
 import hmac
 import json
 import os
+import pwd
 import secrets
 import signal
 import socket
@@ -28,6 +32,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from email.utils import formatdate
 from pathlib import Path
 from types import TracebackType
@@ -333,5 +338,195 @@ class Azurite(_Server):
         return {"AZURE_STORAGE_ACCOUNT_KEY": self.account_key}
 
 
-__all__ = ["Azurite", "SeaweedFS", "free_ports"]
+# --- Samba -----------------------------------------------------------------------------------
+
+class Samba(_Server):
+    """smbd re-exporting one directory (a vnafs mount) as share `vna`, with shadow_copy2.
+
+    Everything Samba keeps (lock, state, cache, pid, private and ncalrpc dirs, the tdbsam
+    passdb) lives under the workdir, so it never reads or changes the system's Samba state; only
+    the unix account `user` is created once (useradd --system) if missing, because a Samba user
+    must be a unix user. The share runs as root (`force user`): the mount uses allow_other with
+    default_permissions and the tests' files belong to root. Snapshots under `.snapshots/` named
+    `@GMT-YYYY.MM.DD-hh.mm.ss` (UTC) are Windows "Previous Versions" through vfs_shadow_copy2.
+
+    smbd forks helpers (smbd-notifyd, smbd-cleanupd) and one child per client connection; they
+    exit when the parent does. stop() signals the parent by PID, reaps the children it saw (as
+    child subreaper for that moment, so no <defunct> smbd is left behind) and SIGKILLs, by PID,
+    any that outlived the bounded wait.
+    """
+
+    name = "samba"
+    user = "vnafs-smb"
+    share = "vna"
+
+    def __init__(self, workdir: Path, path: Path) -> None:
+        super().__init__(workdir)
+        (self.port,) = free_ports(1)
+        self.path = path
+        self.password = secrets.token_urlsafe(18)
+        self.conf = workdir / "smb.conf"
+        self.auth = workdir / "auth"
+        self._children: set[int] = set()
+        dirs = {d: workdir / d for d in ("lock", "state", "cache", "pid", "private", "ncalrpc",
+                                         "log")}
+        for d in dirs.values():
+            d.mkdir(exist_ok=True)
+        # Only what differs from the defaults, and what keeps smbd away from system state.
+        # `rpc start on demand helpers = no`: smbd would otherwise spawn samba-dcerpcd (a
+        # daemon that outlives it) for the first named-pipe request; the tests need no RPC.
+        self.conf.write_text(f"""\
+[global]
+    server role = standalone server
+    security = user
+    map to guest = never
+    interfaces = 127.0.0.1
+    bind interfaces only = yes
+    smb ports = {self.port}
+    disable netbios = yes
+    lock directory = {dirs["lock"]}
+    state directory = {dirs["state"]}
+    cache directory = {dirs["cache"]}
+    pid directory = {dirs["pid"]}
+    private dir = {dirs["private"]}
+    ncalrpc dir = {dirs["ncalrpc"]}
+    passdb backend = tdbsam:{workdir / "passdb.tdb"}
+    log file = {dirs["log"]}/log.%m
+    log level = 1
+    load printers = no
+    printing = bsd
+    printcap name = /dev/null
+    disable spoolss = yes
+    rpc start on demand helpers = no
+    usershare max shares = 0
+
+[{self.share}]
+    path = {path}
+    read only = no
+    valid users = {self.user}
+    force user = root
+    force group = root
+    vfs objects = shadow_copy2
+    shadow:snapdir = .snapshots
+    shadow:format = @GMT-%Y.%m.%d-%H.%M.%S
+    shadow:sort = desc
+    shadow:localtime = no
+""")
+        # Credentials for smbclient in a 0600 file rather than on its command line.
+        self.auth.write_text(f"username = {self.user}\npassword = {self.password}\n")
+        self.auth.chmod(0o600)
+        self._add_user()
+
+    def _add_user(self) -> None:
+        try:
+            pwd.getpwnam(self.user)
+        except KeyError:
+            res = subprocess.run(["useradd", "--system", "--no-create-home", "--user-group",
+                                  "--shell", "/usr/sbin/nologin", self.user],
+                                 capture_output=True, text=True, timeout=60)
+            if res.returncode not in (0, 9):  # 9: created meanwhile by a parallel run
+                raise RuntimeError(f"useradd {self.user} failed: {res.stderr.strip()}") from None
+        # Into the private passdb only (-c): the system's passdb is never touched.
+        res = subprocess.run(["smbpasswd", "-c", str(self.conf), "-a", "-s", self.user],
+                             input=f"{self.password}\n{self.password}\n", capture_output=True,
+                             text=True, timeout=60)
+        if res.returncode != 0:
+            raise RuntimeError(f"smbpasswd -a {self.user} failed: {res.stdout}{res.stderr}")
+
+    def command(self) -> list[str]:
+        # --foreground: no daemonising, so the PID we hold is smbd's; --no-process-group: stay
+        # in the session Popen made; --debug-stdout: the log goes to self.log.
+        return ["smbd", "--foreground", "--no-process-group", "--debug-stdout",
+                f"--configfile={self.conf}"]
+
+    def ready(self) -> bool:
+        # The port opens once smbd has loaded its configuration; one real tree connect then
+        # proves the passdb, the share and the path.
+        with socket.socket() as s:
+            s.settimeout(1)
+            try:
+                s.connect(("127.0.0.1", self.port))
+            except OSError:
+                return False
+        return self.smbclient("ls", timeout=10).returncode == 0
+
+    def _child_pids(self) -> set[int]:
+        if self.proc is None:
+            return set()
+        found: set[int] = set()
+        with contextlib.suppress(OSError, ValueError):
+            for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+                found.update(int(p) for p in (task / "children").read_text().split())
+        return found
+
+    def start(self) -> None:
+        super().start()
+        self._children = self._child_pids()
+
+    def stop(self) -> None:
+        children = self._children | self._child_pids()
+        self._children = set()
+        # While smbd exits its helpers become orphans; as a child subreaper we inherit them
+        # instead of init (which here reaps lazily, leaving <defunct> smbd entries for a while)
+        # and reap each by its PID.
+        with _child_subreaper():
+            super().stop()
+            deadline = time.monotonic() + 10
+            for pid in sorted(children):
+                while not _reaped(pid) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                if _smbd_running(pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    while not _reaped(pid) and time.monotonic() < deadline + 5:
+                        time.sleep(0.02)
+
+    def smbclient(self, *commands: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """`smbclient //127.0.0.1/vna -c "cmd; cmd"` as `user`; never raises on failure.
+
+        smbclient runs every command even after one failed, and its exit status reflects only
+        some failures (a failed mkdir exits 0), so callers look for NT_STATUS_ in the output.
+        It reads our smb.conf too, so its own caches stay in the workdir."""
+        return subprocess.run(
+            ["smbclient", f"//127.0.0.1/{self.share}", "-p", str(self.port),
+             f"--configfile={self.conf}", f"--authentication-file={self.auth}",
+             "-c", "; ".join(commands)],
+            capture_output=True, text=True, timeout=timeout, cwd=self.workdir,
+            stdin=subprocess.DEVNULL)
+
+
+def _smbd_running(pid: int) -> bool:
+    """Whether `pid` is still a live (not zombie) smbd process: never signal a reused PID."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    comm, state = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2]
+    return comm.startswith("smbd") and state != "Z"
+
+
+def _reaped(pid: int) -> bool:
+    """Reap `pid` if it is an exited child of ours; True once it is no running smbd."""
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:  # not (or no longer) our child: init's to reap
+        return not _smbd_running(pid)
+
+
+@contextlib.contextmanager
+def _child_subreaper() -> Iterator[None]:
+    """Make this process the child subreaper (Linux prctl) for the duration, if possible."""
+    pr_set, pr_get = 36, 37  # PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER
+    libc = ctypes.CDLL(None, use_errno=True)
+    was = ctypes.c_int(0)
+    if libc.prctl(pr_get, ctypes.byref(was), 0, 0, 0) != 0 or was.value:
+        yield  # unsupported, or already a subreaper: nothing to set or restore
+        return
+    libc.prctl(pr_set, 1, 0, 0, 0)
+    try:
+        yield
+    finally:
+        libc.prctl(pr_set, 0, 0, 0, 0)
+
+__all__ = ["Azurite", "Samba", "SeaweedFS", "free_ports"]
 

@@ -16,6 +16,7 @@ from those names, so a view lookup and a `vnafs find` for the same value meet at
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import stat
@@ -89,7 +90,8 @@ class DicomIndex:
         self.db: MetaDB = ns.db
         self.by_patient = by_patient
         self.name_key = self.db.sealer.keyring.name_key
-        self.epoch = ns.epoch
+        # None: the live index. A copy made by `at(epoch)` reads what a snapshot froze.
+        self.read_epoch: int | None = None
         self._batch: dict[tuple[str, bytes], bytes | None] | None = None
         self._batch_txn: lmdb.Transaction | None = None
         with self.db.begin() as txn:
@@ -141,20 +143,20 @@ class DicomIndex:
         if self._batch is not None and txn is self._batch_txn and (table, key) in self._batch:
             body = self._batch[(table, key)]
         else:
-            body = self.db.vget(txn, table, key)
+            body = self.db.vget(txn, table, key, self.read_epoch)
         return None if body is None else _load(body)
 
     def _put(self, tx: Tx, table: str, key: bytes, value: dict[str, Any]) -> None:
         if self._batch is not None:
             self._batch[(table, key)] = _dump(value)
         else:
-            self.db.vput(tx.txn, table, key, _dump(value), self.epoch)
+            self.db.vput(tx.txn, table, key, _dump(value), self.ns.epoch)
 
     def _del(self, tx: Tx, table: str, key: bytes) -> None:
         if self._batch is not None:
             self._batch[(table, key)] = None
         else:
-            self.db.vdelete(tx.txn, table, key, self.epoch)
+            self.db.vdelete(tx.txn, table, key, self.ns.epoch)
 
     def _facet_add(self, tx: Tx, facet: str, field: str, delta: int) -> None:
         key = b"F" + facet.encode()
@@ -193,7 +195,7 @@ class DicomIndex:
     # -- reading the instance records -------------------------------------------------------------
 
     def entry(self, txn: lmdb.Transaction, ino: int) -> FileEntry | None:
-        body = self.db.vget(txn, "dicom_files", u64(ino))
+        body = self.db.vget(txn, "dicom_files", u64(ino), self.read_epoch)
         return None if body is None else FileEntry.unpack(ino, body)
 
     def digest(self, txn: lmdb.Transaction, ino: int) -> str:
@@ -221,9 +223,9 @@ class DicomIndex:
             self._batch, self._batch_txn = None, None
         for (table, key), body in batch.items():
             if body is None:
-                self.db.vdelete(tx.txn, table, key, self.epoch)
+                self.db.vdelete(tx.txn, table, key, self.ns.epoch)
             else:
-                self.db.vput(tx.txn, table, key, body, self.epoch)
+                self.db.vput(tx.txn, table, key, body, self.ns.epoch)
 
     def apply(self, tx: Tx, ino: int, parsed: Parsed | None, mark: int | None) -> None:
         """Replace the entries of `ino` by what `parsed` says (None: not DICOM, or gone).
@@ -259,10 +261,10 @@ class DicomIndex:
             "gen": self.gen,
         }
         entry = FileEntry(ino, record, parsed.header)
-        self.db.vput(txn, "dicom_files", u64(ino), entry.pack(), self.epoch)
+        self.db.vput(txn, "dicom_files", u64(ino), entry.pack(), self.ns.epoch)
         if inst.sop_uid:
             self.db.vput(txn, "dicom_sop", self._sop_prefix(inst.sop_uid) + u64(ino), b"",
-                         self.epoch)
+                         self.ns.epoch)
             self._check_sop_conflicts(tx, inst.sop_uid)
         if parsed.status is not Status.OK:
             self._put(tx, "dicom_lookup", b"!" + u64(ino),
@@ -294,9 +296,14 @@ class DicomIndex:
         generation, so the indexer can rebuild a file whose content is unchanged from its
         stored header bytes instead of reading (later: recalling) the file.
         """
+        # Record by record, not a table drop: snapshots keep seeing the versions of their
+        # time, and every deletion reaches the archive through the replication journal.
         for table in ("dicom_sop", "dicom_study", "dicom_series", "dicom_member",
-                      "dicom_lookup", "dicom_todo"):
-            tx.txn.drop(self.db.dbs[table], delete=False)
+                      "dicom_lookup"):
+            for ident, _ in list(self.db.vscan(tx.txn, table, b"")):
+                self.db.vdelete(tx.txn, table, ident, self.ns.epoch)
+        for key, _ in list(self.db.scan(tx.txn, "dicom_todo")):
+            self.db.delete(tx.txn, "dicom_todo", key)
         inos: set[int] = set()
         for ident, body in self.db.vscan(tx.txn, "inodes", b""):
             node = Inode.unpack(read_u64(ident), body)
@@ -305,7 +312,7 @@ class DicomIndex:
                 inos.add(node.ino)
         for ident, _ in list(self.db.vscan(tx.txn, "dicom_files", b"")):
             if read_u64(ident) not in inos:
-                self.db.vdelete(tx.txn, "dicom_files", ident, self.epoch)
+                self.db.vdelete(tx.txn, "dicom_files", ident, self.ns.epoch)
         self.gen += 1
         self.db.set_counter(tx.txn, "dicom_gen", self.gen)
         self.set_schema(tx)
@@ -313,13 +320,13 @@ class DicomIndex:
 
     def _remove(self, tx: Tx, old: FileEntry) -> None:
         rec, ino = old.record, old.ino
-        self.db.vdelete(tx.txn, "dicom_files", u64(ino), self.epoch)
+        self.db.vdelete(tx.txn, "dicom_files", u64(ino), self.ns.epoch)
         if rec.get("gen", 0) != self.gen:
             return  # made before a reindex, which already dropped everything derived from it
         self._del(tx, "dicom_lookup", b"!" + u64(ino))
         if rec.get("sop"):
             self.db.vdelete(tx.txn, "dicom_sop", self._sop_prefix(rec["sop"]) + u64(ino),
-                            self.epoch)
+                            self.ns.epoch)
             self._check_sop_conflicts(tx, rec["sop"])
         if rec.get("in_views"):
             gone = self._remove_from_views(tx, old)
@@ -329,7 +336,8 @@ class DicomIndex:
 
     def sop_inos(self, txn: lmdb.Transaction, uid: str) -> list[int]:
         return [read_u64(ident) for ident, _ in
-                self.db.vscan(txn, "dicom_sop", self._sop_prefix(uid))]
+                self.db.vscan(txn, "dicom_sop", self._sop_prefix(uid),
+                              epoch=self.read_epoch)]
 
     def _check_sop_conflicts(self, tx: Tx, uid: str) -> None:
         """Flag every copy of `uid` when the copies differ; unflag them when they agree again."""
@@ -355,7 +363,7 @@ class DicomIndex:
         skey = self.study_key(rec["study"])
         sekey = self.series_key(rec["study"], rec["series"])
         self.db.vput(txn, "dicom_member", sekey + u64(entry.ino), rec["sop"].encode(),
-                     self.epoch)
+                     self.ns.epoch)
         series = self._get(txn, "dicom_series", sekey)
         study = self._get(txn, "dicom_study", skey)
         if study is None:
@@ -404,7 +412,7 @@ class DicomIndex:
         rec, txn = entry.record, tx.txn
         skey = self.study_key(rec["study"])
         sekey = self.series_key(rec["study"], rec["series"])
-        self.db.vdelete(txn, "dicom_member", sekey + u64(entry.ino), self.epoch)
+        self.db.vdelete(txn, "dicom_member", sekey + u64(entry.ino), self.ns.epoch)
         self._facet_add(tx, "counts", "instances", -1)
         self._facet_add(tx, "counts", "bytes", -rec["size"])
         series = self._get(txn, "dicom_series", sekey)
@@ -462,11 +470,12 @@ class DicomIndex:
         return self._get(txn, "dicom_study", self.study_key(uid))
 
     def studies(self, txn: lmdb.Transaction) -> Iterator[dict[str, Any]]:
-        for _, body in self.db.vscan(txn, "dicom_study", b""):
+        for _, body in self.db.vscan(txn, "dicom_study", b"", epoch=self.read_epoch):
             yield _load(body)
 
     def series_of(self, txn: lmdb.Transaction, study_uid: str) -> Iterator[dict[str, Any]]:
-        for _, body in self.db.vscan(txn, "dicom_series", self.study_key(study_uid)):
+        for _, body in self.db.vscan(txn, "dicom_series", self.study_key(study_uid),
+                                     epoch=self.read_epoch):
             yield _load(body)
 
     def series(self, txn: lmdb.Transaction, study_uid: str, series_uid: str
@@ -477,15 +486,16 @@ class DicomIndex:
                 ) -> Iterator[tuple[int, str]]:
         """(ino, SOP Instance UID) of the instances in a series, in inode order."""
         for ident, body in self.db.vscan(txn, "dicom_member",
-                                         self.series_key(study_uid, series_uid)):
+                                         self.series_key(study_uid, series_uid),
+                                         epoch=self.read_epoch):
             yield read_u64(ident), body.decode()
 
     def lookup(self, txn: lmdb.Transaction, prefix: bytes) -> Iterator[dict[str, Any]]:
-        for _, body in self.db.vscan(txn, "dicom_lookup", prefix):
+        for _, body in self.db.vscan(txn, "dicom_lookup", prefix, epoch=self.read_epoch):
             yield _load(body)
 
     def problems(self, txn: lmdb.Transaction) -> Iterator[tuple[int, dict[str, Any]]]:
-        for ident, body in self.db.vscan(txn, "dicom_lookup", b"!"):
+        for ident, body in self.db.vscan(txn, "dicom_lookup", b"!", epoch=self.read_epoch):
             yield read_u64(ident), _load(body)
 
     def counts(self, txn: lmdb.Transaction) -> dict[str, int]:
@@ -495,6 +505,12 @@ class DicomIndex:
         for _, problem in self.problems(txn):
             out[problem["kind"]] = out.get(problem["kind"], 0) + 1
         return out
+
+    def at(self, epoch: int) -> DicomIndex:
+        """A read-only copy of the index as a snapshot at `epoch` sees it."""
+        frozen = copy.copy(self)
+        frozen.read_epoch = epoch
+        return frozen
 
     def view_links(self, flags: int) -> int:
         """How many view names an indexed file has (added to its st_nlink)."""

@@ -117,6 +117,8 @@ class Operations(pyfuse3.Operations):
         self.snaps = snapshots
         self.snapshot_mkdir = snapshot_mkdir
         self._snapdir_handles: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
+        # The DICOM views inside each snapshot that has been looked into (by snapshot id).
+        self._snap_views: dict[int, Views] = {}
 
     # -- attributes -----------------------------------------------------------------------------
 
@@ -162,9 +164,21 @@ class Operations(pyfuse3.Operations):
     def _snap_entry(self, sid: int, node: Inode) -> pyfuse3.EntryAttributes:
         return self._entry(dataclasses.replace(node, ino=encode(sid, node.ino)))
 
+    def _snapdir_entry(self) -> pyfuse3.EntryAttributes:
+        """/.snapshots: its times follow the newest snapshot, so clients that cache listings
+        by mtime (NFS) see new ones; st_nlink counts them as subdirectories."""
+        e = self._view_dir_entry(SNAPDIR_INO)
+        assert self.snaps is not None
+        snaps = self.snaps.all()
+        if snaps:
+            newest = max(s.created_ns for s in snaps)
+            e.st_mtime_ns = e.st_ctime_ns = max(e.st_mtime_ns, newest)
+        e.st_nlink = 2 + len(snaps)
+        return e
+
     def _snapdir_lookup(self, name: bytes) -> pyfuse3.EntryAttributes:
         if name == b".":
-            return self._view_dir_entry(SNAPDIR_INO)
+            return self._snapdir_entry()
         if name == b"..":
             return self._entry(self.ns.get_inode(ROOT_INO))
         assert self.snaps is not None
@@ -226,6 +240,30 @@ class Operations(pyfuse3.Operations):
     def _is_view(self, ino: int) -> bool:
         return self.views is not None and is_view_ino(ino)
 
+    def _views_of(self, ino: int) -> tuple[Views, int, int | None]:
+        """(views, snapshot id or 0, epoch or None) owning the view directory `ino`."""
+        assert self.views is not None
+        if self.views.knows(ino):
+            return self.views, 0, None
+        for sid, views in self._snap_views.items():
+            if views.knows(ino):
+                snap = self.snaps.by_id(sid) if self.snaps is not None else None
+                if snap is not None:
+                    return views, sid, snap.epoch
+        raise fail(errno.ESTALE)
+
+    def _snapshot_views(self, sid: int, epoch: int) -> Views:
+        views = self._snap_views.get(sid)
+        if views is None:
+            assert self.views is not None
+            views = self._snap_views[sid] = Views(self.views.index.at(epoch), salt=sid)
+        return views
+
+    def _leaf_entry(self, sid: int, epoch: int | None, ino: int) -> pyfuse3.EntryAttributes:
+        if sid:
+            return self._snap_entry(sid, self.ns.get_inode(ino, epoch))
+        return self._entry(self.ns.get_inode(ino))
+
     def _guard(self, parent: int, name: bytes | None = None) -> None:
         """Refuse changes inside the views and snapshots, and real names that would hide
         them."""
@@ -238,18 +276,18 @@ class Operations(pyfuse3.Operations):
             raise fail(errno.EEXIST)
 
     def _view_lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
-        assert self.views is not None
+        views, sid, epoch = self._views_of(parent)
         if name == b".":
             return self._view_dir_entry(parent)
         if name == b"..":
-            up = self.views.parent(parent)
+            up = views.parent(parent)
             if up is None:
-                return self._entry(self.ns.get_inode(ROOT_INO))
-            return self._view_dir_entry(self.views.ino_of(up))
-        child = self.views.lookup(parent, os.fsdecode(name))
+                return self._leaf_entry(sid, epoch, ROOT_INO)
+            return self._view_dir_entry(views.ino_of(up))
+        child = views.lookup(parent, os.fsdecode(name))
         if child.path is not None:
-            return self._view_dir_entry(self.views.ino_of(child.path))
-        return self._entry(self.ns.get_inode(child.ino))
+            return self._view_dir_entry(views.ino_of(child.path))
+        return self._leaf_entry(sid, epoch, child.ino)
 
     @translated
     async def lookup(
@@ -264,12 +302,14 @@ class Operations(pyfuse3.Operations):
             if parent_inode == SNAPDIR_INO:
                 return self._snapdir_lookup(name)
             if parent_inode == ROOT_INO and name == SNAPDIR_NAME:
-                return self._view_dir_entry(SNAPDIR_INO)
+                return self._snapdir_entry()
             snap = self._snap(parent_inode)
             if snap is not None:
                 sid, epoch, real = snap
                 if real == ROOT_INO and name == b"..":
-                    return self._view_dir_entry(SNAPDIR_INO)
+                    return self._snapdir_entry()
+                if real == ROOT_INO and name == self.views_name and self.views is not None:
+                    return self._view_dir_entry(self._snapshot_views(sid, epoch).root_ino)
                 return self._snap_entry(sid, self.ns.lookup(real, name, epoch))
         return self._entry(self.ns.lookup(parent_inode, name))
 
@@ -281,11 +321,10 @@ class Operations(pyfuse3.Operations):
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
         if self._is_view(inode):
-            assert self.views is not None
-            self.views.path_of(inode)
+            self._views_of(inode)[0].path_of(inode)
             return self._view_dir_entry(inode)
         if inode == SNAPDIR_INO and self.snaps is not None:
-            return self._view_dir_entry(inode)
+            return self._snapdir_entry()
         snap = self._snap(inode)
         if snap is not None:
             return self._snap_entry(snap[0], self.ns.get_inode(snap[2], snap[1]))
@@ -537,8 +576,8 @@ class Operations(pyfuse3.Operations):
         if self._is_view(inode):
             # The listing is computed once per handle: readdir is called again for every
             # kernel buffer, and offsets must stay stable between those calls.
-            assert self.views is not None
-            listing = await trio.to_thread.run_sync(self.views.listing, inode,
+            views = self._views_of(inode)[0]
+            listing = await trio.to_thread.run_sync(views.listing, inode,
                                                     limiter=self.engine.io)
             fh = self._next_view_fh
             self._next_view_fh += 1
@@ -588,15 +627,15 @@ class Operations(pyfuse3.Operations):
                 offset = cookie
 
     def _view_readdir(self, fh: int, start: int, token: pyfuse3.ReaddirToken) -> None:
-        assert self.views is not None
-        _, listing = self._view_handles[fh]
+        ino, listing = self._view_handles[fh]
+        views, sid, epoch = self._views_of(ino)
         for cookie in range(start, len(listing)):
             child = listing[cookie]
             try:
                 if child.path is not None:
-                    attrs = self._view_dir_entry(self.views.ino_of(child.path))
+                    attrs = self._view_dir_entry(views.ino_of(child.path))
                 else:
-                    attrs = self._entry(self.ns.get_inode(child.ino))
+                    attrs = self._leaf_entry(sid, epoch, child.ino)
             except OSError:
                 continue  # unlinked since the listing was made
             if not pyfuse3.readdir_reply(token, os.fsencode(child.name), attrs, cookie + 1):

@@ -47,8 +47,11 @@ def is_view_ino(ino: int) -> bool:
     return bool(ino & VIEW_BIT)
 
 
-def view_ino(path: Path) -> int:
-    digest = hashlib.blake2b("/".join(path).encode("utf-8", "surrogatepass"),
+def view_ino(path: Path, salt: int = 0) -> int:
+    """The inode number of a view directory; `salt` is the snapshot id for the views inside
+    a snapshot (0 for the live ones), so the same path in two snapshots differs."""
+    text = "/".join(path) if not salt else f"{salt}\0" + "/".join(path)
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"),
                              digest_size=8, person=b"vnafs-view").digest()
     return VIEW_BIT | (int.from_bytes(digest, "big") & _MASK)
 
@@ -63,11 +66,12 @@ class Child:
 
 
 class Views:
-    def __init__(self, index: DicomIndex) -> None:
+    def __init__(self, index: DicomIndex, salt: int = 0) -> None:
         self.index = index
         self.db = index.db
-        self._paths: dict[int, Path] = {view_ino(()): ()}
-        self.root_ino = view_ino(())
+        self.salt = salt
+        self.root_ino = view_ino((), salt)
+        self._paths: dict[int, Path] = {self.root_ino: ()}
         # (parent view inode, name) the kernel may cache but the index no longer has.
         self.stale: list[tuple[int, str]] = []
 
@@ -83,8 +87,11 @@ class Views:
             raise fail(errno.ESTALE)
         return path
 
+    def knows(self, ino: int) -> bool:
+        return ino in self._paths
+
     def _remember(self, path: Path) -> int:
-        ino = view_ino(path)
+        ino = view_ino(path, self.salt)
         if len(self._paths) > 1_000_000:
             self._paths = {self.root_ino: ()}
         self._paths[ino] = path

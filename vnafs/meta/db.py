@@ -6,8 +6,8 @@ wrong metadata. Keys never hold plaintext names: callers build them from inode n
 
 Namespace tables are *versioned*: each record lives in epochs `[birth, death)` and the key ends
 with `INF - birth`, so the newest version of a prefix sorts first and a read at epoch `s` is one
-cursor seek. Snapshots (a later issue) only need to advance the epoch and read at an older one;
-today the epoch stays 1 and every change rewrites its record in place. Keeping this logic here,
+cursor seek. A snapshot (meta/snapshots.py) only advances the epoch and reads at an older one;
+a change to a record born in the current epoch rewrites it in place. Keeping this logic here,
 in four small functions, is what lets the rest of the engine stay ignorant of it.
 """
 

@@ -31,6 +31,7 @@ LIVE_LIMIT = 1 << SNAP_SHIFT  # live inode numbers stay below this
 SNAPDIR_ID = (1 << 22) - 1
 SNAPDIR_INO = SNAPDIR_ID << SNAP_SHIFT  # the /.snapshots directory itself
 SNAPDIR_NAME = b".snapshots"
+CLOCK_SLACK_NS = 300 * 10**9
 
 # Versioned tables: every one of them is frozen by a snapshot and collected after one goes.
 VERSIONED = ("inodes", "dirents", "blockmap", "xattrs", "dicom_files", "dicom_sop",
@@ -95,6 +96,10 @@ class Snapshots:
     def __init__(self, ns: Namespace) -> None:
         self.ns = ns
         self.db = ns.db
+        # (trusted time, monotonic time) when this process first asked: while it runs, the
+        # trusted time advances no faster than the monotonic clock (plus slack), so setting
+        # the system clock forward does not expire locks early.
+        self._anchor: tuple[int, int] | None = None
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -121,8 +126,16 @@ class Snapshots:
         return snap
 
     def now(self, txn: lmdb.Transaction) -> int:
-        """max(system time, highest time seen): winding the clock back unlocks nothing."""
-        return max(time.time_ns(), self.db.counter(txn, "clock_high"))
+        """The time locks and expiry go by: never before the highest time seen (a clock set
+        back changes nothing) and, while the daemon runs, never further ahead of it than the
+        monotonic clock has advanced (a clock set forward does not expire locks early)."""
+        high = self.db.counter(txn, "clock_high")
+        system = time.time_ns()
+        mono = time.monotonic_ns()
+        if self._anchor is None:
+            self._anchor = (max(high, system), mono)
+        base, since = self._anchor
+        return max(high, min(system, base + (mono - since) + CLOCK_SLACK_NS))
 
     # -- changing --------------------------------------------------------------------------------
 
@@ -139,8 +152,9 @@ class Snapshots:
         name = name or default_name(now)
         check_name(name)
         if self.by_name(name, tx.txn) is not None:
-            raise SnapshotError(f"a snapshot named {name!r} exists already: choose another "
-                                "name", errno.EEXIST)
+            raise SnapshotError(f"a snapshot named {name!r} exists already (default names "
+                                "are one per second): give a name or try again",
+                                errno.EEXIST)
         snap_id = self.db.counter(tx.txn, "next_snap") + 1
         if snap_id >= SNAPDIR_ID:
             raise SnapshotError("no snapshot ids are left: this file system has had 4 million "
