@@ -63,8 +63,8 @@ Run it as root from the repository root with the project's virtualenv:
 --quick uses 256 MiB, 500 ingest files, one ingest run per mode and 2 minutes of rpo (about
 4 minutes in all; the full run takes about 15). `restore` needs the archive that `replicate`
 makes, so asking for it runs `replicate` too. --py-spy DIR records py-spy profiles (raw
-collapsed stacks) of the daemon during the replication drain and of `vnafs restore`; they
-perturb the timings, so leave it off for figures. Every mount is unmounted and SeaweedFS stopped
+collapsed stacks) of the daemon during the replication drain and the ingest writes, and of
+`vnafs restore`; they perturb the timings, so leave it off for figures. Every mount is unmounted and SeaweedFS stopped
 (by its PID) on exit, also on Ctrl-C or SIGTERM, and the work directory is removed unless --keep
 is given. Exit status: 0 when every part ran, 1 when one failed (the reason is printed under the
 table), 2 for a usage problem, 130 when interrupted.
@@ -198,7 +198,7 @@ def children_cpu() -> float:
 
 
 class PySpy:
-    """`py-spy record` of one process while a `with` block runs (--py-spy; off by default)."""
+    """`py-spy record` of one process between attach() and detach() (--py-spy; off by default)."""
 
     def __init__(self, outdir: Path | None, name: str) -> None:
         self.outdir = outdir
@@ -803,9 +803,14 @@ def part_ingest(b: Bench, files: list[tuple[str, bytes]], repeat: int, warm_up: 
             la = loadavg()
             os.sync()
             pid = t.pid()
+            spy = PySpy(b.profile_dir, name)
+            spy.attach(pid)
             cpu0 = daemon_cpu(pid)
             t0 = time.perf_counter()
-            copy_files(t.path / "incoming", files)
+            try:
+                copy_files(t.path / "incoming", files)
+            finally:
+                spy.detach()
             res = IngestRun(mode, time.perf_counter() - t0, loadavg=la)
             cpu1 = daemon_cpu(pid)
             if cpu0 is not None and cpu1 is not None:
@@ -882,7 +887,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(explicit sizes win)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--py-spy", metavar="DIR",
-                   help="record py-spy profiles of the drain and the restore into DIR")
+                   help="record py-spy profiles of the drain, the restore and the ingest "
+                        "writes into DIR")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args(argv)
     only = [n.strip() for n in args.only.split(",") if n.strip()]

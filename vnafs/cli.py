@@ -239,6 +239,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  DICOM issues  incomplete {dicom['incomplete']}, invalid {dicom['invalid']}, "
               f"SOP UID conflicts {dicom['sop_conflict']}, "
               f"patient conflicts {dicom['patient_conflicts']}  (vnafs find --problems)")
+    snaps = st.get("snapshots")
+    if snaps is not None:
+        gc = snaps["gc"]
+        busy = f"; freeing space ({gc['versions_freed']} versions so far)" if gc["running"] else ""
+        print(f"  snapshots     {snaps['count']}{busy}  (vnafs snapshot list)")
     problems = st.get("problems", {})
     if problems.get("last_problem"):
         counts = ", ".join(f"{k} {v}" for k, v in sorted(problems["problems"].items()))

@@ -48,7 +48,7 @@ class ArchiveConfig:
     uploads: int = 4
     bandwidth_mib: int = 0
     retention_days: int = 3650
-    checkpoint_every: int = 100
+    checkpoint_every: int = 1000
     poll: int = 10
     recall_timeout: int = 120
 
@@ -142,6 +142,8 @@ class Config:
             f"bandwidth_mib = {a.bandwidth_mib}",
             "# Deleted data stays in the archive this long before 'vnafs gc --archive' removes it.",
             f"retention_days = {a.retention_days}",
+            "# At most this many cycles between full metadata checkpoints (sooner when the logs",
+            "# since the last one outgrow it).",
             f"checkpoint_every = {a.checkpoint_every}",
             "# Read-only archive mounts look for new replicated changes this often (seconds).",
             f"poll = {a.poll}",

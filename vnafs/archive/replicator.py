@@ -37,6 +37,7 @@ log = logging.getLogger("vnafs.replicator")
 
 # Upload progress is committed every this many blocks: a crash re-sends at most one batch.
 BATCH_BLOCKS = 16
+CHECKPOINT_MIN_LOG = 64 << 20
 MAX_BACKOFF = 60.0
 
 
@@ -50,6 +51,8 @@ class ReplState:
     logs: list[tuple[int, int]] = field(default_factory=list)
     rp_ns: int = 0
     since_checkpoint: int = 0
+    log_bytes: int = 0  # sealed log bytes shipped since the checkpoint
+    checkpoint_bytes: int = 0
     keyring_sha256: str = ""
     config_sha256: str = ""
 
@@ -91,6 +94,7 @@ class Plan:
     blocks: list[tuple[bytes, int]]
     marks: list[tuple[bytes, bytes]]
     parts: list[Path]
+    nbytes: int = 0
 
 
 class TokenBucket:
@@ -194,13 +198,13 @@ class Replicator:
         config = (self.root / "vnafs.toml").read_bytes()
         small = (alog.sha256(keyring) != st.keyring_sha256
                  or alog.sha256(config) != st.config_sha256)
-        checkpoint = st.checkpoint[0] == 0 or st.since_checkpoint >= self.cfg.checkpoint_every
+        checkpoint = self._checkpoint_due()
         if not (small or checkpoint or await self._run(self._has_work)):
             return False
         prior = st.cycle
         number = prior + 1
         await self._run(self._check_head, prior)
-        checkpoint = st.checkpoint[0] == 0 or st.since_checkpoint >= self.cfg.checkpoint_every
+        checkpoint = self._checkpoint_due()
         await self.engine.commit(self._reserve, number)
         plan = await self._run(self._plan, number, checkpoint)
         try:
@@ -227,6 +231,14 @@ class Replicator:
         self.stats["checkpoints"] += checkpoint
         self.stats["records_shipped"] += len(plan.marks)
         return True
+
+    def _checkpoint_due(self) -> bool:
+        """A full checkpoint when there is none, after `checkpoint_every` cycles, or when the
+        logs since the last one outgrow it (and 64 MiB): restore and archive mounts then read
+        at most about twice the metadata, and a big store is not re-sent every few minutes."""
+        st = self.state
+        return (st.checkpoint[0] == 0 or st.since_checkpoint >= self.cfg.checkpoint_every
+                or st.log_bytes >= max(st.checkpoint_bytes, CHECKPOINT_MIN_LOG))
 
     async def _upload_small(self) -> None:
         """The keyring and vnafs.toml, when they changed since they were last uploaded."""
@@ -317,7 +329,8 @@ class Replicator:
             for path in writer.paths:
                 path.unlink(missing_ok=True)
             raise
-        return Plan(number, checkpoint, t_ns, blocks, marks, parts)
+        return Plan(number, checkpoint, t_ns, blocks, marks, parts,
+                    sum(p.stat().st_size for p in parts))
 
     async def _upload_blocks(self, blocks: list[tuple[bytes, int]]) -> None:
         for start in range(0, len(blocks), BATCH_BLOCKS):
@@ -357,6 +370,10 @@ class Replicator:
         st.checkpoint = head.checkpoint
         st.logs = list(head.logs)
         st.since_checkpoint = 0 if plan.checkpoint else st.since_checkpoint + 1
+        if plan.checkpoint:
+            st.checkpoint_bytes, st.log_bytes = plan.nbytes, 0
+        else:
+            st.log_bytes += plan.nbytes
         save_state(self.db, tx.txn, st)
 
     # -- status ---------------------------------------------------------------------------------
