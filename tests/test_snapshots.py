@@ -122,7 +122,7 @@ def test_everything_under_snapshots_is_read_only(fs: Fs, workdir: Path) -> None:
     subprocess.run(["cp", "-a", str(s / "notes.txt"), str(fs.mnt / "notes.txt")], check=True)
     assert (fs.mnt / "notes.txt").read_text() == "first version\n"
     assert os.getxattr(fs.mnt / "notes.txt", "user.tag") == b"v1"
-    # .snapshots is hidden from the root listing, like .dicom.
+    # .snapshots is hidden from the root listing by default, like .dicom.
     assert SNAP not in os.listdir(fs.mnt)
     with pytest.raises(OSError) as exc:
         os.mkdir(fs.mnt / SNAP)
@@ -309,3 +309,32 @@ def test_dicom_views_inside_a_snapshot_are_those_of_its_time(fs: Fs) -> None:
     with pytest.raises(OSError) as exc:
         os.unlink(leaf)
     assert exc.value.errno == errno.EROFS
+
+
+def test_nfs_style_handles_into_a_snapshot_survive_remount(new_fs: Fs) -> None:
+    from tests.test_durability import _drop_caches, _handle, _open_by_handle
+
+    cfg = new_fs.hot / "vnafs.toml"
+    cfg.write_text(cfg.read_text().replace("visible = false", "visible = true"))
+    fs = new_fs.mount()
+    assert SNAP in os.listdir(fs.mnt)  # what the kernel needs to reconnect the handles
+    populate(fs.mnt)
+    snap(fs, "create", "h")
+    (fs.mnt / "notes.txt").write_text("changed later\n")
+    s = fs.mnt / SNAP / "h"
+    handles = {p: _handle(s / p) for p in ("notes.txt", "study/series", "study")}
+    fs.umount()
+    fs.mount()
+    _drop_caches()
+    fd = _open_by_handle(fs.mnt, handles["notes.txt"])
+    try:
+        assert os.read(fd, 100) == b"first version\n"
+    finally:
+        os.close(fd)
+    fd = _open_by_handle(fs.mnt, handles["study/series"])
+    try:
+        # `..` of a snapshot directory known only by its handle: lookup(dir, "..").
+        assert os.stat("..", dir_fd=fd).st_ino == os.lstat(s / "study").st_ino
+        assert sorted(os.listdir(fd)) == ["1.dcm", "2.dcm"]
+    finally:
+        os.close(fd)

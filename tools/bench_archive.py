@@ -19,17 +19,20 @@ What it does, under --dir (default /var/tmp/vnafs-bench-archive, one disk for ev
    meanwhile. SeaweedFS is stopped before `vnafs umount`, so the final cycle at unmount fails
    at once and the whole backlog stays in the outbox (with the server up that cycle would ship
    it, cut short after 30 s, and leave the timed mount little or nothing to do). SeaweedFS is
-   started again, `interval` set to 1, and the store mounted again: timed from the start of
+   started again, `interval` set to 1, and the store mounted again: timed from the return of
    `vnafs mount` until `status` shows no pending record and no pending block (the mount's first
-   cycle runs at once and ships the backlog: blocks, the log parts of every dirty record, HEAD).
-   MiB/s is over `since_mount_bytes_uploaded` of that mount (sealed block bytes). Baseline: the
-   same sealed block files, read from `<hot>/blocks/`, PUT (create-only, obstore through
-   `open_backend`, 4 threads like `[archive] uploads`) under another prefix of the same bucket,
-   once before the timed mount and once after; the faster run is the baseline.
-2. restore: `vnafs restore --no-progress` of that archive into a new directory, timed (process
-   start to exit: keyring, metadata, refs, every block fetched, authenticated and written, one
-   syncfs), against plain GETs of every `blocks/` object of the prefix into memory (a listing
-   plus 8 threads, like restore's 8 workers), once before and once after; the faster one counts.
+   cycle runs at once and ships the backlog: blocks, the log parts of every dirty record, HEAD;
+   the time including the mount command is shown too). MiB/s is over
+   `since_mount_bytes_uploaded` of that mount (sealed block bytes). Baseline: the same sealed
+   block files, read from `<hot>/blocks/`, PUT (create-only, obstore through `open_backend`, 4
+   threads like `[archive] uploads`) under fresh prefixes of the same bucket, once before the
+   timed mount and once after. All that --repeat times (2), each time in a new store (new keys,
+   so new blocks) from the same data; the ratio is of the medians.
+2. restore: `vnafs restore --no-progress` of the first archive into a new directory, timed
+   (process start to exit: keyring, metadata, refs, every block fetched, authenticated and
+   written, one syncfs), --repeat times, against plain GETs of every `blocks/` object of the
+   prefix into memory (a listing plus 8 threads, like restore's 8 workers) before, between and
+   after them; the ratio is of the medians.
 3. rpo: a hot store with the default archive settings (interval 2 s, rpo 15 s) takes one CT
    study of --study-slices (300) slices per minute at an even pace (one slice every 0.2 s) for
    --rpo-minutes (5); `status` is requested through the control socket every 0.5 s. Per poll,
@@ -50,24 +53,26 @@ of sealed (compressed and encrypted) block bytes unless it says "CT data"; MB/s 
 per second. Ratios are vnafs / plain throughput (1.0 = as fast as the bare client). "CPU" is user
 + system time from /proc/PID/stat (the vnafs daemon, weed) or os.times (this process, for the
 plain client; a child, for restore). The peak RSS of weed is its VmHWM before every stop (it is
-restarted once), that of vnafs daemons their VmHWM before each unmount. The load average is
-printed per part: on two shared cores every figure moves by 10-30 % with other work, so compare
-runs from one quiet machine. Speed is measured, never asserted: a missed target is a row marked
-MISS, not a failure.
+restarted once per replicate run), that of vnafs daemons their VmHWM before each unmount. The
+load average is printed per part: on two shared cores every figure moves by 10-30 % with other
+work, so compare runs from one quiet machine. Speed is measured, never asserted: a missed target
+is a row marked MISS, not a failure.
 
 Run it as root from the repository root with the project's virtualenv:
 
     .venv/bin/python -m tools.bench_archive [--quick] [--only replicate,restore,rpo,ingest]
                                             [--json FILE] [--dir DIR]
 
---quick uses 256 MiB, 500 ingest files, one ingest run per mode and 2 minutes of rpo (about
-4 minutes in all; the full run takes about 15). `restore` needs the archive that `replicate`
-makes, so asking for it runs `replicate` too. --py-spy DIR records py-spy profiles (raw
-collapsed stacks) of the daemon during the replication drain and the ingest writes, and of
-`vnafs restore`; they perturb the timings, so leave it off for figures. Every mount is unmounted and SeaweedFS stopped
-(by its PID) on exit, also on Ctrl-C or SIGTERM, and the work directory is removed unless --keep
-is given. Exit status: 0 when every part ran, 1 when one failed (the reason is printed under the
-table), 2 for a usage problem, 130 when interrupted.
+--quick uses 256 MiB, 500 ingest files, one run of everything and 2 minutes of rpo (about
+3 minutes in all; the full run takes about 9). --no-index makes every store with
+`[dicom] index = false`, to separate the cost of the index from that of replication. `restore`
+needs the archive that `replicate` makes, so asking for it runs `replicate` too. --py-spy DIR
+records py-spy profiles (raw collapsed stacks) of the daemon during the replication drain and
+the ingest writes, and of `vnafs restore`; they perturb the timings, so leave it off for
+figures. Every mount is unmounted and SeaweedFS stopped (by its PID) on exit, also on Ctrl-C or
+SIGTERM, and the work directory is removed unless --keep is given. Exit status: 0 when every
+part ran, 1 when one failed (the reason is printed under the table), 2 for a usage problem, 130
+when interrupted.
 """
 
 from __future__ import annotations
@@ -126,8 +131,8 @@ RPO_TARGET = 15.0  # seconds the recovery point may trail the newest write, at m
 UPLOADS = config_mod.ArchiveConfig().uploads  # concurrent uploads of the replicator (4)
 RESTORE_WORKERS = 8  # vnafs.archive.restore.restore(workers=8), what `vnafs restore` uses
 DRAIN_POLL = 0.5  # seconds between status requests while a backlog drains
-FAST_POLL = 0.02  # ... once at most FAST_POLL_BELOW blocks are pending
-FAST_POLL_BELOW = 16
+FAST_POLL = 0.05  # ... once at most FAST_POLL_BELOW blocks are pending (a cheaper scan)
+FAST_POLL_BELOW = 128
 RPO_POLL = 0.5  # seconds between status requests during the rpo part
 REPLICATE_DEADLINE = 1800.0  # seconds before a backlog that does not drain counts as stuck
 CATCH_UP_DEADLINE = 300.0  # after an ingest, for replication to catch up
@@ -234,11 +239,12 @@ class ArchiveTarget(VnafsTarget):
     after mkfs, and every vnafs command run with the archive credentials in its environment."""
 
     def __init__(self, root: Path, exe: str, *, archive: str | None, env: dict[str, str],
-                 settings: dict[str, int] | None = None) -> None:
+                 settings: dict[str, int] | None = None, dicom_index: bool = True) -> None:
         super().__init__(root, exe)
         self.archive = archive
         self.env = env
         self.settings = dict(settings or {})
+        self.dicom_index = dicom_index
 
     def create(self) -> None:
         self.root.mkdir(parents=True, mode=0o755)
@@ -247,6 +253,10 @@ class ArchiveTarget(VnafsTarget):
         archive = ["--archive", self.archive] if self.archive else []
         run_env([self.exe, "mkfs", "--key-file", str(self.key), *archive, str(self.hot)],
                 self.env)
+        if not self.dicom_index:
+            cfg = config_mod.load(self.hot)
+            cfg.dicom.index = False
+            (self.hot / config_mod.CONFIG_NAME).write_text(cfg.to_toml())
         if self.settings:
             self.set_archive(**self.settings)
 
@@ -317,6 +327,7 @@ class Bench:
     keep: bool
     seaweed: SeaweedFS
     profile_dir: Path | None
+    dicom_index: bool = True
     targets: list[ArchiveTarget] = field(default_factory=list)
     weed_hwm_kib: list[int] = field(default_factory=list)
     prefixes: int = 0
@@ -336,7 +347,7 @@ class Bench:
     def new_fs(self, name: str, archive: str | None, settings: dict[str, int] | None = None
                ) -> ArchiveTarget:
         t = ArchiveTarget(self.rundir / name, self.exe, archive=archive, env=self.env,
-                          settings=settings)
+                          settings=settings, dicom_index=self.dicom_index)
         self.targets.append(t)
         t.create()
         return t
@@ -431,9 +442,16 @@ def plain_get(b: Bench, url: str) -> PlainRun:
     return PlainRun(seconds, total, len(objects), own_cpu() - c0, b.weed_cpu() - w0)
 
 
-def _plain_row(rep: Report, label: str, runs: list[PlainRun]) -> None:
-    rep.row(label, "  ".join(f"{r.seconds:.2f} s {r.mib_s:.1f} MiB/s" for r in runs)
-            + f"  (client CPU {runs[0].cpu_client:.1f} s, weed CPU {runs[0].cpu_weed:.1f} s)")
+def _plain_row(rep: Report, label: str, runs: list[PlainRun]) -> float:
+    """One row for the plain runs; returns their median MiB/s."""
+    mid = median([r.mib_s for r in runs])
+    assert mid is not None
+    cpu_c = median([r.cpu_client for r in runs]) or 0.0
+    cpu_w = median([r.cpu_weed for r in runs]) or 0.0
+    rep.row(label, f"median {mid:.1f} MiB/s  (runs: "
+            + ", ".join(f"{r.seconds:.2f} s {r.mib_s:.0f}" for r in runs)
+            + f"; CPU client {cpu_c:.1f} s, weed {cpu_w:.1f} s)")
+    return mid
 
 
 # -- part 1: replication throughput ---------------------------------------------------------------
@@ -449,22 +467,55 @@ class Archived:
     block_bytes: int
 
 
-def part_replicate(b: Bench, files: list[tuple[str, bytes]], rep: Report) -> Archived:
-    data_bytes = sum(len(d) for _, d in files)
-    say(f"\n== replicate: backlog of {len(files)} CT slices ({mib(data_bytes):.0f} MiB) vs "
-        f"plain PUT (load average {loadavg():.2f})")
-    figures: dict[str, Any] = {"files": len(files), "data_bytes": data_bytes}
-    rep.data["replicate"] = figures
-    url = b.s3_url("replicate")
-    t = b.new_fs("replicate", url, {"interval": 3600})
+@dataclass
+class DrainRun:
+    """One replication of a backlog: the vnafs drain and the plain PUTs around it."""
+
+    blocks: int
+    block_bytes: int
+    ingest: float
+    umount: float
+    mount: float  # the `vnafs mount` command
+    drain: float  # from the mount command's return until nothing was pending
+    first_block: float | None  # first poll that saw a block shipped (resolution DRAIN_POLL)
+    blocks_done: float | None
+    sent: int
+    sent_blocks: int
+    cycles: int
+    cpu_daemon_mount: float  # daemon CPU until the mount command returned
+    cpu_daemon_drain: float  # daemon CPU from then until nothing was pending
+    cpu_weed: float
+    status_seconds: float
+    polls: int
+    plain: list[PlainRun]
+    trace: list[tuple[float, int, int]]
+    outbox: dict[str, Any]
+
+    @property
+    def mib_s(self) -> float:
+        return rate(self.sent, self.drain)
+
+    @property
+    def with_mount(self) -> float:
+        return self.mount + self.drain
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(vars(self))
+        d["plain"] = [p.as_dict() for p in self.plain]
+        d["mib_s"] = self.mib_s
+        return d
+
+
+def replicate_once(b: Bench, files: list[tuple[str, bytes]], run: int
+                   ) -> tuple[DrainRun, Archived]:
+    url = b.s3_url(f"replicate-{run}")
+    t = b.new_fs(f"replicate-{run}", url, {"interval": 3600})
     t.mount()
     _, first, _ = t.wait_replicated(60)  # the first cycle, at mount: the empty file system
     t0 = time.perf_counter()
     copy_files(t.path / "incoming", files)
     t_ingest = time.perf_counter() - t0
     before = t.archive_status()
-    say(f"  ingest {t_ingest:.1f} s; outbox {before['pending_blocks']} blocks, "
-        f"{mib(before['pending_bytes']):.0f} MiB, {before['pending_records']} records")
     if before["cycle"] != first["cycle"]:
         raise BenchError(f"a replication cycle ran during the ingest (cycle {first['cycle']} -> "
                          f"{before['cycle']}) although interval = 3600")
@@ -478,87 +529,123 @@ def part_replicate(b: Bench, files: list[tuple[str, bytes]], rep: Report) -> Arc
         b.start_weed()
     blocks = block_files(t.hot)
     block_bytes = sum(s for _, _, s in blocks)
-    if len(blocks) != before["pending_blocks"]:
-        say(f"  note: {len(blocks)} block files in the hot store, "
-            f"{before['pending_blocks']} pending")
-    say(f"  unmount with the archive down {t_umount:.1f} s; {len(blocks)} sealed blocks, "
-        f"{mib(block_bytes):.1f} MiB ({data_bytes / block_bytes:.2f}x smaller than the CT data)")
+    say(f"  run {run}: ingest {t_ingest:.1f} s; outbox {before['pending_blocks']} blocks, "
+        f"{mib(before['pending_bytes']):.1f} MiB, {before['pending_records']} records; unmount "
+        f"with the archive down {t_umount:.1f} s; {len(blocks)} block files "
+        f"({mib(block_bytes):.1f} MiB)")
     t.set_archive(interval=1)
 
     plain = [plain_put(b, blocks, b.s3_url("plain-put"))]
-    say(f"  plain PUT #1: {plain[0].seconds:.2f} s, {plain[0].mib_s:.1f} MiB/s")
-    spy = PySpy(b.profile_dir, "replicate-drain")
+    say(f"  run {run}: plain PUT {plain[0].seconds:.2f} s, {plain[0].mib_s:.1f} MiB/s")
+    spy = PySpy(b.profile_dir, f"replicate-drain-{run}")
     trace: list[tuple[float, int, int]] = []
     cpu_w0 = b.weed_cpu()
     t0 = time.perf_counter()
     try:
         t.mount()
         t_up = time.perf_counter()
+        cpu_up = daemon_cpu(t.pid()) or 0.0
         spy.attach(t.pid())
         _, _, in_status = t.wait_replicated(REPLICATE_DEADLINE, after_cycle=before["cycle"],
                                             trace=trace)
     finally:
         spy.detach()
     t_end = trace[-1][0]
-    arch = t.archive_status()
-    cpu_daemon = daemon_cpu(t.pid()) or 0.0  # since the daemon started: mount + drain
+    cpu_end = daemon_cpu(t.pid()) or 0.0
     cpu_weed = b.weed_cpu() - cpu_w0
+    arch = t.archive_status()
     # The mount's first cycle starts while `vnafs mount` finishes (the replicator task is
     # started just before the control socket and the readiness signal), so the drain is timed
-    # from the return of the mount command; the time including the mount is shown too.
-    drain = t_end - t_up
-    with_mount = t_end - t0
-    t_mount = t_up - t0
+    # from the return of the mount command; the time including the mount is kept too.
     blocks_left = [(tt, pb) for tt, pb, _ in trace]
-    first_shipped = next((tt - t_up for tt, pb in blocks_left if pb < len(blocks)), None)
-    blocks_done = next((tt - t_up for tt, pb in blocks_left if pb == 0), None)
-    sent = int(arch["since_mount_bytes_uploaded"])
-    sent_blocks = int(arch["since_mount_blocks_uploaded"])
-    vnafs_rate = rate(sent, drain)
-    say(f"  vnafs drain: {drain:.2f} s after the mount returned ({with_mount:.2f} s with it), "
-        f"{vnafs_rate:.1f} MiB/s ({sent_blocks} blocks, {arch['since_mount_cycles']} cycles)")
+    res = DrainRun(
+        blocks=len(blocks), block_bytes=block_bytes, ingest=t_ingest, umount=t_umount,
+        mount=t_up - t0, drain=t_end - t_up,
+        first_block=next((tt - t_up for tt, pb in blocks_left if pb < len(blocks)), None),
+        blocks_done=next((tt - t_up for tt, pb in blocks_left if pb == 0), None),
+        sent=int(arch["since_mount_bytes_uploaded"]),
+        sent_blocks=int(arch["since_mount_blocks_uploaded"]),
+        cycles=int(arch["since_mount_cycles"]), cpu_daemon_mount=cpu_up,
+        cpu_daemon_drain=cpu_end - cpu_up, cpu_weed=cpu_weed, status_seconds=in_status,
+        polls=len(trace), plain=plain, trace=[(tt - t_up, pb, pr) for tt, pb, pr in trace],
+        outbox=before)
+    say(f"  run {run}: vnafs drain {res.drain:.2f} s after the mount returned "
+        f"({res.with_mount:.2f} s with it), {res.mib_s:.1f} MiB/s ({res.sent_blocks} blocks, "
+        f"{res.cycles} cycle(s))")
     plain.append(plain_put(b, blocks, b.s3_url("plain-put")))
-    say(f"  plain PUT #2: {plain[1].seconds:.2f} s, {plain[1].mib_s:.1f} MiB/s")
+    say(f"  run {run}: plain PUT {plain[1].seconds:.2f} s, {plain[1].mib_s:.1f} MiB/s")
     t.umount()
-    if sent_blocks + int(arch["since_mount_blocks_present"]) != len(blocks):
-        raise BenchError(f"the timed mount shipped {sent_blocks} blocks (+ "
+    if res.sent_blocks + int(arch["since_mount_blocks_present"]) != len(blocks):
+        raise BenchError(f"the timed mount shipped {res.sent_blocks} blocks (+ "
                          f"{arch['since_mount_blocks_present']} already present), the hot store "
                          f"has {len(blocks)}")
-    if sent_blocks != len(blocks):
-        say(f"  note: {len(blocks) - sent_blocks} blocks were in the archive before the timed "
-            "mount (shipped by the unmount's final cycle)")
-    best = max(plain, key=lambda r: r.mib_s)
-    ratio = vnafs_rate / best.mib_s
-    ratio_with_mount = rate(sent, with_mount) / best.mib_s
+    if res.sent_blocks != len(blocks):
+        say(f"  note: {len(blocks) - res.sent_blocks} blocks were in the archive before the "
+            "timed mount (shipped by the unmount's final cycle)")
+    return res, Archived(t, url, len(blocks), block_bytes)
+
+
+def part_replicate(b: Bench, files: list[tuple[str, bytes]], runs: int, rep: Report
+                   ) -> Archived:
+    """`runs` backlogs, each in a fresh store (new keys, so new blocks) from the same data."""
+    data_bytes = sum(len(d) for _, d in files)
+    say(f"\n== replicate: backlog of {len(files)} CT slices ({mib(data_bytes):.0f} MiB) vs "
+        f"plain PUT, {runs}x (load average {loadavg():.2f})")
+    figures: dict[str, Any] = {"files": len(files), "data_bytes": data_bytes}
+    rep.data["replicate"] = figures
+    results: list[DrainRun] = []
+    kept: Archived | None = None
+    for run in range(1, runs + 1):
+        res, archived = replicate_once(b, files, run)
+        results.append(res)
+        if kept is None:
+            kept = archived  # restore reads the first one
+        else:
+            b.drop(archived.target)
+    assert kept is not None
+    first = results[0]
+    drain = median([r.drain for r in results])
+    with_mount = median([r.with_mount for r in results])
+    vnafs_rate = median([r.mib_s for r in results])
+    vnafs_rate_mount = median([rate(r.sent, r.with_mount) for r in results])
+    assert drain is not None and with_mount is not None
+    assert vnafs_rate is not None and vnafs_rate_mount is not None
     rep.section(f"replicate: backlog of {len(files)} CT slices, {mib(data_bytes):.0f} MiB of CT "
-                f"= {len(blocks)} sealed blocks, {mib(block_bytes):.1f} MiB")
-    rep.row("vnafs: mount returned until nothing pending", f"{drain:.2f} s  {vnafs_rate:.1f} "
-            f"MiB/s  ({mib(sent):.1f} MiB in {sent_blocks} blocks)")
-    rep.row("vnafs: the same including the mount", f"{with_mount:.2f} s  "
-            f"{rate(sent, with_mount):.1f} MiB/s  (mount command {t_mount:.2f} s)")
-    rep.row("vnafs: drain timeline (info)", "first block shipped by "
-            + ("-" if first_shipped is None else f"{first_shipped:.2f} s")
-            + ", last by " + ("-" if blocks_done is None else f"{blocks_done:.2f} s")
-            + f", cycle committed at {drain:.2f} s (polls every {DRAIN_POLL:g} s, "
-            f"{FAST_POLL:g} s near the end)")
+                f"= {first.blocks} sealed blocks, {mib(first.block_bytes):.1f} MiB "
+                f"(median of {runs})")
+    rep.row("vnafs: mount returned until nothing pending", f"median {vnafs_rate:.1f} MiB/s  "
+            "(runs: " + ", ".join(f"{r.drain:.2f} s {r.mib_s:.0f}" for r in results) + ")")
+    rep.row("vnafs: the same including the mount", f"median {vnafs_rate_mount:.1f} MiB/s  "
+            f"({with_mount:.2f} s; mount command "
+            f"{median([r.mount for r in results]) or 0:.2f} s)")
+
+    def when(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f} s"
+
+    rep.row("vnafs: drain timeline (info)", "; ".join(
+        f"first block by {when(r.first_block)}, last by {when(r.blocks_done)}, committed at "
+        f"{r.drain:.2f} s" for r in results) + f" (polls every {DRAIN_POLL:g} s, "
+        f"{FAST_POLL:g} s near the end)")
     rep.row("vnafs: CT data protected per second", f"{rate(data_bytes, drain):.1f} MiB/s")
-    _plain_row(rep, f"plain PUT, {UPLOADS} threads (before, after)", plain)
-    rep.row("replication / plain PUT", f"{ratio:.2f}x  (including the mount {ratio_with_mount:.2f}"
-            "x)", f">= {REPLICATE_TARGET}x", ratio >= REPLICATE_TARGET)
-    rep.row("CPU during the drain", f"daemon {cpu_daemon:.1f} s (since its start), weed "
-            f"{cpu_weed:.1f} s; {len(trace)} status requests took {in_status:.2f} s")
-    rep.row("ingest / unmount, archive down (info)", f"{t_ingest:.1f} s / {t_umount:.1f} s")
-    figures.update(blocks=len(blocks), block_bytes=block_bytes, ingest_seconds=t_ingest,
-                   umount_seconds=t_umount, mount_seconds=t_mount, drain_seconds=drain,
-                   drain_with_mount_seconds=with_mount, first_block_seconds=first_shipped,
-                   blocks_done_seconds=blocks_done,
-                   trace=[(tt - t_up, pb, pr) for tt, pb, pr in trace],
-                   bytes_uploaded=sent, blocks_uploaded=sent_blocks, vnafs_mib_s=vnafs_rate,
-                   plain=[p.as_dict() for p in plain], plain_mib_s=best.mib_s, ratio=ratio,
-                   ratio_with_mount=ratio_with_mount, cpu_daemon=cpu_daemon, cpu_weed=cpu_weed,
-                   status_seconds=in_status,
-                   cycles=arch["since_mount_cycles"], outbox=before, daemon_rss_kib=t.rss)
-    return Archived(t, url, len(blocks), block_bytes)
+    plain_runs = [p for r in results for p in r.plain]
+    plain_rate = _plain_row(rep, f"plain PUT, {UPLOADS} threads (before, after each)",
+                            plain_runs)
+    ratio = vnafs_rate / plain_rate
+    rep.row("replication / plain PUT", f"{ratio:.2f}x  (including the mount "
+            f"{vnafs_rate_mount / plain_rate:.2f}x)", f">= {REPLICATE_TARGET}x",
+            ratio >= REPLICATE_TARGET)
+    cpu_d = median([r.cpu_daemon_drain for r in results]) or 0.0
+    cpu_m = median([r.cpu_daemon_mount for r in results]) or 0.0
+    cpu_w = median([r.cpu_weed for r in results]) or 0.0
+    rep.row("CPU during the drain", f"daemon {cpu_d:.1f} s (+ {cpu_m:.1f} s to mount), weed "
+            f"{cpu_w:.1f} s; status requests {first.status_seconds:.2f} s in {first.polls}")
+    rep.row("ingest / unmount, archive down (info)", ", ".join(
+        f"{r.ingest:.1f} s / {r.umount:.1f} s" for r in results))
+    figures.update(runs=[r.as_dict() for r in results], drain_seconds=drain,
+                   drain_with_mount_seconds=with_mount, vnafs_mib_s=vnafs_rate,
+                   vnafs_mib_s_with_mount=vnafs_rate_mount, plain_mib_s=plain_rate, ratio=ratio,
+                   blocks=first.blocks, block_bytes=first.block_bytes)
+    return kept
 
 
 # -- part 2: restore ------------------------------------------------------------------------------
@@ -567,21 +654,26 @@ def part_replicate(b: Bench, files: list[tuple[str, bytes]], rep: Report) -> Arc
 _RESTORED = re.compile(r": (\d+) blocks \((\d+) downloaded now, ([\d.]+) MiB\) in ([\d.]+) s")
 
 
-def part_restore(b: Bench, src: Archived, rep: Report) -> None:
-    say(f"\n== restore: {src.blocks} blocks, {mib(src.block_bytes):.1f} MiB, vs plain GET "
-        f"(load average {loadavg():.2f})")
-    figures: dict[str, Any] = {"blocks": src.blocks, "block_bytes": src.block_bytes}
-    rep.data["restore"] = figures
-    plain = [plain_get(b, src.url)]
-    say(f"  plain GET #1: {plain[0].seconds:.2f} s, {plain[0].mib_s:.1f} MiB/s "
-        f"({plain[0].objects} objects)")
-    if plain[0].objects != src.blocks:
-        raise BenchError(f"the archive lists {plain[0].objects} blocks, the hot store had "
-                         f"{src.blocks}")
-    target = b.rundir / "restored"
+@dataclass
+class RestoreRun:
+    seconds: float
+    own_count: float  # what `vnafs restore` reports (without its start-up and backend check)
+    cpu: float
+    cpu_weed: float
+    nbytes: int
+
+    @property
+    def mib_s(self) -> float:
+        return rate(self.nbytes, self.seconds)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**vars(self), "mib_s": self.mib_s}
+
+
+def restore_once(b: Bench, src: Archived, target: Path, name: str) -> RestoreRun:
     cmd = [b.exe, "restore", "--key-file", str(src.target.key), "--no-progress", src.url,
            str(target)]
-    spy = PySpy(b.profile_dir, "restore")
+    spy = PySpy(b.profile_dir, name)
     c0, w0 = children_cpu(), b.weed_cpu()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -596,13 +688,13 @@ def part_restore(b: Bench, src: Archived, rep: Report) -> None:
     finally:
         spy.detach()
     seconds = time.perf_counter() - t0
-    cpu_restore, cpu_weed = children_cpu() - c0, b.weed_cpu() - w0
+    cpu, cpu_weed = children_cpu() - c0, b.weed_cpu() - w0
     if proc.returncode != 0:
         raise BenchError(f"vnafs restore failed ({proc.returncode}): {(out + err).strip()}")
     m = _RESTORED.search(out)
     if m is None:
         raise BenchError(f"unexpected output of vnafs restore: {out.strip()!r}")
-    n_blocks, n_down, _, inner = int(m[1]), int(m[2]), float(m[3]), float(m[4])
+    n_blocks, n_down, inner = int(m[1]), int(m[2]), float(m[4])
     if n_blocks != src.blocks or n_down != src.blocks:
         raise BenchError(f"vnafs restore brought {n_down} of {n_blocks} blocks, expected "
                          f"{src.blocks}")
@@ -610,24 +702,51 @@ def part_restore(b: Bench, src: Archived, rep: Report) -> None:
     if restored != src.block_bytes:
         raise BenchError(f"the restored store holds {restored} block bytes, the source "
                          f"{src.block_bytes}")
-    say(f"  vnafs restore: {seconds:.2f} s, {rate(restored, seconds):.1f} MiB/s "
-        f"({inner:.1f} s by its own count)")
-    plain.append(plain_get(b, src.url))
-    say(f"  plain GET #2: {plain[1].seconds:.2f} s, {plain[1].mib_s:.1f} MiB/s")
-    best = max(plain, key=lambda r: r.mib_s)
-    vnafs_rate = rate(restored, seconds)
-    ratio = vnafs_rate / best.mib_s
-    rep.section(f"restore: {src.blocks} blocks, {mib(src.block_bytes):.1f} MiB")
-    rep.row("vnafs restore --no-progress", f"{seconds:.2f} s  {vnafs_rate:.1f} MiB/s  (its own "
-            f"count {inner:.1f} s; CPU {cpu_restore:.1f} s, weed {cpu_weed:.1f} s)")
-    _plain_row(rep, f"plain GET, {RESTORE_WORKERS} threads (before, after)", plain)
+    return RestoreRun(seconds, inner, cpu, cpu_weed, restored)
+
+
+def part_restore(b: Bench, src: Archived, runs: int, rep: Report) -> None:
+    say(f"\n== restore: {src.blocks} blocks, {mib(src.block_bytes):.1f} MiB, vs plain GET, "
+        f"{runs}x (load average {loadavg():.2f})")
+    figures: dict[str, Any] = {"blocks": src.blocks, "block_bytes": src.block_bytes}
+    rep.data["restore"] = figures
+    plain: list[PlainRun] = []
+    restores: list[RestoreRun] = []
+
+    def get() -> None:
+        plain.append(plain_get(b, src.url))
+        say(f"  plain GET {plain[-1].seconds:.2f} s, {plain[-1].mib_s:.1f} MiB/s "
+            f"({plain[-1].objects} objects)")
+        if plain[-1].objects != src.blocks:
+            raise BenchError(f"the archive lists {plain[-1].objects} blocks, the hot store had "
+                             f"{src.blocks}")
+
+    for run in range(1, runs + 1):
+        get()
+        target = b.rundir / f"restored-{run}"
+        res = restore_once(b, src, target, f"restore-{run}")
+        restores.append(res)
+        say(f"  vnafs restore {res.seconds:.2f} s, {res.mib_s:.1f} MiB/s ({res.own_count:.1f} s "
+            "by its own count)")
+        if not b.keep:
+            shutil.rmtree(target, ignore_errors=True)
+    get()
+    vnafs_rate = median([r.mib_s for r in restores])
+    assert vnafs_rate is not None
+    rep.section(f"restore: {src.blocks} blocks, {mib(src.block_bytes):.1f} MiB "
+                f"(median of {runs})")
+    cpu = median([r.cpu for r in restores]) or 0.0
+    cpu_w = median([r.cpu_weed for r in restores]) or 0.0
+    rep.row("vnafs restore --no-progress", f"median {vnafs_rate:.1f} MiB/s  (runs: "
+            + ", ".join(f"{r.seconds:.2f} s {r.mib_s:.0f}" for r in restores)
+            + f"; its own count {median([r.own_count for r in restores]) or 0:.1f} s; CPU "
+            f"{cpu:.1f} s, weed {cpu_w:.1f} s)")
+    plain_rate = _plain_row(rep, f"plain GET, {RESTORE_WORKERS} threads (around each)", plain)
+    ratio = vnafs_rate / plain_rate
     rep.row("restore / plain GET", f"{ratio:.2f}x", f">= {RESTORE_TARGET}x",
             ratio >= RESTORE_TARGET)
-    figures.update(seconds=seconds, own_count_seconds=inner, mib_s=vnafs_rate,
-                   plain=[p.as_dict() for p in plain], plain_mib_s=best.mib_s, ratio=ratio,
-                   cpu_restore=cpu_restore, cpu_weed=cpu_weed)
-    if not b.keep:
-        shutil.rmtree(target, ignore_errors=True)
+    figures.update(runs=[r.as_dict() for r in restores], mib_s=vnafs_rate,
+                   plain=[p.as_dict() for p in plain], plain_mib_s=plain_rate, ratio=ratio)
 
 
 # -- part 3: recovery point under a steady ingest -------------------------------------------------
@@ -873,7 +992,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size-mib", type=int,
                    help="CT data in the replication backlog, MiB (default 1024; 2 slices/MiB)")
     p.add_argument("--files", type=int, help="CT slices per ingest run (default 2000)")
-    p.add_argument("--repeat", type=int, help="ingest runs per mode (default 2, --quick 1)")
+    p.add_argument("--repeat", type=int,
+                   help="runs of replicate and restore, ingest runs per mode (default 2, "
+                        "--quick 1)")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip the untimed warm-up ingest before the timed ones")
     p.add_argument("--rpo-minutes", type=int,
@@ -889,6 +1010,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--py-spy", metavar="DIR",
                    help="record py-spy profiles of the drain, the restore and the ingest "
                         "writes into DIR")
+    p.add_argument("--no-index", action="store_true",
+                   help="make every store with [dicom] index = false (default: on, as mkfs)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args(argv)
     only = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -925,7 +1048,7 @@ def main(argv: list[str] | None = None) -> int:
     n_src = max(slices, args.files if "ingest" in args.only else 0)
     # Sources, hot stores, the restored copy and the objects in SeaweedFS (3 copies of the
     # backlog: vnafs and two plain runs), the rpo data, one ingest store + archive at a time.
-    need = (n_src * 0.55 * MIB * 1.5 + slices * 0.2 * MIB * 6
+    need = (n_src * 0.55 * MIB * 1.5 + slices * 0.2 * MIB * (4 * args.repeat + 2)
             + args.rpo_minutes * args.study_slices * 0.3 * MIB * 3 + args.files * 0.2 * MIB * 8)
     free = shutil.disk_usage(workdir).free
     if free < need:
@@ -940,9 +1063,11 @@ def main(argv: list[str] | None = None) -> int:
     say(f"{info['cpu']} x {info['nproc']}, {info['mem_gib']} GiB; Linux {info['kernel']}; "
         f"Python {info['python']}; load average {info['loadavg_start']:.2f}")
     say(f"work dir: {rundir} ({info['workdir_fs']})")
-    say(f"sizes: replicate {args.size_mib} MiB ({slices} slices); ingest {args.files} slices x "
-        f"{args.repeat} per mode; rpo {args.rpo_minutes} min of {args.study_slices} slices; "
-        f"parts {','.join(p for p in PARTS if p in args.only)}")
+    say(f"sizes: replicate {args.size_mib} MiB ({slices} slices) and restore x {args.repeat}; "
+        f"ingest {args.files} slices x {args.repeat} per mode; rpo {args.rpo_minutes} min of "
+        f"{args.study_slices} slices; "
+        f"parts {','.join(p for p in PARTS if p in args.only)}; DICOM index "
+        f"{'off' if args.no_index else 'on'}")
 
     old_term = signal.signal(signal.SIGTERM, _sigterm)
     rep = Report()
@@ -956,7 +1081,8 @@ def main(argv: list[str] | None = None) -> int:
         seaweed = SeaweedFS(rundir / "seaweedfs")
         seaweed.start()
         seaweed.create_bucket(BUCKET)
-        bench = b = Bench(rundir, exe, args.keep, seaweed, profile_dir)
+        bench = b = Bench(rundir, exe, args.keep, seaweed, profile_dir,
+                          dicom_index=not args.no_index)
         say(f"SeaweedFS (weed mini) pid {b.weed_pid()} at {seaweed.endpoint}, bucket {BUCKET}")
         files: list[tuple[str, bytes]] = []
         if n_src:
@@ -972,12 +1098,12 @@ def main(argv: list[str] | None = None) -> int:
         archived: list[Archived] = []
 
         def do_replicate() -> None:
-            archived.append(part_replicate(bench, files[:slices], rep))
+            archived.append(part_replicate(bench, files[:slices], args.repeat, rep))
 
         def do_restore() -> None:
             if not archived:
                 raise BenchError("no archive to restore: the replicate part failed")
-            part_restore(bench, archived[0], rep)
+            part_restore(bench, archived[0], args.repeat, rep)
 
         parts: dict[str, Callable[[], None]] = {
             "replicate": do_replicate,

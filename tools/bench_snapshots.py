@@ -51,6 +51,12 @@ from vnafs.meta.records import ROOT_INO
 VNAFS = str(Path(sys.executable).with_name("vnafs"))
 
 
+def _rate(res: Any) -> float:
+    if res.rate is None:
+        raise BenchError("a workload took no measurable time")
+    return float(res.rate)
+
+
 def build_tree(t: VnafsTarget, files: int) -> None:
     """`files` empty files in directories of 1,000, written straight into LMDB (unmounted)."""
     store = open_store(t.hot, resolve_kek_source(str(t.key), None))
@@ -114,7 +120,7 @@ def part_read(rundir: Path, data: CtData, size_mib: int, out: dict[str, Any]) ->
             drop_caches()
             t.mount()
             res = wl_read(path, size_mib * MIB, digest)
-            results[label] = res.nbytes / res.seconds / 1e6
+            results[label] = _rate(res)
             say(f"  cold read {label}: {results[label]:.0f} MB/s")
         out["read"] = {"live_mb_s": results["live"], "snapshot_mb_s": results["snapshot"],
                        "ratio": results["snapshot"] / results["live"]}
@@ -139,8 +145,7 @@ def _ingest_fs(rundir: Path, name: str, data: CtData, files: int, snapshots: int
                     victim = base / f"b{(i * 20 + k) % 100:03d}"
                     victim.write_bytes(data.chunk(1_000_000 + i * 20 + k)[:SMALL_FILE_BYTES])
                 control_request(t.hot, {"op": "snapshot_create", "name": f"s{i:03d}"})
-        res = wl_ingest(t.path, data, files)
-        return res.nbytes / res.seconds / 1e6
+        return _rate(wl_ingest(t.path, data, files))
     finally:
         with signals_ignored():
             t.cleanup()

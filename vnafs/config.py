@@ -67,6 +67,7 @@ class Schedule:
 @dataclass
 class SnapshotConfig:
     mkdir: bool = False
+    visible: bool = False
     schedule: list[Schedule] = field(default_factory=list)
 
 
@@ -152,6 +153,11 @@ class Config:
             "[snapshots]",
             "# mkdir/rmdir in /.snapshots create and delete snapshots (docs/admin.md).",
             f"mkdir = {str(self.snapshots.mkdir).lower()}",
+            "# List /.snapshots in the root (then ls -a, find and rsync walk every snapshot).",
+            "# Hidden by default, like ZFS's snapdir=hidden; NFS re-exports need true: a server",
+            "# that dropped its caches resolves a snapshot directory's handle by finding its",
+            "# name in the listing of its parent.",
+            f"visible = {str(self.snapshots.visible).lower()}",
         ]
         for sch in self.snapshots.schedule:
             lines += ["", "[[snapshots.schedule]]", f"every = \"{sch.every_s}s\"",

@@ -333,7 +333,8 @@ async def serve(
         snapshots = SnapshotService(engine, snaps, cfg.snapshots)
         ops = Operations(engine, files, block_size=BLOCK_SIZE, views=views,
                          views_name=cfg.dicom.views, snapshots=snaps,
-                         snapshot_mkdir=cfg.snapshots.mkdir and not readonly)
+                         snapshot_mkdir=cfg.snapshots.mkdir and not readonly,
+                         snapshots_visible=cfg.snapshots.visible)
         options = fuse_options(store, cfg)
         if readonly:
             options.add("ro")

@@ -99,7 +99,8 @@ class Operations(pyfuse3.Operations):
 
     def __init__(self, engine: Engine, files: Files, *, block_size: int,
                  views: Views | None = None, views_name: str = ".dicom",
-                 snapshots: Snapshots | None = None, snapshot_mkdir: bool = False) -> None:
+                 snapshots: Snapshots | None = None, snapshot_mkdir: bool = False,
+                 snapshots_visible: bool = False) -> None:
         super().__init__()
         self.engine = engine
         self.ns: Namespace = engine.ns
@@ -116,6 +117,7 @@ class Operations(pyfuse3.Operations):
         # /.snapshots (docs/architecture.md section 10): None when snapshots are not served.
         self.snaps = snapshots
         self.snapshot_mkdir = snapshot_mkdir
+        self.snapshots_visible = snapshots_visible and snapshots is not None
         self._snapdir_handles: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
         # The DICOM views inside each snapshot that has been looked into (by snapshot id).
         self._snap_views: dict[int, Views] = {}
@@ -613,6 +615,13 @@ class Operations(pyfuse3.Operations):
             return
         snap = self._snap(fh)
         offset = start_id
+        if fh == ROOT_INO and self.snapshots_visible and offset == 0:
+            # Listed first with cookie 1 (real entries have cookies >= 2, and offset 1 lists
+            # them from the start): an NFS server reconnecting a snapshot directory's handle
+            # looks for its name in this listing.
+            if not pyfuse3.readdir_reply(token, SNAPDIR_NAME, self._snapdir_entry(), 1):
+                return
+            offset = 1
         while True:
             if snap is None:
                 batch = self.ns.readdir(fh, offset, limit=256)
