@@ -1152,7 +1152,8 @@ def main(argv: list[str] | None = None) -> int:
     rep.section("servers")
     rep.row("SeaweedFS (weed mini) peak RSS",
             "-" if weed_peak is None else f"{weed_peak / 1024:.0f} MiB (VmHWM)")
-    rep.row("vnafs daemon peak RSS", f"{daemon_peak / 1024:.0f} MiB (VmHWM, highest daemon)")
+    rep.row("vnafs daemon peak RSS", "-" if not daemon_peak
+            else f"{daemon_peak / 1024:.0f} MiB (VmHWM, highest daemon)")
     print_table(rep)
     say("\nload average (1 min) at the start and end of each part: " + ", ".join(
         f"{k} {'-'.join(f'{x:.2f}' for x in v)}" for k, v in loads.items()))

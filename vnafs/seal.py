@@ -145,6 +145,32 @@ class Sealer:
         `name` goes into the error message, so it must be safe to log (a block id, or a table and a
         key digest), never a file name.
         """
+        codec, length, body = self._decrypt(kind, context, envelope, name)
+        # The header is authenticated from here on, so an odd codec is a real format we lack.
+        if codec == CODEC_RAW:
+            plain = body
+        elif codec == CODEC_ZSTD:
+            plain = self._inflate(body, length, name)
+        elif codec == CODEC_BYTEPLANE16 and kind == KIND_BLOCK:
+            plain = _from_planes(self._inflate(body, length, name))
+        else:
+            raise _failed(name, f"unsupported codec {codec}")
+        if len(plain) != length:
+            raise _failed(name, "length mismatch")
+        return plain
+
+    def check(self, kind: int, context: bytes, envelope: bytes | memoryview, *,
+              name: str = "object") -> None:
+        """Authenticate `envelope` without decompressing it (IntegrityError if it fails).
+
+        The GCM tag covers every byte, so this proves the envelope is the one sealed for
+        `context`; it is what restore and verify need, at AES speed rather than zstd speed
+        (measured: 1.6-2.4 GB/s against 154 MiB/s for `open` of byte-plane CT blocks)."""
+        self._decrypt(kind, context, envelope, name)
+
+    def _decrypt(self, kind: int, context: bytes, envelope: bytes | memoryview, name: str
+                 ) -> tuple[int, int, bytes]:
+        """(codec, plaintext length, decrypted body) after checking the header and the tag."""
         env = memoryview(envelope)
         if env.nbytes < OVERHEAD:
             raise _failed(name, "truncated")
@@ -162,18 +188,7 @@ class Sealer:
             body = aead.decrypt(nonce, env[HEADER_LEN:], bytes(env[:HEADER_LEN]) + bytes(context))
         except InvalidTag:
             raise _failed(name, "bad tag") from None
-        # The header is authenticated from here on, so an odd codec is a real format we lack.
-        if codec == CODEC_RAW:
-            plain = body
-        elif codec == CODEC_ZSTD:
-            plain = self._inflate(body, length, name)
-        elif codec == CODEC_BYTEPLANE16 and got_kind == KIND_BLOCK:
-            plain = _from_planes(self._inflate(body, length, name))
-        else:
-            raise _failed(name, f"unsupported codec {codec}")
-        if len(plain) != length:
-            raise _failed(name, "length mismatch")
-        return plain
+        return codec, length, body
 
     def _inflate(self, body: bytes, length: int, name: str) -> bytes:
         try:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ctypes
+import ctypes.util
 import errno
 import os
 import re
@@ -274,9 +276,15 @@ class Backend(ABC):
     url: ArchiveURL
 
     @abstractmethod
-    def put(self, name: str, data: bytes | memoryview, *, create: bool = False) -> bool:
+    def put(self, name: str, data: bytes | memoryview, *, create: bool = False,
+            sync: bool = True) -> bool:
         """Store `data` as `name`; True when written. With `create`, atomically create-only:
-        False (and the object unchanged) when it already exists."""
+        False (and the object unchanged) when it already exists. With `sync=False` the
+        object may be durable only after the next `flush()` (object stores: at once)."""
+
+    def flush(self) -> None:  # noqa: B027  (deliberately not abstract: a no-op by default)
+        """Make every object put with `sync=False` so far durable. Object stores acknowledge
+        a PUT only once it is stored, so there is nothing to do; `file://` syncs here."""
 
     @abstractmethod
     def get(self, name: str) -> bytes:
@@ -360,6 +368,9 @@ def open_backend(url: str | ArchiveURL, *, credentials_file: Path | None = None,
 
 # --- file:// ---------------------------------------------------------------------------------
 
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -415,7 +426,8 @@ class FileBackend(Backend):
                 continue  # a concurrent put made it, and fsyncs it
             _fsync_dir(d.parent)
 
-    def put(self, name: str, data: bytes | memoryview, *, create: bool = False) -> bool:
+    def put(self, name: str, data: bytes | memoryview, *, create: bool = False,
+            sync: bool = True) -> bool:
         path = self.root / _check_name(name)
         try:
             self._makedirs(self.tmp)
@@ -426,7 +438,8 @@ class FileBackend(Backend):
                     rest = memoryview(data).cast("B")
                     while rest:
                         rest = rest[os.write(fd, rest):]
-                    os.fsync(fd)
+                    if sync:
+                        os.fsync(fd)
                 finally:
                     os.close(fd)
                 written = True
@@ -440,11 +453,27 @@ class FileBackend(Backend):
             finally:
                 with suppress(FileNotFoundError):
                     os.unlink(tmp)
-            # Also when the object already existed: its writer may not have synced yet.
-            _fsync_dir(path.parent)
+            if sync:
+                # Also when the object already existed: its writer may not have synced yet.
+                _fsync_dir(path.parent)
             return written
         except OSError as exc:
             raise self._error(exc, "write", name) from exc
+
+    def flush(self) -> None:
+        # One syncfs covers every object written since the last: an fsync per block file made
+        # each one force an ext4 journal commit (measured: replication into a file:// archive
+        # cut a concurrent ingest to 0.64x).
+        try:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                if _libc.syncfs(fd) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, os.strerror(err))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise self._error(exc, "sync", "") from exc
 
     def get(self, name: str) -> bytes:
         try:
@@ -622,7 +651,8 @@ class _ObjectStoreBackend(Backend):
         return ArchiveError(self._scrub(f"archive {where} answered {detail} to {op} {name}; "
                                         "retry later or check the archive server"))
 
-    def put(self, name: str, data: bytes | memoryview, *, create: bool = False) -> bool:
+    def put(self, name: str, data: bytes | memoryview, *, create: bool = False,
+            sync: bool = True) -> bool:
         try:
             # A single PUT: atomic, and the only way create-only (If-None-Match) holds on both
             # stores. Objects are blocks of a few MiB, far below the single-PUT limit (5 GiB).

@@ -41,6 +41,7 @@ from vnafs.store.hot import HotStore
 log = logging.getLogger("vnafs.restore")
 
 RESTORING = "RESTORING"
+SYNC_EVERY = 64 << 20
 FOLLOW_KEY = b"follow"
 
 
@@ -188,7 +189,9 @@ def restore(backend: Backend, root: Path, source: KekSource, *, progress: bool =
         total = sum(sizes.get(bid, 0) for bid in todo)
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                   desc="restoring blocks", disable=not progress, leave=True) as bar, \
-                ThreadPoolExecutor(max_workers=workers) as pool:
+                ThreadPoolExecutor(max_workers=workers) as pool, \
+                ThreadPoolExecutor(max_workers=1) as syncer:
+            unsynced = 0
             for bid, got in zip(todo, pool.map(lambda b: _fetch_block(backend, hot, b), todo),
                                 strict=True):
                 if got == -1:
@@ -198,6 +201,11 @@ def restore(backend: Backend, root: Path, source: KekSource, *, progress: bool =
                 else:
                     report.blocks_downloaded += 1
                     report.bytes_downloaded += got
+                    unsynced += got
+                if unsynced >= SYNC_EVERY:
+                    # Write back while downloading, so the final sync has little left to do.
+                    syncer.submit(hot.syncfs)
+                    unsynced = 0
                 bar.update(sizes.get(bid, max(got, 0)))
         hot.syncfs()
     finally:
@@ -225,7 +233,7 @@ def _fetch_block(backend: Backend, hot: HotStore, block_id: bytes) -> int:
     except ArchiveMissing:
         return -1
     try:
-        hot.sealer.open(KIND_BLOCK, block_id, envelope, name=f"archive block {block_id.hex()}")
+        hot.sealer.check(KIND_BLOCK, block_id, envelope, name=f"archive block {block_id.hex()}")
     except IntegrityError:
         return -2
     hot.put_envelope(block_id, envelope)

@@ -133,7 +133,7 @@ class Verifier:
         try:
             block_id = alog.block_id_of(name)
             if block_id is not None:
-                self.sealer.open(KIND_BLOCK, block_id, data, name=name)
+                self.sealer.check(KIND_BLOCK, block_id, data, name=name)
             elif name.startswith("meta/"):
                 for _ in alog.read_part(self.sealer, name, data):
                     pass
@@ -148,7 +148,7 @@ class Verifier:
     def _repair_block(self, block_id: bytes, name: str) -> None:
         try:
             envelope = self.hot.path(block_id).read_bytes()
-            self.sealer.open(KIND_BLOCK, block_id, envelope, name=name)
+            self.sealer.check(KIND_BLOCK, block_id, envelope, name=name)
         except (OSError, IntegrityError):
             self.report.unrepaired.append(name)
             return
