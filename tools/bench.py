@@ -128,11 +128,11 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def run(argv: list[str], *, timeout: float = 300.0) -> str:
+def run(argv: list[str], *, timeout: float = 300.0, env: dict[str, str] | None = None) -> str:
     """Run a command, return its output, raise BenchError with the output if it fails."""
     try:
         res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                             stdin=subprocess.DEVNULL)
+                             stdin=subprocess.DEVNULL, env=env)
     except subprocess.TimeoutExpired:
         raise BenchError(f"{' '.join(argv)} did not finish within {timeout:.0f} s") from None
     if res.returncode != 0:
@@ -816,6 +816,29 @@ def vnafs_revision() -> str:
     return res.stdout.strip() if res.returncode == 0 else ""
 
 
+def make_rundir(workdir: Path, need: float) -> Path | None:
+    """A fresh run directory (mode 0755, so FUSE mounts in it can allow others) under
+    `workdir`; None, after saying why, when the disk has less than `need` bytes free."""
+    free = shutil.disk_usage(workdir).free
+    if free < need:
+        say(f"not enough space in {workdir}: {free / MIB:.0f} MiB free, about "
+            f"{need / MIB:.0f} MiB needed")
+        return None
+    rundir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
+    os.chmod(rundir, 0o755)
+    return rundir
+
+
+def banner(title: str, workdir: Path, rundir: Path) -> dict[str, Any]:
+    """Print what a run's figures depend on (machine, load, revision, work dir)."""
+    info = machine_info(workdir)
+    say(f"{title}  {time.strftime('%Y-%m-%d %H:%M:%S')}  ({vnafs_revision() or 'no git'})")
+    say(f"{info['cpu']} x {info['nproc']}, {info['mem_gib']} GiB; Linux {info['kernel']}; "
+        f"Python {info['python']}; load average {info['loadavg_start']:.2f}")
+    say(f"work dir: {rundir} ({info['workdir_fs']})")
+    return info
+
+
 def machine_info(workdir: Path) -> dict[str, Any]:
     cpu = "?"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -990,13 +1013,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     need = (sizes.size_mib * MIB + sizes.files * SMALL_FILE_BYTES
             + sizes.meta_files * PAGE) * (len(wanted) if args.keep else 1)
-    free = shutil.disk_usage(workdir).free
-    if free < need * 1.2:
-        say(f"not enough space in {workdir}: {free / MIB:.0f} MiB free, "
-            f"about {need * 1.2 / MIB:.0f} MiB needed")
+    rundir = make_rundir(workdir, need * 1.2)
+    if rundir is None:
         return 2
-    rundir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
-    os.chmod(rundir, 0o755)
 
     info = machine_info(workdir)
     say(f"vnafs benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}")

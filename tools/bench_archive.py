@@ -85,7 +85,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -100,15 +99,18 @@ from tools.bench import (
     Target,
     VnafsTarget,
     _sigterm,
+    banner,
     find_vnafs,
     loadavg,
-    machine_info,
+    make_rundir,
     mounted_under,
     say,
     signals_ignored,
     vm_hwm_kib,
-    vnafs_revision,
     write_all,
+)
+from tools.bench import (
+    run as run_command,
 )
 from tools.bench_dicom import Report, daemon_cpu, median, p95, print_table, remove_rundir
 from tools.gen_studies import write_ct_series
@@ -145,15 +147,7 @@ Failure = (BenchError, OSError, subprocess.SubprocessError, VnafsError)
 
 def run_env(argv: list[str], env: dict[str, str] | None, *, timeout: float = 300.0) -> str:
     """tools.bench.run with an environment (the archive credentials)."""
-    try:
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                             stdin=subprocess.DEVNULL, env=env)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"{' '.join(argv)} did not finish within {timeout:.0f} s") from None
-    if res.returncode != 0:
-        out = (res.stdout + res.stderr).strip()
-        raise BenchError(f"{' '.join(argv)} failed ({res.returncode}): {out}")
-    return res.stdout
+    return run_command(argv, timeout=timeout, env=env)
 
 
 def mib(n: float) -> float:
@@ -1050,19 +1044,10 @@ def main(argv: list[str] | None = None) -> int:
     # backlog: vnafs and two plain runs), the rpo data, one ingest store + archive at a time.
     need = (n_src * 0.55 * MIB * 1.5 + slices * 0.2 * MIB * (4 * args.repeat + 2)
             + args.rpo_minutes * args.study_slices * 0.3 * MIB * 3 + args.files * 0.2 * MIB * 8)
-    free = shutil.disk_usage(workdir).free
-    if free < need:
-        say(f"not enough space in {workdir}: {free / MIB:.0f} MiB free, about "
-            f"{need / MIB:.0f} MiB needed")
+    rundir = make_rundir(workdir, need)
+    if rundir is None:
         return 2
-    rundir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
-    os.chmod(rundir, 0o755)
-    info = machine_info(workdir)
-    say(f"vnafs archive benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}  "
-        f"({vnafs_revision() or 'no git'})")
-    say(f"{info['cpu']} x {info['nproc']}, {info['mem_gib']} GiB; Linux {info['kernel']}; "
-        f"Python {info['python']}; load average {info['loadavg_start']:.2f}")
-    say(f"work dir: {rundir} ({info['workdir_fs']})")
+    info = banner("vnafs archive benchmark", workdir, rundir)
     say(f"sizes: replicate {args.size_mib} MiB ({slices} slices) and restore x {args.repeat}; "
         f"ingest {args.files} slices x {args.repeat} per mode; rpo {args.rpo_minutes} min of "
         f"{args.study_slices} slices; "

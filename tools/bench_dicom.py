@@ -68,7 +68,6 @@ import stat
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -80,14 +79,14 @@ from tools.bench import (
     BenchError,
     VnafsTarget,
     _sigterm,
+    banner,
     drop_caches,
     find_vnafs,
     loadavg,
-    machine_info,
+    make_rundir,
     mounted_under,
     say,
     signals_ignored,
-    vnafs_revision,
     write_all,
 )
 from tools.gen_studies import (
@@ -799,19 +798,10 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     # Sources and one store of CT slices, and about 4 KiB of LMDB per index record.
     need = args.files * 0.6 * MIB * 2.5 + args.instances * 4096 + args.list_files * 8192
-    free = shutil.disk_usage(workdir).free
-    if free < need:
-        say(f"not enough space in {workdir}: {free / MIB:.0f} MiB free, about "
-            f"{need / MIB:.0f} MiB needed")
+    rundir = make_rundir(workdir, need)
+    if rundir is None:
         return 2
-    rundir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
-    os.chmod(rundir, 0o755)
-    info = machine_info(workdir)
-    say(f"vnafs DICOM index benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}  "
-        f"({vnafs_revision() or 'no git'})")
-    say(f"{info['cpu']} x {info['nproc']}, {info['mem_gib']} GiB; Linux {info['kernel']}; "
-        f"Python {info['python']}; load average {info['loadavg_start']:.2f}")
-    say(f"work dir: {rundir} ({info['workdir_fs']})")
+    info = banner("vnafs DICOM index benchmark", workdir, rundir)
     say(f"sizes: ingest {args.files} CT slices x {args.repeat} per mode; listing "
         f"{args.list_files}; index {args.instances:,} records; parts {','.join(args.only)}")
 
