@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -104,8 +105,22 @@ def run(base: Path) -> int:
     first = sorted(os.listdir(mnt / ".dicom" / "by-study"))[0]
     print(f"== vnafs find {mnt} --study {first}")
     print(_vnafs("find", str(mnt), "--study", first).rstrip())
+    print(f"== vnafs snapshot create {mnt}, then ls .snapshots/")
+    _vnafs("snapshot", "create", str(mnt))
+    for name in sorted(os.listdir(mnt / ".snapshots")):
+        print(f"   .snapshots/{name}/  ({len(os.listdir(mnt / '.snapshots' / name))} entries)")
+    # Replication runs every 2 s; show the status once the archive has caught up (bounded).
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        arch = daemon.control_request(hot, {"op": "status"})["archive"]
+        if not arch["pending_blocks"] and not arch["pending_records"]:
+            break
+        time.sleep(0.5)
     print("== status")
     print(_vnafs("status", str(mnt)).rstrip())
+    objects = sum(1 for f in archive.rglob("*") if f.is_file())
+    print(f"== the archive {archive} holds {objects} sealed objects; rebuild from it with: "
+          f"vnafs restore --key-file {key} file://{archive} NEW_HOT")
     plain = sum(p.stat().st_size for p in digests)
     stored = sum(f.stat().st_size for f in (hot / "blocks").rglob("*") if f.is_file())
     print(f"== {plain / 1e6:.1f} MB of DICOM stored as {stored / 1e6:.1f} MB of sealed blocks "
