@@ -230,3 +230,38 @@ def test_two_sites_in_one_bucket_do_not_interfere(workdir: Path, seaweed: Seawee
     finally:
         for fs in sites:
             fs.cleanup()
+
+
+def test_restore_uses_the_credentials_it_was_given(workdir: Path, seaweed: SeaweedFS) -> None:
+    """After a disaster the old credentials file is gone with the old machine: the restored
+    store replicates with the file given to restore."""
+    text = (f'[s3]\naccess_key_id = "{seaweed.access_key}"\n'
+            f'secret_access_key = "{seaweed.secret_key}"\n')
+    old, new = workdir / "old.cred", workdir / "new.cred"
+    for path in (old, new):
+        path.write_text(text)
+        os.chmod(path, 0o600)
+    url = seaweed.url(BUCKET, f"{uuid.uuid4().hex[:8]}/dr")
+    fs = Fs(workdir / "site", archive=url)
+    fs.root.mkdir()
+    fs.mnt.mkdir()
+    run_vnafs("keygen", str(fs.key))
+    run_vnafs("mkfs", "--key-file", str(fs.key), "--archive", url, "--credentials", str(old),
+              str(fs.hot))
+    _set_archive(fs, interval=1)
+    try:
+        fs.mount()
+        (fs.mnt / "study").write_bytes(os.urandom(1 << 20))
+        fs.wait_replicated()
+        fs.kill9()
+        shutil.rmtree(fs.hot)
+        old.unlink()
+        run_vnafs("restore", "--key-file", str(fs.key), "--credentials", str(new),
+                  "--no-progress", url, str(fs.hot))
+        assert f'credentials = "{new}"' in (fs.hot / "vnafs.toml").read_text()
+        fs.mount()
+        (fs.mnt / "after").write_bytes(b"replicated with the new credentials file")
+        fs.wait_replicated()
+        assert fs.status()["archive"]["last_error"] is None
+    finally:
+        fs.cleanup()

@@ -356,10 +356,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from vnafs.archive.restore import restore
 
     url = config.validate_archive_url(args.url)
-    backend = open_backend(url, credentials_file=Path(args.credentials) if args.credentials
-                           else None)
+    credentials = Path(args.credentials) if args.credentials else None
+    backend = open_backend(url, credentials_file=credentials)
     backend.check()
-    report = restore(backend, Path(args.hot), _source(args), progress=not args.no_progress)
+    report = restore(backend, Path(args.hot), _source(args), progress=not args.no_progress,
+                     credentials=credentials)
     mib = report.bytes_downloaded / (1 << 20)
     rp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(report.recovery_point_ns / 1e9)) \
         if report.recovery_point_ns else "this run's earlier pass"

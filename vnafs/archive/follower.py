@@ -57,7 +57,7 @@ def open_archive_store(url: str, source: KekSource, cache: Path,
             shutil.rmtree(cache / "meta", ignore_errors=True)
         fs_file.write_text(keyring.fs_id.hex() + "\n")
         sealer = Sealer(keyring)
-        cfg = fetch_config(backend, sealer, cache, url)
+        cfg = fetch_config(backend, sealer, cache, url, credentials)
         db = MetaDB(cache / "meta", sealer)
         try:
             follow(db, backend, sealer)

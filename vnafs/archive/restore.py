@@ -79,8 +79,10 @@ def fetch_keyring(backend: Backend, path: Path, source: KekSource) -> Keyring:
     return Keyring.open(path, source)
 
 
-def fetch_config(backend: Backend, sealer: Sealer, root: Path, url: str) -> config_mod.Config:
-    """The source store's vnafs.toml, pointing at the archive it was read from."""
+def fetch_config(backend: Backend, sealer: Sealer, root: Path, url: str,
+                 credentials: Path | None = None) -> config_mod.Config:
+    """The source store's vnafs.toml, pointing at the archive it was read from with the
+    credentials it was read with (the source's credentials file may not exist here)."""
     cfg_path = root / config_mod.CONFIG_NAME
     try:
         text = alog.open_object(sealer, alog.CONFIG_NAME, backend.get(alog.CONFIG_NAME))
@@ -89,6 +91,7 @@ def fetch_config(backend: Backend, sealer: Sealer, root: Path, url: str) -> conf
     except ArchiveMissing:
         cfg = config_mod.Config()
     cfg.archive.url = url
+    cfg.archive.credentials = str(credentials.resolve()) if credentials else ""
     cfg_path.write_text(cfg.to_toml())
     return cfg
 
@@ -133,7 +136,7 @@ class RestoreReport:
 
 
 def restore(backend: Backend, root: Path, source: KekSource, *, progress: bool = True,
-            workers: int = 8) -> RestoreReport:
+            workers: int = 8, credentials: Path | None = None) -> RestoreReport:
     """Rebuild a hot store at `root` from the archive (resuming an interrupted restore)."""
     from vnafs.daemon import write_format
 
@@ -168,7 +171,7 @@ def restore(backend: Backend, root: Path, source: KekSource, *, progress: bool =
         sizes = {bid: size for name, size in backend.list("blocks/")
                  if (bid := alog.block_id_of(name)) is not None}
         if stage == "metadata":
-            fetch_config(backend, sealer, root, url)
+            fetch_config(backend, sealer, root, url, credentials)
             head = read_head(backend, sealer)
             report.records = apply_head(db, backend, sealer, head, 0)
             with db.begin(write=True) as txn:
