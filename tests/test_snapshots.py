@@ -206,11 +206,18 @@ def test_locked_snapshot_cannot_be_deleted_or_shortened(new_fs: Fs) -> None:
     with pytest.raises(Exception, match="locked"):
         control.control_request(fs.hot, {"op": "snapshot_delete", "name": "kept"})
     assert [r["name"] for r in listing(fs)] == ["kept"]
-    # mkdir / rmdir in .snapshots when enabled.
+    # mkdir / rmdir in .snapshots when enabled; rmdir frees space like `snapshot delete`.
+    (fs.mnt / "only-in-snapshot").write_bytes(os.urandom(1 << 20))
+    blocks = fs.status()["blocks"]
     os.mkdir(fs.mnt / SNAP / "by-mkdir")
     assert "by-mkdir" in os.listdir(fs.mnt / SNAP)
+    os.unlink(fs.mnt / "only-in-snapshot")
     os.rmdir(fs.mnt / SNAP / "by-mkdir")
     assert "by-mkdir" not in os.listdir(fs.mnt / SNAP)
+    deadline = time.monotonic() + 30
+    while fs.status()["blocks"] != blocks - 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert fs.status()["blocks"] == blocks - 1
 
 
 def test_default_names_and_diff(fs: Fs) -> None:

@@ -301,6 +301,8 @@ async def serve(
     from vnafs.fs.engine import Engine
     from vnafs.fs.files import Files
     from vnafs.fs.operations import Operations
+    from vnafs.fs.snapshot_service import SnapshotService
+    from vnafs.meta.snapshots import Snapshots
 
     cfg = store.config
     readonly = follower is not None
@@ -326,13 +328,10 @@ async def serve(
         files = Files(engine, nursery, sync_on_close=cfg.mount.sync_on_close)
         files.readonly = readonly
         indexer, views = _dicom_setup(store, index, engine, files)
-        from vnafs.fs.snapshot_service import SnapshotService
-        from vnafs.meta.snapshots import Snapshots
-
         snaps = Snapshots(store.ns)
         snapshots = SnapshotService(engine, snaps, cfg.snapshots)
         ops = Operations(engine, files, block_size=BLOCK_SIZE, views=views,
-                         views_name=cfg.dicom.views, snapshots=snaps,
+                         views_name=cfg.dicom.views, snapshots=snapshots,
                          snapshot_mkdir=cfg.snapshots.mkdir and not readonly,
                          snapshots_visible=cfg.snapshots.visible)
         options = fuse_options(store, cfg)

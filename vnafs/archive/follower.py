@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from vnafs.archive.backend import ArchiveError, Backend, open_backend
+from vnafs.archive.replicator import iso_time
 from vnafs.archive.restore import fetch_config, fetch_keyring, follow, follow_state
 from vnafs.errors import IntegrityError, VnafsError
 from vnafs.keys import KekSource
@@ -120,8 +121,7 @@ class ArchiveFollower:
             "state": "retrying" if self.last_error else "ok",
             "cycle": st.get("cycle", 0),
             "recovery_point_ns": rp or None,
-            "recovery_point": (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(rp / 1e9))
-                               if rp else None),
+            "recovery_point": iso_time(rp) if rp else None,
             "poll_seconds": self.poll,
             "last_check": self.last_check,
             "last_error": self.last_error,

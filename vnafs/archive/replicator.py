@@ -194,12 +194,7 @@ class Replicator:
     async def cycle(self) -> bool:
         """Run one replication cycle if there is anything to ship; True if one ran."""
         st = self.state
-        keyring = (self.root / "keyring").read_bytes()
-        config = (self.root / "vnafs.toml").read_bytes()
-        small = (alog.sha256(keyring) != st.keyring_sha256
-                 or alog.sha256(config) != st.config_sha256)
-        checkpoint = self._checkpoint_due()
-        if not (small or checkpoint or await self._run(self._has_work)):
+        if not (self._checkpoint_due() or await self._run(self._has_work)):
             return False
         prior = st.cycle
         number = prior + 1
@@ -227,8 +222,7 @@ class Replicator:
                             alog.seal_object(self.sealer, alog.HEAD_NAME, head.to_json()))
             await self.engine.commit(self._finish, plan, head)
         finally:
-            for path in plan.parts:
-                path.unlink(missing_ok=True)
+            await trio.to_thread.run_sync(_discard, plan.parts)
         self.stats["cycles"] += 1
         self.stats["checkpoints"] += checkpoint
         self.stats["records_shipped"] += len(plan.marks)
@@ -272,9 +266,14 @@ class Replicator:
     # -- the parts of a cycle -------------------------------------------------------------------
 
     def _has_work(self) -> bool:
+        """Anything dirty or pending, or a keyring or vnafs.toml not uploaded as it is."""
         with self.db.begin() as txn:
-            return bool(txn.stat(self.db.dbs["repl_dirty"])["entries"]
-                        or txn.stat(self.db.dbs["repl_blocks"])["entries"])
+            if (txn.stat(self.db.dbs["repl_dirty"])["entries"]
+                    or txn.stat(self.db.dbs["repl_blocks"])["entries"]):
+                return True
+        st = self.state
+        return (alog.sha256((self.root / "keyring").read_bytes()) != st.keyring_sha256
+                or alog.sha256((self.root / "vnafs.toml").read_bytes()) != st.config_sha256)
 
     def _check_head(self, prior: int) -> None:
         """Refuse to write into a prefix another hot store writes to (a restored copy started
@@ -333,8 +332,7 @@ class Replicator:
                         writer.add(tag, key, cast(bytes | None, txn.get(key, db=dbs[name])))
             parts = writer.close()
         except BaseException:
-            for path in writer.paths:
-                path.unlink(missing_ok=True)
+            _discard(writer.paths)
             raise
         return Plan(number, checkpoint, t_ns, blocks, marks, parts,
                     sum(p.stat().st_size for p in parts))
@@ -438,7 +436,7 @@ class Replicator:
         return {
             "url": self.backend.url.display(),
             "state": state,
-            "recovery_point": _iso(st.rp_ns) if st.rp_ns else None,
+            "recovery_point": iso_time(st.rp_ns) if st.rp_ns else None,
             "recovery_point_ns": st.rp_ns or None,
             "lag_seconds": round(lag, 3) if st.rp_ns else None,
             "rpo_seconds": self.cfg.rpo,
@@ -453,6 +451,13 @@ class Replicator:
         }
 
 
-def _iso(ns: int) -> str:
+def _discard(paths: list[Path]) -> None:
+    """Remove a cycle's spooled parts (blocking: call from a worker thread)."""
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def iso_time(ns: int) -> str:
+    """A recovery point as status shows it: UTC, ISO 8601, milliseconds."""
     millis = ns % 10**9 // 10**6
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + f".{millis:03d}Z"

@@ -27,6 +27,7 @@ import trio
 from vnafs.errors import IntegrityError
 from vnafs.fs.engine import Engine
 from vnafs.fs.files import Files
+from vnafs.fs.snapshot_service import SnapshotService
 from vnafs.fs.views import Child, Views, dir_mode, is_view_ino
 from vnafs.meta.namespace import NAME_MAX, Namespace, fail
 from vnafs.meta.records import ROOT_INO, Inode
@@ -99,7 +100,7 @@ class Operations(pyfuse3.Operations):
 
     def __init__(self, engine: Engine, files: Files, *, block_size: int,
                  views: Views | None = None, views_name: str = ".dicom",
-                 snapshots: Snapshots | None = None, snapshot_mkdir: bool = False,
+                 snapshots: SnapshotService | None = None, snapshot_mkdir: bool = False,
                  snapshots_visible: bool = False) -> None:
         super().__init__()
         self.engine = engine
@@ -115,7 +116,10 @@ class Operations(pyfuse3.Operations):
         # negative cache is exact.
         self._no_xattr: set[tuple[int, bytes]] = set()
         # /.snapshots (docs/architecture.md section 10): None when snapshots are not served.
-        self.snaps = snapshots
+        # Reads go to the records (`snaps`); mkdir/rmdir go through the service, which logs
+        # and wakes the collector like a request from the CLI.
+        self.snapshots = snapshots
+        self.snaps: Snapshots | None = snapshots.snaps if snapshots is not None else None
         self.snapshot_mkdir = snapshot_mkdir
         self.snapshots_visible = snapshots_visible and snapshots is not None
         self._snapdir_handles: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
@@ -196,19 +200,15 @@ class Operations(pyfuse3.Operations):
 
     async def _snapdir_change(self, name: bytes, create: bool) -> None:
         """mkdir / rmdir in /.snapshots, when the configuration allows it."""
-        if not self.snapshot_mkdir or self.snaps is None:
+        if not self.snapshot_mkdir or self.snapshots is None:
             raise fail(errno.EROFS)
-        snaps = self.snaps
         try:
             if create:
-                await self.engine.commit(snaps.create, os.fsdecode(name))
+                await self.snapshots.create(os.fsdecode(name))
             else:
-                await self.engine.commit(snaps.delete, os.fsdecode(name), by="rmdir")
+                await self.snapshots.delete(os.fsdecode(name), by="rmdir")
         except SnapshotError as exc:
             raise OSError(exc.errno, str(exc)) from None
-        except OSError:
-            snaps.reload_epoch()
-            raise
 
     # -- the read-only DICOM views (fs/views.py) -------------------------------------------------
 

@@ -11,6 +11,7 @@ small transactions so writers never wait long, the record versions no snapshot s
 from __future__ import annotations
 
 import calendar
+import errno
 import logging
 import time
 from typing import Any
@@ -34,7 +35,7 @@ def parse_until(text: str) -> int:
         except ValueError:
             continue
     raise SnapshotError(f"{text!r} is not a date: write it as YYYY-MM-DD or "
-                        "YYYY-MM-DDThh:mm:ss (UTC)", 22)
+                        "YYYY-MM-DDThh:mm:ss (UTC)", errno.EINVAL)
 
 
 class SnapshotService:
@@ -62,7 +63,7 @@ class SnapshotService:
         return snap
 
     async def delete(self, name: str, *, by: str = "request") -> Snapshot:
-        snap: Snapshot = await self.engine.commit(self.snaps.delete, name, by=by)
+        snap: Snapshot = await self.engine.commit(self.snaps.delete, name)
         log.info("snapshot %d deleted (%s)", snap.id, by)
         self.gc_wakeup.set()
         return snap

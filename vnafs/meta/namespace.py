@@ -265,27 +265,32 @@ class Namespace:
         rc.count += 1
         self.db.put(tx.txn, "refs", block_id, rc.pack())
 
-    def _ref_drop(self, tx: Tx, block_id: bytes) -> None:
+    def drop_block_ref(self, tx: Tx, block_id: bytes) -> None:
+        """One record version naming `block_id` went away."""
         body = self.db.get(tx.txn, "refs", block_id)
         if body is None:
             return  # already inconsistent; fsck reports it
         rc = RefCount.unpack(body)
         rc.count = max(0, rc.count - 1)
-        if rc.count > 0:
-            self.db.put(tx.txn, "refs", block_id, rc.pack())
-        elif self.db.journal and rc.state == STATE_HOT:
-            # A cycle's snapshot may still name it: the replicator uploads it, then frees it
-            # (docs/architecture.md 9, "Blocks must reach the archive before metadata").
+        if rc.count > 0 or (self.db.journal and rc.state == STATE_HOT):
+            # A block never replicated is kept at count 0: a cycle's snapshot may still name
+            # it, so the replicator uploads it first and then frees it (release_replicated;
+            # docs/architecture.md 9, "Blocks must reach the archive before metadata").
             self.db.put(tx.txn, "refs", block_id, rc.pack())
         else:
-            self.db.delete(tx.txn, "refs", block_id)
-            tx.freed_blocks.append(block_id)
-            if self.db.journal and rc.state != STATE_HOT:
-                self.db.put(tx.txn, "tombstones", block_id, u64(tx.now))
+            self._free_block(tx, block_id, archived=rc.state != STATE_HOT)
+
+    def _free_block(self, tx: Tx, block_id: bytes, *, archived: bool) -> None:
+        """Nothing references the block: its hot file goes after the commit, and an archived
+        copy gets a tombstone for `vnafs gc --archive`."""
+        self.db.delete(tx.txn, "refs", block_id)
+        tx.freed_blocks.append(block_id)
+        if self.db.journal and archived:
+            self.db.put(tx.txn, "tombstones", block_id, u64(tx.now))
 
     def release_replicated(self, tx: Tx, block_ids: list[bytes]) -> None:
         """The replicator stored these blocks in the archive: mark them replicated, and free
-        the ones nothing references any more (their archive copies get tombstones)."""
+        the ones nothing references any more."""
         for block_id in block_ids:
             tx.txn.delete(block_id, db=self.db.dbs["repl_blocks"])
             body = self.db.get(tx.txn, "refs", block_id)
@@ -293,9 +298,7 @@ class Namespace:
                 continue
             rc = RefCount.unpack(body)
             if rc.count == 0:
-                self.db.delete(tx.txn, "refs", block_id)
-                tx.freed_blocks.append(block_id)
-                self.db.put(tx.txn, "tombstones", block_id, u64(tx.now))
+                self._free_block(tx, block_id, archived=True)
             elif rc.state == STATE_HOT:
                 rc.state = STATE_REPLICATED
                 self.db.put(tx.txn, "refs", block_id, rc.pack())
@@ -324,7 +327,7 @@ class Namespace:
         for index, _ in list(self.block_refs(txn, ino)):
             _, body = self.db.vdelete(txn, "blockmap", self.block_key(ino, index), self.epoch)
             if body is not None:
-                self._ref_drop(tx, BlockRef.unpack(body).block_id)
+                self.drop_block_ref(tx, BlockRef.unpack(body).block_id)
         for ident, _ in list(self.db.vscan(txn, "xattrs", u64(ino))):
             self.db.vdelete(txn, "xattrs", u64(ino) + ident, self.epoch)
         self.db.vdelete(txn, "inodes", u64(ino), self.epoch)
@@ -553,7 +556,7 @@ class Namespace:
             if index >= first_gone:
                 _, body = self.db.vdelete(txn, "blockmap", key, self.epoch)
                 if body is not None:
-                    self._ref_drop(tx, BlockRef.unpack(body).block_id)
+                    self.drop_block_ref(tx, BlockRef.unpack(body).block_id)
             elif cut and index == first_gone - 1 and ref.length > cut:
                 self._set_block(tx, ino, index, NewBlock(BlockRef(ref.block_id, cut), 0))
 
@@ -565,7 +568,7 @@ class Namespace:
             self._ref_add(tx, new.ref.block_id, new.stored)
             old = self.db.vput(tx.txn, "blockmap", key, new.ref.pack(), self.epoch)
         if old is not None:
-            self._ref_drop(tx, BlockRef.unpack(old).block_id)
+            self.drop_block_ref(tx, BlockRef.unpack(old).block_id)
 
     def commit_file(
         self,

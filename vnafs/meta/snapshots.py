@@ -177,7 +177,7 @@ class Snapshots:
         with self.db.begin() as txn:
             self.ns.epoch = self.db.counter(txn, "epoch", 1)
 
-    def delete(self, tx: Tx, name: str, *, by: str = "request") -> Snapshot:
+    def delete(self, tx: Tx, name: str) -> Snapshot:
         snap = self.need(name, tx.txn)
         now = self.tick(tx)
         if snap.locked(now):
@@ -236,7 +236,7 @@ class Snapshots:
         for key, body in doomed:
             self.db.delete(tx.txn, table, key)
             if table == "blockmap":
-                self.ns._ref_drop(tx, BlockRef.unpack(body).block_id)
+                self.ns.drop_block_ref(tx, BlockRef.unpack(body).block_id)
         return next_key, len(doomed)
 
     def gc_done(self, tx: Tx) -> None:
