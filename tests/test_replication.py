@@ -179,7 +179,7 @@ def test_unmount_ships_the_last_changes(archived: Fs, workdir: Path) -> None:
     assert_restores(archived, workdir, expected)
 
 
-def test_deleted_data_stays_in_the_archive_as_tombstone(archived: Fs) -> None:
+def test_deleted_data_stays_in_the_archive(archived: Fs) -> None:
     data = os.urandom(2 << 20)
     (archived.mnt / "doomed").write_bytes(data)
     archived.wait_replicated()

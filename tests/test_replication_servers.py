@@ -198,8 +198,8 @@ def test_kill9_in_the_middle_of_replication_resumes_without_gaps(
         while fs.status()["archive"]["pending_blocks"] > 24 and time.monotonic() < deadline:
             time.sleep(0.1)
         done = 40 - fs.status()["archive"]["pending_blocks"]
-        assert done >= 16
         fs.kill9()
+        assert 16 <= done < 40  # killed in the middle: some batches recorded, not all
         _set_archive(fs, bandwidth_mib=0)
         fs.mount()
         arch = fs.wait_replicated(timeout=120)

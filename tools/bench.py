@@ -816,6 +816,28 @@ def vnafs_revision() -> str:
     return res.stdout.strip() if res.returncode == 0 else ""
 
 
+def preflight(tool: str) -> str | None:
+    """What the vnafs-only benchmarks need before they start: root, the vnafs command and
+    fusermount3. The vnafs command, or None after saying what is missing."""
+    if os.geteuid() != 0:
+        print(f"tools.{tool} must run as root (it mounts file systems and drops the page "
+              f"cache): sudo .venv/bin/python -m tools.{tool}", file=sys.stderr)
+        return None
+    exe = find_vnafs()
+    if exe is None or shutil.which("fusermount3") is None:
+        say("the vnafs command (make venv) and fusermount3 (apt-get install fuse3) are needed")
+        return None
+    return exe
+
+
+def work_dir(arg: str) -> tuple[Path, bool]:
+    """The resolved work directory, created if missing, and whether it was created."""
+    workdir = Path(arg).resolve()
+    made = not workdir.exists()
+    workdir.mkdir(parents=True, exist_ok=True)
+    return workdir, made
+
+
 def make_rundir(workdir: Path, need: float) -> Path | None:
     """A fresh run directory (mode 0755, so FUSE mounts in it can allow others) under
     `workdir`; None, after saying why, when the disk has less than `need` bytes free."""

@@ -100,13 +100,14 @@ from tools.bench import (
     VnafsTarget,
     _sigterm,
     banner,
-    find_vnafs,
     loadavg,
     make_rundir,
     mounted_under,
+    preflight,
     say,
     signals_ignored,
     vm_hwm_kib,
+    work_dir,
     write_all,
 )
 from tools.bench import (
@@ -1024,20 +1025,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("tools.bench_archive must run as root (it mounts file systems): "
-              "sudo .venv/bin/python -m tools.bench_archive", file=sys.stderr)
-        return 2
-    exe = find_vnafs()
-    if exe is None or shutil.which("fusermount3") is None:
-        say("the vnafs command (make venv) and fusermount3 (apt-get install fuse3) are needed")
+    exe = preflight("bench_archive")
+    if exe is None:
         return 2
     if not Path(sys.executable).with_name("weed").exists():
         say("SeaweedFS (weed) is not installed beside the Python interpreter (make venv)")
         return 2
-    workdir = Path(args.dir).resolve()
-    made_workdir = not workdir.exists()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir, made_workdir = work_dir(args.dir)
     slices = args.size_mib * SLICES_PER_MIB if "replicate" in args.only else 0
     n_src = max(slices, args.files if "ingest" in args.only else 0)
     # Sources, hot stores, the restored copy and the objects in SeaweedFS (3 copies of the

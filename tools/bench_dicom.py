@@ -81,12 +81,13 @@ from tools.bench import (
     _sigterm,
     banner,
     drop_caches,
-    find_vnafs,
     loadavg,
     make_rundir,
     mounted_under,
+    preflight,
     say,
     signals_ignored,
+    work_dir,
     write_all,
 )
 from tools.gen_studies import (
@@ -785,17 +786,10 @@ def remove_rundir(rundir: Path, workdir: Path, made_workdir: bool, keep: bool) -
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("tools.bench_dicom must run as root (it mounts file systems and drops the page "
-              "cache): sudo .venv/bin/python -m tools.bench_dicom", file=sys.stderr)
+    exe = preflight("bench_dicom")
+    if exe is None:
         return 2
-    exe = find_vnafs()
-    if exe is None or shutil.which("fusermount3") is None:
-        say("the vnafs command (make venv) and fusermount3 (apt-get install fuse3) are needed")
-        return 2
-    workdir = Path(args.dir).resolve()
-    made_workdir = not workdir.exists()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir, made_workdir = work_dir(args.dir)
     # Sources and one store of CT slices, and about 4 KiB of LMDB per index record.
     need = args.files * 0.6 * MIB * 2.5 + args.instances * 4096 + args.list_files * 8192
     rundir = make_rundir(workdir, need)

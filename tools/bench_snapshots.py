@@ -36,6 +36,7 @@ from tools.bench import (
     VnafsTarget,
     drop_caches,
     loadavg,
+    preflight,
     run,
     say,
     signals_ignored,
@@ -176,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=int)
     p.add_argument("--snapshots", type=int, default=50)
     args = p.parse_args(argv)
+    if preflight("bench_snapshots") is None:
+        return 2
     parts = set(args.only.split(","))
     sizes = [1_000, 10_000] if args.quick else [10_000, 100_000]
     read_mib = args.read_mib or (128 if args.quick else 512)
