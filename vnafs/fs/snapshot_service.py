@@ -104,8 +104,12 @@ class SnapshotService:
 
     async def tick(self) -> None:
         """Raise the clock, run due schedules, apply retention and expiry."""
-        now: int = await self.engine.commit(lambda tx: self.snaps.tick(tx))
         snaps = self.snaps.all()
+        if not snaps and not self.cfg.schedule:
+            # Nothing the clock protects: no commit (and, with an archive, no replication
+            # cycle) every minute on an idle store.
+            return
+        now: int = await self.engine.commit(lambda tx: self.snaps.tick(tx))
         for sch in self.cfg.schedule:
             mine = sorted((s for s in snaps if s.schedule == sch.name),
                           key=lambda s: s.created_ns)
