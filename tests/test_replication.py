@@ -296,7 +296,12 @@ def test_bad_inputs_give_one_line_errors(archived: Fs, workdir: Path) -> None:
     empty.mkdir()
     res = run_vnafs("restore", "--key-file", str(archived.key), f"file://{empty}",
                     str(workdir / "r2"), check=False)
-    assert res.returncode == 1 and "keyring" in res.stderr
+    assert res.returncode == 1 and "keyring" in res.stderr and not (workdir / "r2").exists()
+    # A wrong URL fails on the first request, before anything is created locally.
+    res = run_vnafs("restore", "--key-file", str(archived.key), f"file://{workdir}/no/such",
+                    str(workdir / "r4"), check=False)
+    assert res.returncode == 1 and "does not exist" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (workdir / "r4").exists()
     res = run_vnafs("mkfs", "--key-file", str(archived.key), "--archive",
                     str(archived.archive), str(workdir / "second"), check=False)
     assert res.returncode == 1 and "already holds a file system" in res.stderr
@@ -312,19 +317,27 @@ def test_interrupted_restore_resumes(archived: Fs, workdir: Path) -> None:
     archived.umount()  # one hot store per archive prefix: the restored one takes over
     target = workdir / "restored"
     restore_to(archived, target)
-    # Simulate an interruption during the block download: marker back, blocks gone.
+    # Simulate an interruption during the block download: marker back, three blocks not yet
+    # written, one torn (blocks are written in place) and one damaged.
     (target / "FORMAT").unlink()
     (target / "RESTORING").write_text(json.dumps({"url": archived.archive,
                                                   "stage": "blocks"}))
-    removed = [p for p in (target / "blocks").rglob("*") if p.is_file()][:3]
-    for p in removed:
+    files = sorted(p for p in (target / "blocks").rglob("*") if p.is_file())
+    assert len(files) >= 5
+    for p in files[:3]:
         p.unlink()
+    torn = files[3].read_bytes()
+    files[3].write_bytes(torn[: len(torn) // 2])
+    damaged = bytearray(files[4].read_bytes())
+    damaged[len(damaged) // 2] ^= 1
+    files[4].write_bytes(bytes(damaged))
     ro = workdir / "ro"
     ro.mkdir()
     res = run_vnafs("mount", "--key-file", str(archived.key), str(target), str(ro), check=False)
     assert res.returncode == 1 and "unfinished restore" in res.stderr
     out = restore_to(archived, target)
-    assert "3 downloaded now" in out
+    assert "5 downloaded now" in out
+    assert files[3].read_bytes() == torn
     run_vnafs("mount", "--key-file", str(archived.key), str(target), str(ro))
     try:
         assert tree(ro) == expected

@@ -77,6 +77,7 @@ def cmd_mkfs(args: argparse.Namespace) -> int:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     from vnafs import config, daemon
+    from vnafs.store import marker
 
     mnt = Path(args.mountpoint).resolve()
     source = _source(args)
@@ -92,7 +93,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         opener: Callable[[], Any] = partial(_open_archive, url, source, hot, credentials)
     else:
         hot = Path(args.hot).resolve()
-        daemon.read_format(hot)
+        marker.read_format(hot)
         config.apply_mount_options(config.load(hot), args.options)  # validate before forking
         opener = partial(_open_hot, hot, source)
     if "," in str(hot):
@@ -357,8 +358,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     url = config.validate_archive_url(args.url)
     credentials = Path(args.credentials) if args.credentials else None
+    # No backend.check(): fetching the keyring is the first request and fails with the same
+    # one-line errors, and check() would create a missing file:// directory.
     backend = open_backend(url, credentials_file=credentials)
-    backend.check()
     report = restore(backend, Path(args.hot), _source(args), progress=not args.no_progress,
                      credentials=credentials)
     mib = report.bytes_downloaded / (1 << 20)

@@ -33,12 +33,9 @@ from vnafs.meta.namespace import Namespace, Tx
 from vnafs.meta.records import BLOCK_SIZE
 from vnafs.seal import Sealer
 from vnafs.store.hot import HotStore
+from vnafs.store.marker import read_format, write_format
 
 log = logging.getLogger("vnafs.daemon")
-
-FORMAT_FILE = "FORMAT"
-FORMAT_MAGIC = "vnafs-hot-store"
-
 
 @dataclass
 class Store:
@@ -57,31 +54,6 @@ class Store:
         if self.lock_fd is not None:
             os.close(self.lock_fd)
             self.lock_fd = None
-
-
-def read_format(root: Path) -> int:
-    if not root.exists():
-        raise VnafsError(f"hot store {root} does not exist: create it with 'vnafs mkfs'")
-    if not root.is_dir():
-        raise VnafsError(f"hot store {root} is not a directory: give the directory 'vnafs mkfs' "
-                         "created")
-    if (root / "RESTORING").exists():
-        raise VnafsError(f"hot store {root} is an unfinished restore: run the same vnafs restore "
-                         "command again to finish it")
-    try:
-        text = (root / FORMAT_FILE).read_text()
-    except FileNotFoundError:
-        raise VnafsError(f"{root} is not a vnafs hot store (no {FORMAT_FILE} file): create one "
-                         "with 'vnafs mkfs'") from None
-    magic, _, version = text.strip().partition(" ")
-    if magic != FORMAT_MAGIC or not version.isdigit():
-        raise VnafsError(f"{root}/{FORMAT_FILE} is damaged: restore it from a backup")
-    if int(version) > FORMAT_VERSION:
-        raise VnafsError(
-            f"hot store {root} has format version {version}, newer than this vnafs "
-            f"({__version__}, format {FORMAT_VERSION}) understands: upgrade vnafs"
-        )
-    return int(version)
 
 
 def lock_store(root: Path) -> int:
@@ -145,20 +117,6 @@ def mkfs(root: Path, source: KekSource, *, archive_url: str | None, uid: int, gi
     HotStore(root, sealer).create_layout()
     (root / config_mod.CONFIG_NAME).write_text(cfg.to_toml())
     write_format(root)
-
-
-def write_format(root: Path) -> None:
-    """FORMAT is written last: a store without it is unfinished (mkfs, restore), never used."""
-    tmp = root / (FORMAT_FILE + ".tmp")
-    tmp.write_text(f"{FORMAT_MAGIC} {FORMAT_VERSION}\n")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    tmp.rename(root / FORMAT_FILE)
-    dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def check_new_archive(url: str, credentials: Path | None = None) -> None:

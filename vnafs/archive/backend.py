@@ -290,6 +290,11 @@ class Backend(ABC):
     def get(self, name: str) -> bytes:
         """The whole object; `ArchiveMissing` if absent."""
 
+    def get_view(self, name: str) -> memoryview:
+        """Like `get`, as a read-only view: object stores hand over their download buffer
+        without the copy into `bytes` (restore moves every block through here)."""
+        return memoryview(self.get(name))
+
     @abstractmethod
     def get_range(self, name: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of the object, shorter if the object ends sooner (like a slice);
@@ -669,6 +674,12 @@ class _ObjectStoreBackend(Backend):
     def get(self, name: str) -> bytes:
         try:
             return bytes(obstore.get(self._store, _check_name(name)).bytes())
+        except (BaseError, OSError) as exc:
+            raise self._error(exc, "read", name) from exc
+
+    def get_view(self, name: str) -> memoryview:
+        try:
+            return memoryview(obstore.get(self._store, _check_name(name)).bytes())
         except (BaseError, OSError) as exc:
             raise self._error(exc, "read", name) from exc
 

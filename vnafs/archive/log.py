@@ -4,7 +4,9 @@ The hot store's LMDB values are already sealed envelopes bound to their table an
 archive carries them verbatim: a part is a list of (table, key, value-or-delete) entries, sealed
 once more as a whole so its object name is authenticated too (docs/format.md section 6). This
 module is the only place that knows those bytes; the replicator writes parts, restore and the
-read-only archive mount read them, and both apply them with `apply_part`.
+read-only archive mount read them, and both apply them with `apply_part`. `ReplState` is the
+hot store's own record of what it has shipped; restore writes it too, so it lives here rather
+than beside the replicator's trio code.
 
 Everything here is synchronous (worker threads only).
 """
@@ -185,6 +187,52 @@ def rebuild_refs(db: MetaDB, txn: lmdb.Transaction,
         stored = (sizes or {}).get(block_id, 0)
         db.put(txn, "refs", block_id, RefCount(count, STATE_REPLICATED, stored).pack())
     return counts
+
+
+# -- what the hot store has shipped -------------------------------------------------------------
+
+
+@dataclass
+class ReplState:
+    """What this hot store has put in the archive (table `repl_state`, format.md 5.3)."""
+
+    cycle: int = 0
+    committed: int = 0
+    checkpoint: tuple[int, int] = (0, 0)
+    logs: list[tuple[int, int]] = field(default_factory=list)
+    rp_ns: int = 0
+    since_checkpoint: int = 0
+    log_bytes: int = 0  # sealed log bytes shipped since the checkpoint
+    checkpoint_bytes: int = 0
+    keyring_sha256: str = ""
+    config_sha256: str = ""
+
+    def to_json(self) -> bytes:
+        d = dict(vars(self))
+        d["checkpoint"] = list(self.checkpoint)
+        d["logs"] = [list(x) for x in self.logs]
+        return json.dumps(d).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> ReplState:
+        d = json.loads(raw)
+        st = cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        st.checkpoint = (int(d["checkpoint"][0]), int(d["checkpoint"][1]))
+        st.logs = [(int(c), int(p)) for c, p in d["logs"]]
+        return st
+
+
+STATE_KEY = b"state"
+
+
+def load_state(db: MetaDB) -> ReplState:
+    with db.begin() as txn:
+        raw = db.get(txn, "repl_state", STATE_KEY)
+    return ReplState() if raw is None else ReplState.from_json(raw)
+
+
+def save_state(db: MetaDB, txn: Any, st: ReplState) -> None:
+    db.put(txn, "repl_state", STATE_KEY, st.to_json())
 
 
 # -- HEAD -----------------------------------------------------------------------------------------

@@ -13,12 +13,11 @@ the recovery point are published through `vnafs status`.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,6 +25,7 @@ import trio
 
 from vnafs.archive import log as alog
 from vnafs.archive.backend import ArchiveAuthError, ArchiveError, ArchiveMissing, Backend
+from vnafs.archive.log import load_state, save_state
 from vnafs.config import ArchiveConfig
 from vnafs.errors import IntegrityError, VnafsError
 from vnafs.meta.db import REPLICATED, TABLES, MetaDB, records
@@ -39,49 +39,6 @@ log = logging.getLogger("vnafs.replicator")
 BATCH_BLOCKS = 16
 CHECKPOINT_MIN_LOG = 64 << 20
 MAX_BACKOFF = 60.0
-
-
-@dataclass
-class ReplState:
-    """What this hot store has put in the archive (table `repl_state`, format.md 5.3)."""
-
-    cycle: int = 0
-    committed: int = 0
-    checkpoint: tuple[int, int] = (0, 0)
-    logs: list[tuple[int, int]] = field(default_factory=list)
-    rp_ns: int = 0
-    since_checkpoint: int = 0
-    log_bytes: int = 0  # sealed log bytes shipped since the checkpoint
-    checkpoint_bytes: int = 0
-    keyring_sha256: str = ""
-    config_sha256: str = ""
-
-    def to_json(self) -> bytes:
-        d = dict(vars(self))
-        d["checkpoint"] = list(self.checkpoint)
-        d["logs"] = [list(x) for x in self.logs]
-        return json.dumps(d).encode()
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> ReplState:
-        d = json.loads(raw)
-        st = cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-        st.checkpoint = (int(d["checkpoint"][0]), int(d["checkpoint"][1]))
-        st.logs = [(int(c), int(p)) for c, p in d["logs"]]
-        return st
-
-
-STATE_KEY = b"state"
-
-
-def load_state(db: MetaDB) -> ReplState:
-    with db.begin() as txn:
-        raw = db.get(txn, "repl_state", STATE_KEY)
-    return ReplState() if raw is None else ReplState.from_json(raw)
-
-
-def save_state(db: MetaDB, txn: Any, st: ReplState) -> None:
-    db.put(txn, "repl_state", STATE_KEY, st.to_json())
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 One file per block, named by its block id (an HMAC, so names leak nothing), fanned out over 256
 directories. Blocks are written to `tmp/` and renamed into place, so a block file that exists is
-complete: a crash can leave garbage only in `tmp/`, which is swept at mount. Files are not
+complete: a crash can leave garbage only in `tmp/`, which is swept at mount. (`vnafs restore`
+writes block files in place, but the store stays unmountable until it has finished and its
+resume authenticates every block file it finds.) Files are not
 fsynced one by one; durability comes from the daemon's group barrier (`syncfs`), which covers
 every block written before it in one system call.
 
