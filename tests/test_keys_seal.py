@@ -778,3 +778,31 @@ def test_authentic_nonzero_reserved_field_is_refused(sealer: Sealer) -> None:
         sealer.open(KIND_BLOCK, ctx, env)
     with pytest.raises(IntegrityError, match="bad header"):
         Sealer.header_info(env)
+
+
+def test_check_authenticates_without_opening(sealer: Sealer) -> None:
+    """check() accepts exactly what open() accepts, for any size in any order (its per-thread
+    scratch buffer is reused and grown), and refuses every damaged or misbound envelope."""
+    sizes = [1 << 20, 0, 1, 5000, 3 << 20, 100]  # grows past the 1 MiB scratch, then shrinks
+    envs = []
+    for i, size in enumerate(sizes):
+        plain = os.urandom(size) if i % 2 else block(i, size)
+        ctx = sealer.block_id(plain)
+        envs.append((ctx, sealer.seal(KIND_BLOCK, ctx, plain)))
+    for ctx, env in envs + envs[::-1]:
+        sealer.check(KIND_BLOCK, ctx, env)
+        sealer.check(KIND_BLOCK, ctx, memoryview(env))
+    ctx, env = envs[3]
+    for pos in range(0, len(env), max(1, len(env) // 97)):
+        bad = bytearray(env)
+        bad[pos] ^= 0x40
+        with pytest.raises(IntegrityError):
+            sealer.check(KIND_BLOCK, ctx, bytes(bad))
+    with pytest.raises(IntegrityError, match="bad tag"):
+        sealer.check(KIND_BLOCK, bytes(32), env)
+    with pytest.raises(IntegrityError, match="wrong kind"):
+        sealer.check(KIND_RECORD, ctx, env)
+    with pytest.raises(IntegrityError, match="truncated"):
+        sealer.check(KIND_BLOCK, ctx, env[:OVERHEAD - 1])
+    with pytest.raises(IntegrityError):
+        sealer.check(KIND_BLOCK, ctx, env[:-1])

@@ -32,7 +32,9 @@ What it does, under --dir (default /var/tmp/vnafs-bench-archive, one disk for ev
    (process start to exit: keyring, metadata, refs, every block fetched, authenticated and
    written, one syncfs), --repeat times, against plain GETs of every `blocks/` object of the
    prefix into memory (a listing plus 8 threads, like restore's 8 workers) before, between and
-   after them; the ratio is of the medians.
+   after them; the ratio is of the medians. For information, also against a plain GET that
+   writes every object to a file and syncs (what a copy tool does: the bytes restore must
+   write, without anything vnafs adds), after each restore.
 3. rpo: a hot store with the default archive settings (interval 2 s, rpo 15 s) takes one CT
    study of --study-slices (300) slices per minute at an even pace (one slice every 0.2 s) for
    --rpo-minutes (5); `status` is requested through the control socket every 0.5 s. Per poll,
@@ -438,6 +440,31 @@ def plain_get(b: Bench, url: str) -> PlainRun:
     return PlainRun(seconds, total, len(objects), own_cpu() - c0, b.weed_cpu() - w0)
 
 
+def plain_get_to_files(b: Bench, url: str, target: Path) -> PlainRun:
+    """What a copy tool does: list `blocks/` under `url`, GET every object with
+    RESTORE_WORKERS threads, each writing its object to a file of the same name under `target`,
+    then sync. The same bytes restore has to write, without anything vnafs does."""
+    backend = b.s3(url)
+    c0, w0 = own_cpu(), b.weed_cpu()
+    t0 = time.perf_counter()
+    objects = list(backend.list("blocks/"))
+    for sub in {name.rsplit("/", 1)[0] for name, _ in objects}:
+        (target / sub).mkdir(parents=True, exist_ok=True)
+
+    def get(item: tuple[str, int]) -> int:
+        name, _ = item
+        data = backend.get_view(name)
+        with open(target / name, "wb") as f:
+            f.write(data)
+        return len(data)
+
+    with ThreadPoolExecutor(max_workers=RESTORE_WORKERS) as pool:
+        total = sum(pool.map(get, objects))
+    os.sync()
+    seconds = time.perf_counter() - t0
+    return PlainRun(seconds, total, len(objects), own_cpu() - c0, b.weed_cpu() - w0)
+
+
 def _plain_row(rep: Report, label: str, runs: list[PlainRun]) -> float:
     """One row for the plain runs; returns their median MiB/s."""
     mid = median([r.mib_s for r in runs])
@@ -718,6 +745,12 @@ def part_restore(b: Bench, src: Archived, runs: int, rep: Report) -> None:
             raise BenchError(f"the archive lists {plain[-1].objects} blocks, the hot store had "
                              f"{src.blocks}")
 
+    to_files: list[PlainRun] = []
+
+    def get_to_files(run: int) -> None:
+        to_files.append(plain_get_to_files(b, src.url, b.rundir / f"plain-get-{run}"))
+        say(f"  plain GET to files {to_files[-1].seconds:.2f} s, {to_files[-1].mib_s:.1f} MiB/s")
+
     for run in range(1, runs + 1):
         get()
         target = b.rundir / f"restored-{run}"
@@ -725,6 +758,7 @@ def part_restore(b: Bench, src: Archived, runs: int, rep: Report) -> None:
         restores.append(res)
         say(f"  vnafs restore {res.seconds:.2f} s, {res.mib_s:.1f} MiB/s ({res.own_count:.1f} s "
             "by its own count)")
+        get_to_files(run)
     get()
     # The restored copies (and the replicate part's stores, main()) are deleted only after
     # this part: this ext4 has no journal, and without one ext4 skips recently freed inodes
@@ -734,6 +768,7 @@ def part_restore(b: Bench, src: Archived, runs: int, rep: Report) -> None:
     if not b.keep:
         for run in range(1, runs + 1):
             shutil.rmtree(b.rundir / f"restored-{run}", ignore_errors=True)
+            shutil.rmtree(b.rundir / f"plain-get-{run}", ignore_errors=True)
     vnafs_rate = median([r.mib_s for r in restores])
     assert vnafs_rate is not None
     rep.section(f"restore: {src.blocks} blocks, {mib(src.block_bytes):.1f} MiB "
@@ -748,8 +783,13 @@ def part_restore(b: Bench, src: Archived, runs: int, rep: Report) -> None:
     ratio = vnafs_rate / plain_rate
     rep.row("restore / plain GET", f"{ratio:.2f}x", f">= {RESTORE_TARGET}x",
             ratio >= RESTORE_TARGET)
+    files_rate = _plain_row(rep, f"plain GET to files + sync, {RESTORE_WORKERS} threads (info)",
+                            to_files)
+    rep.row("restore / plain GET to files (info)", f"{vnafs_rate / files_rate:.2f}x")
     figures.update(runs=[r.as_dict() for r in restores], mib_s=vnafs_rate,
-                   plain=[p.as_dict() for p in plain], plain_mib_s=plain_rate, ratio=ratio)
+                   plain=[p.as_dict() for p in plain], plain_mib_s=plain_rate, ratio=ratio,
+                   plain_to_files=[p.as_dict() for p in to_files],
+                   plain_to_files_mib_s=files_rate)
 
 
 # -- part 3: recovery point under a steady ingest -------------------------------------------------
@@ -1044,7 +1084,7 @@ def main(argv: list[str] | None = None) -> int:
     n_src = max(slices, args.files if "ingest" in args.only else 0)
     # Sources, hot stores, the restored copy and the objects in SeaweedFS (3 copies of the
     # backlog: vnafs and two plain runs), the rpo data, one ingest store + archive at a time.
-    need = (n_src * 0.55 * MIB * 1.5 + slices * 0.2 * MIB * (4 * args.repeat + 2)
+    need = (n_src * 0.55 * MIB * 1.5 + slices * 0.2 * MIB * (5 * args.repeat + 2)
             + args.rpo_minutes * args.study_slices * 0.3 * MIB * 3 + args.files * 0.2 * MIB * 8)
     rundir = make_rundir(workdir, need)
     if rundir is None:
