@@ -302,6 +302,13 @@ def test_bad_inputs_give_one_line_errors(archived: Fs, workdir: Path) -> None:
                     str(workdir / "r4"), check=False)
     assert res.returncode == 1 and "does not exist" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (workdir / "r4").exists()
+    # The read-only archive mount never writes to the archive, not even a missing directory.
+    ro = workdir / "ro-typo"
+    ro.mkdir()
+    res = run_vnafs("mount", "--archive-only", "--key-file", str(archived.key), "--cache",
+                    str(workdir / "cache-typo"), f"file://{workdir}/typo", str(ro), check=False)
+    assert res.returncode == 1 and "does not exist" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (workdir / "typo").exists()
     res = run_vnafs("mkfs", "--key-file", str(archived.key), "--archive",
                     str(archived.archive), str(workdir / "second"), check=False)
     assert res.returncode == 1 and "already holds a file system" in res.stderr

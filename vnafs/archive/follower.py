@@ -21,7 +21,13 @@ import trio
 
 from vnafs.archive.backend import ArchiveError, Backend, open_backend
 from vnafs.archive.replicator import iso_time
-from vnafs.archive.restore import fetch_config, fetch_keyring, follow, follow_state
+from vnafs.archive.restore import (
+    fetch_config,
+    follow,
+    follow_state,
+    get_keyring,
+    install_keyring,
+)
 from vnafs.errors import IntegrityError, VnafsError
 from vnafs.keys import KekSource
 from vnafs.meta.db import MetaDB
@@ -46,12 +52,15 @@ def open_archive_store(url: str, source: KekSource, cache: Path,
     from vnafs.daemon import Store, lock_store
 
     backend = open_backend(url, credentials_file=credentials)
-    backend.check()
+    # The keyring is the first request: a wrong URL, missing bucket or rejected credentials
+    # fail here with one line. (Not backend.check(): for file:// it creates a missing
+    # directory, and this mount must never write to the archive.)
+    raw_keyring = get_keyring(backend)
     cache = cache.resolve()
     cache.mkdir(mode=0o700, parents=True, exist_ok=True)
     lock_fd = lock_store(cache)
     try:
-        keyring = fetch_keyring(backend, cache / "keyring", source)
+        keyring = install_keyring(raw_keyring, cache / "keyring", source)
         fs_file = cache / "FSID"
         if fs_file.exists() and fs_file.read_text().strip() != keyring.fs_id.hex():
             # The cache belonged to another file system: start it over.

@@ -13,12 +13,13 @@ download and authenticate blocks, and the calling thread alone writes them (one 
 the kernel less than eight competing ones) straight to their final names, with a `syncfs` every
 64 MiB in the background so the last one has little left to do.
 
-Crash notes: restore marks the store `RESTORING` until its last step and writes `FORMAT` last,
-so an interrupted restore is never mounted. Because blocks are written in place rather than
-through `tmp/` and a rename, a crash can leave a torn block file; running restore again skips
-the metadata if that stage had finished, authenticates every block file already present and
-downloads the ones that are missing or fail. The read-only mount applies each new HEAD in one
-write transaction, so its readers see the old state or the new, never a mixture.
+Crash notes: restore marks the store `RESTORING` until its last step and writes `FORMAT` last, so
+an interrupted restore is never mounted. The marker moves from the metadata stage to the block
+stage only after a `syncfs`, so the metadata it vouches for is on disk. Because blocks are written
+in place rather than through `tmp/` and a rename, a crash can leave a torn block file; running
+restore again skips the metadata if that stage had finished, authenticates every block file already
+present and downloads the ones that are missing or fail. The read-only mount applies each new HEAD
+in one write transaction, so its readers see the old state or the new, never a mixture.
 
 Everything here is synchronous (offline tools and worker threads).
 """
@@ -72,11 +73,6 @@ def read_head(backend: Backend, sealer: Sealer) -> alog.Head:
         raise VnafsError("the archive's HEAD belongs to another file system than its keyring: "
                          "the archive prefix is shared by mistake; check the URL")
     return head
-
-
-def fetch_keyring(backend: Backend, path: Path, source: KekSource) -> Keyring:
-    """Download the keyring to `path` and open it with the KEK."""
-    return install_keyring(get_keyring(backend), path, source)
 
 
 def get_keyring(backend: Backend) -> bytes:
@@ -206,6 +202,11 @@ def restore(backend: Backend, root: Path, source: KekSource, *, progress: bool =
                     keyring_sha256=alog.sha256((root / "keyring").read_bytes())))
             report.cycle, report.recovery_point_ns = head.cycle, head.rp_ns
             hot.create_layout()
+            # LMDB commits are not synced one by one (MetaDB opens it with sync=False): the
+            # metadata must be on disk before the marker says that stage is done, or a power
+            # loss could leave a marker for the block stage over an empty or older LMDB, and
+            # the rerun would download nothing and call the store restored.
+            hot.syncfs()
             stage = "blocks"
             _mark(marker, url, stage)
         sizes = listing.result()
