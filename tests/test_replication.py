@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Fs, run_vnafs
+from tests.conftest import Fs, _mounted, run_vnafs
 
 NAME = "Zzyzx^Quentavius"
 PID = "PID-77-31337"
@@ -305,8 +305,13 @@ def test_bad_inputs_give_one_line_errors(archived: Fs, workdir: Path) -> None:
     # The read-only archive mount never writes to the archive, not even a missing directory.
     ro = workdir / "ro-typo"
     ro.mkdir()
-    res = run_vnafs("mount", "--archive-only", "--key-file", str(archived.key), "--cache",
-                    str(workdir / "cache-typo"), f"file://{workdir}/typo", str(ro), check=False)
+    try:
+        res = run_vnafs("mount", "--archive-only", "--key-file", str(archived.key), "--cache",
+                        str(workdir / "cache-typo"), f"file://{workdir}/typo", str(ro),
+                        check=False)
+    finally:
+        if _mounted(ro):  # a wrongly successful mount must not outlive the test
+            run_vnafs("umount", str(ro))
     assert res.returncode == 1 and "does not exist" in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (workdir / "typo").exists()
     res = run_vnafs("mkfs", "--key-file", str(archived.key), "--archive",

@@ -420,47 +420,32 @@ def plain_put(b: Bench, blocks: list[tuple[str, Path, int]], url: str) -> PlainR
     return PlainRun(seconds, total, len(blocks), own_cpu() - c0, b.weed_cpu() - w0)
 
 
-def plain_get(b: Bench, url: str) -> PlainRun:
-    """List `blocks/` under `url` and GET every object into memory, RESTORE_WORKERS at a time."""
+def plain_get(b: Bench, url: str, to: Path | None = None) -> PlainRun:
+    """List `blocks/` under `url` and GET every object, RESTORE_WORKERS at a time: into memory,
+    or with `to` as a copy tool does, each written to a file of the same name under `to`, then
+    one sync (the bytes restore has to write, without anything vnafs adds)."""
     backend = b.s3(url)
     c0, w0 = own_cpu(), b.weed_cpu()
     t0 = time.perf_counter()
     objects = list(backend.list("blocks/"))
+    if to is not None:
+        for sub in {name.rsplit("/", 1)[0] for name, _ in objects}:
+            (to / sub).mkdir(parents=True, exist_ok=True)
 
     def get(item: tuple[str, int]) -> int:
         name, size = item
-        got = len(backend.get(name))
-        if got != size:
-            raise BenchError(f"{name}: got {got} bytes, listed {size}")
-        return got
-
-    with ThreadPoolExecutor(max_workers=RESTORE_WORKERS) as pool:
-        total = sum(pool.map(get, objects))
-    seconds = time.perf_counter() - t0
-    return PlainRun(seconds, total, len(objects), own_cpu() - c0, b.weed_cpu() - w0)
-
-
-def plain_get_to_files(b: Bench, url: str, target: Path) -> PlainRun:
-    """What a copy tool does: list `blocks/` under `url`, GET every object with
-    RESTORE_WORKERS threads, each writing its object to a file of the same name under `target`,
-    then sync. The same bytes restore has to write, without anything vnafs does."""
-    backend = b.s3(url)
-    c0, w0 = own_cpu(), b.weed_cpu()
-    t0 = time.perf_counter()
-    objects = list(backend.list("blocks/"))
-    for sub in {name.rsplit("/", 1)[0] for name, _ in objects}:
-        (target / sub).mkdir(parents=True, exist_ok=True)
-
-    def get(item: tuple[str, int]) -> int:
-        name, _ = item
         data = backend.get_view(name)
-        with open(target / name, "wb") as f:
-            f.write(data)
+        if len(data) != size:
+            raise BenchError(f"{name}: got {len(data)} bytes, listed {size}")
+        if to is not None:
+            with open(to / name, "wb") as f:
+                f.write(data)
         return len(data)
 
     with ThreadPoolExecutor(max_workers=RESTORE_WORKERS) as pool:
         total = sum(pool.map(get, objects))
-    os.sync()
+    if to is not None:
+        os.sync()
     seconds = time.perf_counter() - t0
     return PlainRun(seconds, total, len(objects), own_cpu() - c0, b.weed_cpu() - w0)
 
@@ -748,7 +733,7 @@ def part_restore(b: Bench, src: Archived, runs: int, rep: Report) -> None:
     to_files: list[PlainRun] = []
 
     def get_to_files(run: int) -> None:
-        to_files.append(plain_get_to_files(b, src.url, b.rundir / f"plain-get-{run}"))
+        to_files.append(plain_get(b, src.url, to=b.rundir / f"plain-get-{run}"))
         say(f"  plain GET to files {to_files[-1].seconds:.2f} s, {to_files[-1].mib_s:.1f} MiB/s")
 
     for run in range(1, runs + 1):

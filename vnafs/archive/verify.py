@@ -147,8 +147,7 @@ class Verifier:
 
     def _repair_block(self, block_id: bytes, name: str) -> None:
         try:
-            envelope = self.hot.path(block_id).read_bytes()
-            self.sealer.check(KIND_BLOCK, block_id, envelope, name=name)
+            envelope = self.hot.envelope(block_id)
         except (OSError, IntegrityError):
             self.report.unrepaired.append(name)
             return
