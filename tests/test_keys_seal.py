@@ -44,6 +44,8 @@ from vnafs.seal import (
     KIND_RECORD,
     OVERHEAD,
     Sealer,
+    _from_planes,
+    _to_planes,
 )
 
 # A stand-in for PHI: it must never show up in sealed bytes or the keyring file.
@@ -644,6 +646,18 @@ def test_byteplane_codec_for_16_bit_samples(sealer: Sealer) -> None:
         damaged[-40] ^= 1
         with pytest.raises(IntegrityError):
             sealer.open(KIND_BLOCK, bytes(32), bytes(damaged))
+
+
+def test_byte_planes_layout_is_the_format() -> None:
+    # format.md: low (even-offset) bytes, then high (odd-offset) bytes, a trailing odd byte last.
+    assert bytes(_to_planes(b"\x01\x02\x03\x04\x05")) == b"\x01\x03\x02\x04\x05"
+    rnd = random.Random(3)
+    for n in (0, 1, 2, 3, 4, 7, 64, 65, 65_537):
+        data = rnd.randbytes(n)
+        want = data[0 : n & ~1 : 2] + data[1 : n & ~1 : 2] + data[n & ~1 :]
+        for given in (data, bytearray(data), memoryview(data)):
+            assert bytes(_to_planes(given)) == want
+        assert _from_planes(want) == data
 
 
 def test_incompressible_block_is_stored_raw(sealer: Sealer) -> None:

@@ -151,8 +151,9 @@ def _run_daemon(hot: Path, mnt: Path, opener: Callable[[], Any], options: list[s
                 report: Callable[[str | None], None]) -> int:
     import trio
 
-    from vnafs import config, daemon
+    from vnafs import config, daemon, heap
 
+    heap.keep_freed_buffers()
     reported = False
 
     def ready(msg: str | None) -> None:
