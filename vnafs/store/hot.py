@@ -13,6 +13,7 @@ All methods do blocking I/O and CPU work: call them from worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -32,6 +33,8 @@ class HotStore:
         self.root = root
         self.blocks = root / "blocks"
         self.tmp = root / "tmp"
+        self._blocks_str = str(self.blocks)
+        self._tmp_str = str(self.tmp)
         self.sealer = sealer
         self._dirfd: int | None = None
 
@@ -42,8 +45,12 @@ class HotStore:
             (self.blocks / f"{i:02x}").mkdir(mode=0o700, exist_ok=True)
 
     def path(self, block_id: bytes) -> Path:
+        return Path(self._fspath(block_id))
+
+    def _fspath(self, block_id: bytes) -> str:
+        # A plain string: building a Path per block cost the write path ~30 us per block.
         h = block_id.hex()
-        return self.blocks / h[:2] / h[2:]
+        return f"{self._blocks_str}/{h[:2]}/{h[2:]}"
 
     def put(self, block_id: bytes, plaintext: bytes | bytearray, *, compress: bool = True) -> int:
         """Seal and store a block; returns the number of bytes stored."""
@@ -57,25 +64,25 @@ class HotStore:
         `in_place` written under its final name (only for `vnafs restore`, whose RESTORING
         marker keeps the store unmounted and whose resume authenticates every block file)."""
         if in_place:
-            fd = os.open(self.path(block_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = os.open(self._fspath(block_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 _write_all(fd, envelope)
             finally:
                 os.close(fd)
             return
-        tmp = self.tmp / secrets.token_hex(12)
+        tmp = f"{self._tmp_str}/{secrets.token_hex(12)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             _write_all(fd, envelope)
         except BaseException:
             os.close(fd)
-            tmp.unlink(missing_ok=True)
+            _unlink(tmp)
             raise
         os.close(fd)
         try:
-            os.rename(tmp, self.path(block_id))
+            os.rename(tmp, self._fspath(block_id))
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            _unlink(tmp)
             raise
 
     def get(self, block_id: bytes) -> bytes:
@@ -93,13 +100,13 @@ class HotStore:
 
     def _read(self, block_id: bytes, name: str) -> bytes:
         try:
-            with open(self.path(block_id), "rb") as f:
+            with open(self._fspath(block_id), "rb") as f:
                 return f.read()
         except FileNotFoundError:
             raise IntegrityError(f"{name} is missing from the hot store") from None
 
     def delete(self, block_id: bytes) -> None:
-        self.path(block_id).unlink(missing_ok=True)
+        _unlink(self._fspath(block_id))
 
     def ids(self) -> Iterator[bytes]:
         for sub in sorted(self.blocks.iterdir()):
@@ -136,6 +143,11 @@ class HotStore:
 
 def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
