@@ -10,7 +10,7 @@ new buffers (docs/performance.md). Fixed thresholds keep such buffers in the hea
 
 Memory stays bounded by what the daemon holds at its peak (the block cache plus the blocks in
 flight), which it needs anyway; only the release to the kernel after a peak is given up, up to
-`TRIM_THRESHOLD` per malloc arena.
+`TRIM_THRESHOLD`.
 """
 
 from __future__ import annotations
@@ -24,11 +24,17 @@ log = logging.getLogger("vnafs.heap")
 # mallopt() parameters from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 # Above the largest buffer of the data path (a 1 MiB block plus envelope overhead), so blocks
 # come from the heap; far below what a big LMDB read or a listing might ask for.
 MMAP_THRESHOLD = 4 << 20
-TRIM_THRESHOLD = 64 << 20
+TRIM_THRESHOLD = 16 << 20
+# One arena for every thread: a buffer freed by one worker thread is reused by the next, instead
+# of each thread's arena keeping its own peak (measured: 261 -> 217 MiB peak RSS over a 512 MiB
+# cold read, same CPU). Contention is no concern: small objects come from Python's own
+# allocator, and the data path makes a handful of malloc calls per 1 MiB block.
+ARENA_MAX = 1
 
 
 def keep_freed_buffers() -> bool:
@@ -43,8 +49,9 @@ def keep_freed_buffers() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    ok = all(mallopt(param, value) for param, value in (
+        (_M_ARENA_MAX, ARENA_MAX), (_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+        (_M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
     if not ok:
         log.warning("could not tune malloc thresholds; writes cost more CPU")
     return ok
