@@ -247,28 +247,27 @@ def _to_planes(data: Buffer) -> memoryview:
     it, without the GIL, so the trio thread and the other sealing thread run meanwhile."""
     n = len(data) if not isinstance(data, memoryview) else data.nbytes
     half = n // 2
-    buf = bytearray(n)
-    out = np.frombuffer(buf, dtype=np.uint8)
+    out = np.empty(n, dtype=np.uint8)
     samples = np.frombuffer(data, dtype="<u2", count=half)
     np.copyto(out[:half], samples, casting="unsafe")  # keeps the low byte
     np.right_shift(samples, 8, out=out[half : 2 * half], casting="unsafe")
     if n & 1:
-        buf[-1] = data[-1]
-    return memoryview(buf)
+        out[-1] = data[-1]
+    return out.data
 
 
 def _from_planes(data: bytes) -> bytes:
     """The inverse of `_to_planes` (the interleave also runs without the GIL)."""
     n = len(data)
     half = n // 2
-    out = bytearray(n)
-    samples = np.frombuffer(out, dtype="<u2", count=half)
+    out = np.empty(n, dtype=np.uint8)
+    samples = out[: 2 * half].view("<u2")
     planes = np.frombuffer(data, dtype=np.uint8, count=2 * half)
     np.left_shift(planes[half:], 8, out=samples, dtype="<u2")
     np.bitwise_or(samples, planes[:half], out=samples)
     if n & 1:
         out[-1] = data[-1]
-    return bytes(out)
+    return out.tobytes()
 
 
 def _failed(name: str, reason: str) -> IntegrityError:
