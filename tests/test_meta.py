@@ -11,12 +11,13 @@ from __future__ import annotations
 import stat
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
 from vnafs.errors import IntegrityError
-from vnafs.meta.db import u64
+from vnafs.meta.db import u64, use_readahead
 from vnafs.meta.namespace import Namespace, NewBlock, Tx
 from vnafs.meta.records import (
     ROOT_INO,
@@ -195,3 +196,13 @@ def test_records_are_bound_to_their_key(ns: Namespace) -> None:
     with pytest.raises(IntegrityError):
         ns.get_inode(g.ino)
     assert ns.get_inode(f.ino).ino == f.ino
+
+
+def test_lmdb_readahead_only_while_the_file_fits_in_memory(tmp_path: Path) -> None:
+    data = tmp_path / "data.mdb"
+    assert use_readahead(data, memory=1 << 30)  # a new store has no file yet
+    with open(data, "wb") as f:
+        f.truncate(256 << 20)
+    assert use_readahead(data, memory=1 << 30)  # a quarter of memory: still on
+    assert not use_readahead(data, memory=(1 << 30) - 4096)
+    assert use_readahead(data)  # this machine's memory, read from sysconf

@@ -13,6 +13,7 @@ in four small functions, is what lets the rest of the engine stay ignorant of it
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 from collections.abc import Iterator
@@ -61,6 +62,9 @@ REPLICATED = frozenset(TABLES) - {"refs", "repl_state", "repl_dirty", "repl_bloc
 
 # LMDB reserves address space, not disk: the file grows only as records are written.
 MAP_SIZE = 1 << 40
+# Kernel readahead on the LMDB map only while the file is at most this share of physical memory
+# (docs/architecture.md section 3).
+READAHEAD_MAX_FRACTION = 0.25
 
 
 def records(cur: lmdb.Cursor) -> Iterator[tuple[bytes, bytes]]:
@@ -75,6 +79,22 @@ def u64(n: int) -> bytes:
 
 def read_u64(b: bytes | memoryview, offset: int = 0) -> int:
     return int(_U64.unpack_from(b, offset)[0])
+
+
+def use_readahead(data_file: Path, memory: int | None = None) -> bool:
+    """Whether to map `data_file` with readahead: yes while it fits comfortably in memory.
+
+    With readahead a cold walk faults in neighbouring pages with each miss (0.55 -> 0.38 s for
+    20,100 entries); for a file much larger than memory LMDB advises against it, since random
+    lookups would read far more than they use and evict the pages that matter.
+    """
+    if memory is None:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        size = data_file.stat().st_size
+    except FileNotFoundError:
+        size = 0
+    return size <= memory * READAHEAD_MAX_FRACTION
 
 
 class MetaDB:
@@ -98,7 +118,7 @@ class MetaDB:
             readonly=readonly,
             sync=False,
             metasync=False,
-            readahead=False,
+            readahead=use_readahead(path / "data.mdb"),
             max_readers=512,
         )
         self.dbs = {
