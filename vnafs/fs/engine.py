@@ -72,21 +72,25 @@ class Health:
                 "last_problem_time": self.last_time}
 
 
+Plain = bytes | bytearray | memoryview
+
+
 class BlockCache:
-    """Plaintext blocks by id, least recently used first out, bounded in bytes."""
+    """Plaintext blocks by id, least recently used first out, bounded in bytes. Entries are
+    never modified: writes replace blocks, they do not change cached ones."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.size = 0
-        self._items: OrderedDict[bytes, bytes | bytearray] = OrderedDict()
+        self._items: OrderedDict[bytes, Plain] = OrderedDict()
 
-    def get(self, block_id: bytes) -> bytes | bytearray | None:
+    def get(self, block_id: bytes) -> Plain | None:
         data = self._items.get(block_id)
         if data is not None:
             self._items.move_to_end(block_id)
         return data
 
-    def put(self, block_id: bytes, data: bytes | bytearray) -> None:
+    def put(self, block_id: bytes, data: Plain) -> None:
         if block_id in self._items or len(data) > self.capacity:
             return
         self._items[block_id] = data
@@ -240,7 +244,7 @@ class Engine:
         """Delete block files that were written but never committed (and nobody else uses)."""
         await trio.to_thread.run_sync(self._discard, ids, limiter=self.io)
 
-    async def load_block(self, block_id: bytes) -> bytes | bytearray:
+    async def load_block(self, block_id: bytes) -> Plain:
         while True:
             data = self.cache.get(block_id)
             if data is not None:

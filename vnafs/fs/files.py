@@ -323,6 +323,13 @@ class Files:
 
     async def read(self, ino: int, offset: int, size: int, *, touch_atime: bool = True
                    ) -> bytes:
+        return bytes(await self.read_view(ino, offset, size, touch_atime=touch_atime))
+
+    async def read_view(self, ino: int, offset: int, size: int, *, touch_atime: bool = True
+                        ) -> bytes | bytearray | memoryview:
+        """`read` without the final copy when the range lies in one block: then the answer is
+        a view of the cached block, which the FUSE reply copies anyway; the caller must not
+        keep it."""
         of = self.open[ino]
         end = min(offset + size, of.size)
         if offset >= end:
@@ -341,6 +348,8 @@ class Files:
         of.last_read_end = end
         if touch_atime and not self.readonly and of.epoch is None:
             self._touch_atime(of)
+        if len(parts) == 1:
+            return parts[0]
         return b"".join(parts)
 
     def _start_readahead(self, of: OpenFile, end: int) -> None:

@@ -550,7 +550,8 @@ class Operations(pyfuse3.Operations):
 
     @translated
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
-        return await self.files.read(fh, off, size)
+        # pyfuse3 replies from any contiguous buffer (PyObject_GetBuffer); its stub says bytes.
+        return cast(bytes, await self.files.read_view(fh, off, size))
 
     @translated
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:

@@ -85,10 +85,11 @@ class HotStore:
             _unlink(tmp)
             raise
 
-    def get(self, block_id: bytes) -> bytes:
-        """Read, authenticate and decompress a block; IntegrityError if it is damaged or gone."""
+    def get(self, block_id: bytes) -> bytes | memoryview:
+        """Read, authenticate and decompress a block (a read-only view for byte-plane blocks);
+        IntegrityError if it is damaged or gone."""
         name = f"block {block_id.hex()}"
-        return self.sealer.open(KIND_BLOCK, block_id, self._read(block_id, name), name=name)
+        return self.sealer.open_block(block_id, self._read(block_id, name), name=name)
 
     def envelope(self, block_id: bytes) -> bytes:
         """The block file as stored, authenticated but not opened (for copying it elsewhere);
