@@ -47,6 +47,8 @@ def keep_freed_buffers() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
+    # mallopt() refuses bad values but accepts unknown parameters, so its answer is only a
+    # first check; tests/test_heap.py looks at the allocator's statistics for the effect.
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     ok = all(mallopt(param, value) for param, value in (

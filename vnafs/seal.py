@@ -150,8 +150,8 @@ class Sealer:
     def open_block(self, block_id: bytes, envelope: bytes | memoryview, *,
                    name: str = "object") -> bytes | memoryview:
         """`open` for a block, where a byte-plane block comes back as a read-only view of the
-        buffer it was merged into: on the read path that saves a 1 MiB copy per block under the
-        GIL (cold read of 512 MiB measured 1.17-1.25 -> 1.02-1.11 s with the FUSE reply below)."""
+        buffer it was merged into: the read path hands it to the FUSE reply without a 1 MiB
+        copy under the GIL (docs/performance.md)."""
         return self._open(KIND_BLOCK, block_id, envelope, name)
 
     def _open(self, kind: int, context: bytes, envelope: bytes | memoryview, name: str
@@ -257,7 +257,7 @@ def _to_planes(data: Buffer) -> memoryview:
 
     Done as 16-bit arithmetic in numpy: 2.5x faster than strided slicing of bytes and, unlike
     it, without the GIL, so the trio thread and the other sealing thread run meanwhile."""
-    n = len(data) if not isinstance(data, memoryview) else data.nbytes
+    n = memoryview(data).nbytes
     half = n // 2
     out = np.empty(n, dtype=np.uint8)
     samples = np.frombuffer(data, dtype="<u2", count=half)

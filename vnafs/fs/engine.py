@@ -31,6 +31,7 @@ import trio
 
 from vnafs.errors import IntegrityError
 from vnafs.meta.namespace import Namespace, Tx
+from vnafs.seal import Buffer
 from vnafs.store.hot import HotStore
 
 log = logging.getLogger("vnafs.engine")
@@ -72,9 +73,6 @@ class Health:
                 "last_problem_time": self.last_time}
 
 
-Plain = bytes | bytearray | memoryview
-
-
 class BlockCache:
     """Plaintext blocks by id, least recently used first out, bounded in bytes. Entries are
     never modified: writes replace blocks, they do not change cached ones."""
@@ -82,15 +80,15 @@ class BlockCache:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.size = 0
-        self._items: OrderedDict[bytes, Plain] = OrderedDict()
+        self._items: OrderedDict[bytes, Buffer] = OrderedDict()
 
-    def get(self, block_id: bytes) -> Plain | None:
+    def get(self, block_id: bytes) -> Buffer | None:
         data = self._items.get(block_id)
         if data is not None:
             self._items.move_to_end(block_id)
         return data
 
-    def put(self, block_id: bytes, data: Plain) -> None:
+    def put(self, block_id: bytes, data: Buffer) -> None:
         if block_id in self._items or len(data) > self.capacity:
             return
         self._items[block_id] = data
@@ -244,7 +242,7 @@ class Engine:
         """Delete block files that were written but never committed (and nobody else uses)."""
         await trio.to_thread.run_sync(self._discard, ids, limiter=self.io)
 
-    async def load_block(self, block_id: bytes) -> Plain:
+    async def load_block(self, block_id: bytes) -> Buffer:
         while True:
             data = self.cache.get(block_id)
             if data is not None:
