@@ -11,7 +11,14 @@ PYTEST_ARGS ?=
 # for the tests with real DICOM writers; nodejs for Azurite; samba and smbclient for the SMB
 # re-export and Previous Versions tests).
 SYSDEPS := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv gocryptfs attr acl rsync \
-           dcmtk orthanc curl iproute2 nodejs samba smbclient
+           dcmtk orthanc curl iproute2 nodejs samba samba-vfs-modules smbclient
+
+# package:unit for the services that installing a package enables. `make sysdeps` disables (and,
+# under a running systemd, stops) them right after installing that package: the tests start
+# their own servers on free ports, and nothing should run at boot because `make test` ran once.
+# Only packages installed in that run: an administrator's own services are never touched.
+SERVICE_UNITS := samba:smbd.service samba:nmbd.service samba:samba-ad-dc.service \
+                 orthanc:orthanc.service nfs-ganesha:nfs-ganesha.service
 
 # Azurite (Azure Blob emulator) for the archive backend tests. 3.35.0 is the newest release that
 # runs on node 20. Installed once into .cache/; the file target makes reruns silent. npm is not
@@ -44,7 +51,16 @@ sysdeps:
 		fi; \
 		echo "make sysdeps: installing$$missing"; \
 		apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSDEPS); \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSDEPS) \
+			|| exit 1; \
+		if [ -d /run/systemd/system ]; then now=--now; else now=; fi; \
+		for pu in $(SERVICE_UNITS); do \
+			case " $$missing " in *" $${pu%%:*} "*) ;; *) continue ;; esac; \
+			unit=$${pu#*:}; \
+			systemctl list-unit-files --no-legend "$$unit" >/dev/null 2>&1 || continue; \
+			echo "make sysdeps: systemctl disable $${now:+$$now }$$unit"; \
+			systemctl disable $$now "$$unit" || exit 1; \
+		done; \
 	fi
 
 # sysdeps is order-only: it always runs its (cheap) check, but never forces a venv rebuild.

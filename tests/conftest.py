@@ -6,6 +6,10 @@ the mount and stops the process by its PID, also when the test failed.
 
 Mount points live under /tmp/vnafs-t (mode 0755), not under pytest's 0700 tmp_path, so tests can
 act as an unprivileged user through `allow_other`.
+
+The POSIX tests (tests/test_posix_*.py) use `posix_dir`, which is such a mount, or with
+`--posix-dir=DIR` a fresh subdirectory of DIR on any file system: that is how the tests
+themselves are checked against a reference file system such as ext4.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -25,6 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.requires import fail_if_missing, need_program
+
+# pytester: tests/test_requires.py runs a small pytest session to show how a missing program fails.
+pytest_plugins = ["pytester"]
 
 VNAFS = str(Path(sys.executable).with_name("vnafs"))
 BASE = Path("/tmp/vnafs-t")
@@ -38,6 +48,42 @@ def run_vnafs(*args: str, check: bool = True, env: dict[str, str] | None = None,
         raise AssertionError(f"vnafs {' '.join(args)} failed ({res.returncode}): "
                              f"{res.stdout}{res.stderr}")
     return res
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--posix-dir", metavar="DIR", default=None,
+        help="run the POSIX tests (tests/test_posix_*.py) in fresh subdirectories of DIR, on "
+             "whatever file system DIR is, instead of on vnafs mounts; tests marked vnafs_only "
+             "are skipped")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "vnafs_only(reason): a POSIX test of behaviour only vnafs promises; "
+                   "skipped with --posix-dir")
+    base = config.getoption("posix_dir")
+    if base is None:
+        return
+    path = Path(base).resolve()
+    if not path.is_dir():
+        raise pytest.UsageError(f"--posix-dir {base}: not an existing directory")
+    # The tests act as uid 65534 (and 1234) too: every directory down to DIR must be searchable.
+    for d in (path, *path.parents):
+        if not d.stat().st_mode & stat.S_IXOTH:
+            raise pytest.UsageError(f"--posix-dir {base}: {d} is not searchable by other users "
+                                    "(the POSIX tests also run as uid 65534)")
+    config.option.posix_dir = str(path)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("posix_dir") is None:
+        return
+    for item in items:
+        marker = item.get_closest_marker("vnafs_only")
+        if marker is not None:
+            why = marker.args[0] if marker.args else "vnafs behaviour"
+            item.add_marker(pytest.mark.skip(reason=f"vnafs only ({why}); --posix-dir given"))
 
 
 def _mounted(path: Path) -> bool:
@@ -55,6 +101,10 @@ class Fs:
     # Archive URL given to mkfs, and the environment (archive credentials) of every command.
     archive: str | None = None
     env: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        # `vnafs umount` and the forced cleanup below unmount through fusermount3.
+        need_program("fusermount3", "fuse3")
 
     @property
     def key(self) -> Path:
@@ -119,10 +169,10 @@ class Fs:
 
     def wait_indexed(self) -> dict[str, Any]:
         """Block until the daemon has indexed every closed file; return `status`'s DICOM part."""
-        from vnafs import daemon
+        from vnafs.control import control_request
 
         for _ in range(20):
-            reply = daemon.control_request(self.hot, {"op": "index_wait", "timeout": 25})
+            reply = control_request(self.hot, {"op": "index_wait", "timeout": 25})
             if reply["pending"] == 0:
                 break
         status = json.loads(run_vnafs("status", "--json", str(self.mnt)).stdout)
@@ -202,6 +252,23 @@ def mnt(fs: Fs) -> Path:
     return fs.mnt
 
 
+@pytest.fixture
+def posix_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """The directory a POSIX test works in: `mnt`, or with --posix-dir=DIR a fresh, empty
+    subdirectory of DIR (mode 0755, owned by the test user), removed afterwards."""
+    base = request.config.getoption("posix_dir")
+    if base is None:
+        yield request.getfixturevalue("mnt")
+        return
+    path = Path(tempfile.mkdtemp(prefix="posix-", dir=base))
+    try:
+        os.chown(path, os.getuid(), os.getgid())  # not a setgid DIR's group
+        os.chmod(path, 0o755)
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
 # -- object stores for the archive tests --------------------------------------------------------
 
 BUCKET = "vnafs-test"
@@ -213,7 +280,7 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     Tests that stop it must start it again (tools/servers.py keeps ports and data)."""
     from tools.servers import SeaweedFS
 
-    with SeaweedFS(tmp_path_factory.mktemp("seaweedfs")) as srv:
+    with fail_if_missing(), SeaweedFS(tmp_path_factory.mktemp("seaweedfs")) as srv:
         srv.create_bucket(BUCKET)
         yield srv
 
@@ -223,7 +290,7 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """One real Azurite (Azure Blob) for the session, with container BUCKET."""
     from tools.servers import Azurite
 
-    with Azurite(tmp_path_factory.mktemp("azurite")) as srv:
+    with fail_if_missing(), Azurite(tmp_path_factory.mktemp("azurite")) as srv:
         srv.create_container(BUCKET)
         yield srv
 

@@ -3,7 +3,9 @@
 Nothing here listens on a real interface: `Netns` holds a network namespace of its own (made with
 `unshare -n`, only `lo` in it, brought up), and every server and client is started inside it with
 `nsenter`. Every context manager stops what it started by PID (a process group for storescp, so
-`--fork` children go too), with a deadline, also when the test body raised.
+`--fork` children go too), with a deadline, also when the test body raised. Each first checks
+that the programs it runs are installed (tests/requires.py): a missing one fails the test with
+one line naming its Debian package.
 
     with Netns() as ns, storescp(ns, outdir, 11112, fork=True) as scp:
         storescu(ns, 11112, files)
@@ -25,6 +27,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from tests.requires import need_program
 
 LOOPBACK = "127.0.0.1"
 
@@ -110,6 +114,9 @@ class Netns:
     """
 
     def __init__(self, *, ready_timeout: float = 5) -> None:
+        need_program("unshare", "util-linux")
+        need_program("nsenter", "util-linux")
+        need_program("ip", "iproute2")
         self._err = _Capture()
         self.proc = subprocess.Popen(
             ["unshare", "-n", "sh", "-c", "ip link set lo up && exec sleep 3600"],
@@ -209,6 +216,8 @@ def storescp(netns: Netns, outdir: Path, port: int = 11112, *,
     Yields once a C-ECHO is answered; stops the whole process group (--fork children too).
     dcmtk refuses +B together with -su: pass study_prefix=None with bit_preserving=True.
     """
+    need_program("storescp", "dcmtk")
+    need_program("echoscu", "dcmtk")  # the readiness probe
     argv = ["storescp", "-v", "-aet", aet, "-od", str(outdir)]
     if study_prefix is not None:
         argv += ["-su", study_prefix]
@@ -235,6 +244,7 @@ def storescu(netns: Netns, port: int, files: Sequence[Path], aec: str = "STORESC
              extra_args: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
     """Send `files` in one association; with `check`, fail unless the exit code is 0 and every
     file got a successful C-STORE response (storescu's exit code alone does not say that)."""
+    need_program("storescu", "dcmtk")
     argv = ["storescu", "-v", "-aet", aet, "-aec", aec, *extra_args, LOOPBACK, str(port),
             *map(str, files)]
     res = netns.run(argv, capture_output=True, text=True, timeout=timeout)
@@ -338,6 +348,9 @@ def orthanc(netns: Netns, storage_dir: Path, index_dir: Path, workdir: Path, *,
     Yields once both HTTP (/system) and DICOM (C-ECHO) answer; SIGTERM at exit, SIGKILL after
     `stop_timeout`.
     """
+    need_program("Orthanc", "orthanc")
+    need_program("curl", "curl")  # its REST API
+    need_program("echoscu", "dcmtk")  # the readiness probe
     workdir.mkdir(parents=True, exist_ok=True)
     logdir = workdir / "logs"
     logdir.mkdir(exist_ok=True)

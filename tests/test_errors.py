@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from conftest import VNAFS, Fs, alive, run_vnafs
 
+from tests.requires import need_program
+
 MIB = 1 << 20
 NOBODY = 65534
 
@@ -244,6 +246,8 @@ def _in_private_dev(script: str, *argv: str) -> subprocess.CompletedProcess[str]
 
     The namespace ends with the process: nothing outlives this call.
     """
+    need_program("unshare", "util-linux")
+    need_program("mount", "mount")
     return subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c",
          f'mount -t tmpfs tmpfs /dev && {script} exec "$@"', "sh", *argv],
@@ -264,6 +268,7 @@ def test_dev_fuse_not_permitted(new_fs: Fs) -> None:
     /dev/fuse". The key is read before /dev/fuse is checked, so the user gets its own copy; the
     store (mode 0700) is never reached.
     """
+    need_program("setpriv", "util-linux")
     key = new_fs.root / "nobody.key"
     shutil.copy(new_fs.key, key)
     os.chown(key, NOBODY, NOBODY)
@@ -455,6 +460,8 @@ def test_disk_full(workdir: Path) -> None:
 
     The hot store is its own 24 MiB tmpfs; the key stays outside it.
     """
+    need_program("mount", "mount")
+    need_program("umount", "mount")
     fs = Fs(workdir)
     fs.hot.mkdir(mode=0o700)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(fs.hot)],
@@ -551,7 +558,7 @@ def test_umount_of_non_vnafs_path(workdir: Path) -> None:
 
 def test_umount_busy(fs: Fs) -> None:
     write_file(fs.mnt / "f", b"in use")
-    sleeper = subprocess.Popen(["sleep", "30"], cwd=fs.mnt)
+    sleeper = subprocess.Popen([need_program("sleep", "coreutils"), "30"], cwd=fs.mnt)
     try:
         time.sleep(0.2)
         res = run_vnafs("umount", str(fs.mnt), check=False)

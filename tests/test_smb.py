@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Fs, run_vnafs
+from tests.requires import fail_if_missing
 from tests.test_replication import tree
 from tools.servers import Samba
 
@@ -25,8 +26,9 @@ GMT = re.compile(r"@GMT-\d{4}\.\d\d\.\d\d-\d\d\.\d\d\.\d\d")
 
 @pytest.fixture
 def samba(fs: Fs, workdir: Path) -> Iterator[Samba]:
-    """smbd serving fs.mnt; stopped (by PID, children included) at teardown."""
-    with Samba(workdir / "samba", fs.mnt) as srv:
+    """smbd serving fs.mnt; stopped (by PID, children included) at teardown. Fails the test
+    with one line naming the package if samba, smbclient or samba-vfs-modules is missing."""
+    with fail_if_missing(), Samba(workdir / "samba", fs.mnt) as srv:
         yield srv
 
 

