@@ -8,30 +8,17 @@ JSON line over a Unix socket.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from vnafs import mountinfo
 from vnafs.errors import VnafsError
-
-
-def _unescape(field: str) -> str:
-    return field.encode().decode("unicode_escape").encode("latin-1").decode(
-        "utf-8", "surrogateescape")
 
 
 def find_mount(mountpoint: Path) -> tuple[str, str] | None:
     """(fs type, source) of the mount at `mountpoint`, from /proc/self/mountinfo."""
-    target = os.path.realpath(mountpoint)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            if len(fields) < 5 or _unescape(fields[4]) != target:
-                continue
-            rf = right.split()
-            return rf[0], _unescape(rf[1]) if len(rf) > 1 else ""
-    return None
+    found = mountinfo.find_mount(mountpoint)
+    return None if found is None else (found.fs_type, found.source)
 
 
 def hot_store_of(mountpoint: Path) -> Path:
