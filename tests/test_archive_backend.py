@@ -25,13 +25,12 @@ from tests.conftest import BUCKET
 from tools.servers import Azurite, SeaweedFS
 from vnafs.archive.backend import (
     ArchiveAuthError,
-    ArchiveConfigError,
     ArchiveError,
     ArchiveMissing,
     Backend,
     open_backend,
-    parse_url,
 )
+from vnafs.archive.url import ArchiveConfigError, parse_url
 
 Opener = Callable[[str], Backend]
 

@@ -18,7 +18,7 @@ import pytest
 
 from vnafs.errors import IntegrityError
 from vnafs.meta.db import u64, use_readahead
-from vnafs.meta.namespace import Namespace, NewBlock, Tx
+from vnafs.meta.namespace import Namespace, NewBlock
 from vnafs.meta.records import (
     ROOT_INO,
     BlockRef,
@@ -27,6 +27,7 @@ from vnafs.meta.records import (
     pack_xattr,
     unpack_dirent,
 )
+from vnafs.meta.tx import Tx
 
 T = TypeVar("T")
 

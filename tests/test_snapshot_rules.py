@@ -17,8 +17,9 @@ import trio
 from tests.test_meta import write
 from vnafs.config import Schedule, SnapshotConfig
 from vnafs.fs.snapshot_service import SnapshotService
-from vnafs.meta.namespace import Namespace, Tx
+from vnafs.meta.namespace import Namespace
 from vnafs.meta.snapshots import SnapshotError, Snapshots
+from vnafs.meta.tx import Tx
 
 DAY = 86400 * 10**9
 

@@ -19,10 +19,15 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vnafs import __version__
 from vnafs.errors import VnafsError
+
+if TYPE_CHECKING:
+    from vnafs.archive.follower import ArchiveFollower
+    from vnafs.keys import KekSource
+    from vnafs.store.lifecycle import Store
 
 log = logging.getLogger("vnafs")
 
@@ -33,7 +38,7 @@ def _key_args(p: argparse.ArgumentParser) -> None:
                    help="environment variable holding a passphrase (stretched with scrypt)")
 
 
-def _source(args: argparse.Namespace) -> Any:
+def _source(args: argparse.Namespace) -> KekSource:
     from vnafs.keys import resolve_kek_source
 
     return resolve_kek_source(args.key_file, args.passphrase_env)
@@ -67,7 +72,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_mkfs(args: argparse.Namespace) -> int:
-    from vnafs.daemon import mkfs
+    from vnafs.store.lifecycle import mkfs
 
     mkfs(Path(args.hot), _source(args), archive_url=args.archive, uid=os.getuid(),
          gid=os.getgid(), credentials=args.credentials)
@@ -82,7 +87,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     mnt = Path(args.mountpoint).resolve()
     source = _source(args)
     daemon.check_dev_fuse()
-    daemon.check_mountpoint(mnt)
+    daemon.check_mountpoint(mnt, None if args.archive_only else Path(args.hot))
     if args.archive_only:
         from vnafs.archive.follower import default_cache
 
@@ -90,18 +95,19 @@ def cmd_mount(args: argparse.Namespace) -> int:
         hot = Path(args.cache).resolve() if args.cache else default_cache(url, mnt)
         config.apply_mount_options(config.Config(), args.options)
         credentials = Path(args.credentials) if args.credentials else None
-        opener: Callable[[], Any] = partial(_open_archive, url, source, hot, credentials)
+        opener: Callable[[], tuple[Store, ArchiveFollower | None]] = partial(
+            _open_archive, url, source, hot, credentials, args.options)
     else:
         hot = Path(args.hot).resolve()
         marker.read_format(hot)
         config.apply_mount_options(config.load(hot), args.options)  # validate before forking
-        opener = partial(_open_hot, hot, source)
+        opener = partial(_open_hot, hot, source, args.options)
     if "," in str(hot):
         raise VnafsError("the hot store path must not contain a comma: move or rename it")
     if args.foreground:
         hot.mkdir(mode=0o700, parents=True, exist_ok=True)
         setup_logging(hot, stderr=True)
-        return _run_daemon(hot, mnt, opener, args.options, lambda msg: None)
+        return _run_daemon(hot, mnt, opener, lambda msg: None)
 
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -119,7 +125,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             def report(msg: str | None) -> None:
                 os.write(write_fd, b"OK\n" if msg is None else b"ERR " + msg.encode() + b"\n")
 
-            code = _run_daemon(hot, mnt, opener, args.options, report)
+            code = _run_daemon(hot, mnt, opener, report)
         finally:
             os._exit(code)
     os.close(write_fd)
@@ -134,24 +140,31 @@ def cmd_mount(args: argparse.Namespace) -> int:
     raise VnafsError(f"the vnafs daemon exited during start-up: see {hot}/vnafs.log")
 
 
-def _open_hot(hot: Path, source: Any) -> Any:
-    from vnafs import daemon
+def _open_hot(hot: Path, source: KekSource, options: list[str]) -> tuple[Store, None]:
+    from vnafs import config
+    from vnafs.store.lifecycle import open_store
 
-    return daemon.open_store(hot, source), None
+    store = open_store(hot, source)
+    config.apply_mount_options(store.config, options)
+    return store, None
 
 
-def _open_archive(url: str, source: Any, cache: Path, credentials: Path | None) -> Any:
+def _open_archive(url: str, source: KekSource, cache: Path, credentials: Path | None,
+                  options: list[str]) -> tuple[Store, ArchiveFollower]:
+    from vnafs import config
     from vnafs.archive.follower import ArchiveFollower, open_archive_store
 
     store, backend = open_archive_store(url, source, cache, credentials)
-    return store, ArchiveFollower(store, backend)
+    config.apply_mount_options(store.config, options)
+    return store, ArchiveFollower(store, backend, poll=store.config.archive.poll)
 
 
-def _run_daemon(hot: Path, mnt: Path, opener: Callable[[], Any], options: list[str],
+def _run_daemon(hot: Path, mnt: Path,
+                opener: Callable[[], tuple[Store, ArchiveFollower | None]],
                 report: Callable[[str | None], None]) -> int:
     import trio
 
-    from vnafs import config, daemon, heap
+    from vnafs import daemon, heap
 
     heap.keep_freed_buffers()
     reported = False
@@ -169,9 +182,6 @@ def _run_daemon(hot: Path, mnt: Path, opener: Callable[[], Any], options: list[s
             print(f"vnafs: {exc}", file=sys.stderr)
         return 1
     try:
-        config.apply_mount_options(store.config, options)
-        if follower is not None:
-            follower.poll = store.config.archive.poll
         trio.run(partial(daemon.serve, follower=follower), store, mnt, ready)
         return 0
     except VnafsError as exc:
@@ -189,10 +199,11 @@ def _run_daemon(hot: Path, mnt: Path, opener: Callable[[], Any], options: list[s
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from vnafs import daemon
+    from vnafs.control import hot_store_of
+    from vnafs.store.lifecycle import lock_store
 
     mnt = Path(args.mountpoint).resolve()
-    hot = daemon.hot_store_of(mnt)
+    hot = hot_store_of(mnt)
     res = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, text=True)
     if res.returncode != 0:
         if "busy" in res.stderr.lower():
@@ -203,7 +214,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         try:
-            fd = daemon.lock_store(hot)
+            fd = lock_store(hot)
         except VnafsError:
             time.sleep(0.05)
             continue
@@ -215,10 +226,10 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from vnafs import control as daemon  # light: no trio, no LMDB
+    from vnafs import control  # light: no trio, no LMDB
 
-    hot = daemon.hot_store_of(Path(args.mountpoint))
-    st = daemon.control_request(hot, {"op": "status"})
+    hot = control.hot_store_of(Path(args.mountpoint))
+    st = control.control_request(hot, {"op": "status"})
     if args.json:
         print(json.dumps(st, indent=2, sort_keys=True))
         return 0
@@ -279,12 +290,12 @@ def _date(value: str | None, flag: str) -> str | None:
 
 
 def cmd_find(args: argparse.Namespace) -> int:
-    from vnafs import control as daemon  # light: no trio, no LMDB
+    from vnafs import control  # light: no trio, no LMDB
 
-    hot = daemon.hot_store_of(Path(args.mountpoint))
+    hot = control.hot_store_of(Path(args.mountpoint))
     mnt = Path(args.mountpoint).resolve()
     if args.problems:
-        found = daemon.control_request(hot, {"op": "problems", "wait": args.wait})
+        found = control.control_request(hot, {"op": "problems", "wait": args.wait})
         if args.json:
             print(json.dumps(found, indent=2, ensure_ascii=False))
         for p in [] if args.json else found:
@@ -295,8 +306,8 @@ def cmd_find(args: argparse.Namespace) -> int:
            "accession": args.accession, "accession_issuer": args.accession_issuer,
            "modality": args.modality, "date_from": _date(args.date_from, "--from"),
            "date_to": _date(args.date_to, "--to"), "wait": args.wait}
-    found = daemon.control_request(hot, req)
-    views = daemon.views_dir(hot)
+    found = control.control_request(hot, req)
+    views = control.views_dir(hot)
     for study in found:
         study["view"] = str(mnt / views / study["view"]) if views else None
     if args.json:
@@ -318,28 +329,29 @@ def cmd_find(args: argparse.Namespace) -> int:
 def cmd_reindex(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from vnafs import control as daemon  # light: no trio, no LMDB
+    from vnafs import control  # light: no trio, no LMDB
 
-    hot = daemon.hot_store_of(Path(args.mountpoint))
-    total = daemon.control_request(hot, {"op": "reindex"})["queued"]
+    hot = control.hot_store_of(Path(args.mountpoint))
+    total = control.control_request(hot, {"op": "reindex"})["queued"]
     with tqdm(total=total, unit="file", disable=not sys.stderr.isatty() and not args.progress,
               desc="reindex") as bar:
         while True:
-            pending = daemon.control_request(hot, {"op": "index_progress"})["pending"]
+            pending = control.control_request(hot, {"op": "index_progress"})["pending"]
             bar.update(max(0, total - pending - bar.n))
             if pending == 0:
                 break
             time.sleep(0.2)
-    st = daemon.control_request(hot, {"op": "status"})["dicom"]
+    st = control.control_request(hot, {"op": "status"})["dicom"]
     print(f"indexed {total} files: {st['instances']} instances in {st['studies']} studies; "
           f"{st['incomplete'] + st['invalid'] + st['sop_conflict']} problem files")
     return 0
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    from vnafs import daemon, fsck
+    from vnafs import fsck
+    from vnafs.store.lifecycle import open_store
 
-    store = daemon.open_store(Path(args.hot), _source(args))
+    store = open_store(Path(args.hot), _source(args))
     try:
         report = fsck.check(store, repair=args.repair, verify_data=not args.no_data,
                             progress=not args.json)

@@ -276,7 +276,7 @@ def _check_view_name(path: Path, name: str) -> None:
 
 def validate_archive_url(url: str) -> str:
     """The URL itself, if it names a supported archive and carries no secret."""
-    from vnafs.archive.backend import parse_url
+    from vnafs.archive.url import parse_url
 
     parse_url(url)
     return url

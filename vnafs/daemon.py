@@ -1,338 +1,172 @@
-"""Wires one hot store into a running file system, and opens stores for offline tools.
+"""Wires one opened store into a running, mounted file system.
 
-`open_store` is the single way in: it checks the format version, unlocks the keyring and opens
-LMDB, each with a one-line error when something is wrong. `serve` runs a mounted file system:
-it sweeps crash leftovers, starts FUSE, the control socket and the background tasks in one trio
-nursery, and on the way out commits what open files still hold before closing the stores.
+`serve` is the only place where the parts of a mount meet: it builds them in dependency order,
+passing every collaborator to its constructor (the table in docs/architecture.md, "Wiring",
+lists each callback and channel), starts FUSE, the control socket and the background tasks in
+one trio nursery, and on the way out commits what open files still hold, indexes what is
+queued, ships a last replication cycle and syncs before it closes.
+
+The mount-point checks that `vnafs mount` runs before it forks live here too, so their errors
+reach the admin's terminal.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
-import json
 import logging
+import math
 import os
 import signal
-import time
+import subprocess
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import trio
 
-from vnafs import FORMAT_VERSION, __version__
-from vnafs import config as config_mod
-from vnafs.config import Config
+from vnafs import __version__
+from vnafs.archive.backend import Backend, open_backend
+from vnafs.archive.follower import ArchiveFollower
+from vnafs.archive.maintenance import ArchiveMaintenance
+from vnafs.archive.recall import Recall
+from vnafs.archive.replicator import Replicator
+from vnafs.control import find_mount
+from vnafs.control_server import ControlServer, Mounted, handlers
+from vnafs.dicom.index import DicomIndex
 from vnafs.errors import IntegrityError, VnafsError
-from vnafs.keys import KekSource, Keyring
-from vnafs.meta.db import MetaDB
-from vnafs.meta.namespace import Namespace, Tx
+from vnafs.fs.engine import Engine
+from vnafs.fs.files import ClosedFile, Files
+from vnafs.fs.indexer import Indexer
+from vnafs.fs.inodes import Inodes
+from vnafs.fs.kernel_cache import KernelCache
+from vnafs.fs.snapshot_service import SnapshotService
+from vnafs.fs.views import Views
 from vnafs.meta.records import BLOCK_SIZE
-from vnafs.seal import Sealer
-from vnafs.store.hot import HotStore
-from vnafs.store.marker import read_format, write_format
+from vnafs.meta.snapshots import Snapshots
+from vnafs.meta.tx import NO_HOOKS
+from vnafs.store.lifecycle import Store, lock_store, recover
 
 log = logging.getLogger("vnafs.daemon")
 
-@dataclass
-class Store:
-    root: Path
-    config: Config
-    keyring: Keyring
-    sealer: Sealer
-    db: MetaDB
-    ns: Namespace
-    hot: HotStore
-    lock_fd: int | None = None
+UNMOUNT_INDEX_SECONDS = 60
+UNMOUNT_REPLICATE_SECONDS = 30
 
-    def close(self) -> None:
-        self.hot.close()
-        self.db.close()
-        if self.lock_fd is not None:
-            os.close(self.lock_fd)
-            self.lock_fd = None
+# The kernel asks FUSE file systems for 128 KiB at a time by default; 4 MiB of readahead lets it
+# send 1 MiB reads (measured: 512 MiB cold read 1.53 s -> 1.25 s).
+READ_AHEAD_KB = 4096
 
 
-def lock_store(root: Path) -> int:
-    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise VnafsError(f"hot store {root} is in use by a running vnafs (mounted?): unmount it "
-                         "first") from None
-    return fd
-
-
-def open_store(root: Path, source: KekSource, *, lock: bool = True) -> Store:
-    root = root.resolve()
-    read_format(root)
-    cfg = config_mod.load(root)
-    lock_fd = lock_store(root) if lock else None
-    try:
-        keyring = Keyring.open(root / "keyring", source)
-        sealer = Sealer(keyring, zstd_level=cfg.store.zstd_level)
-        db = MetaDB(root / "meta", sealer)
-        db.journal = bool(cfg.archive.url)
-        try:
-            ns = Namespace(db)
-        except IntegrityError as exc:
-            db.close()
-            raise VnafsError(f"the metadata of hot store {root} is damaged ({exc}): restore the "
-                             "store from the archive or a backup") from None
-        hot = HotStore(root, sealer)
-    except BaseException:
-        if lock_fd is not None:
-            os.close(lock_fd)
-        raise
-    return Store(root, cfg, keyring, sealer, db, ns, hot, lock_fd)
-
-
-def mkfs(root: Path, source: KekSource, *, archive_url: str | None, uid: int, gid: int,
-         credentials: str | None = None) -> None:
-    root = root.resolve()
-    if root.exists() and not root.is_dir():
-        raise VnafsError(f"{root} is a file, not a directory: give an empty or new directory for "
-                         "the hot store")
-    if root.exists() and any(root.iterdir()):
-        raise VnafsError(f"{root} is not empty: give an empty or new directory for the hot store")
-    cfg = Config()
-    if archive_url:
-        cfg.archive.url = config_mod.validate_archive_url(archive_url)
-        if credentials:
-            cfg.archive.credentials = str(Path(credentials).resolve())
-        check_new_archive(cfg.archive.url, Path(credentials) if credentials else None)
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(root, 0o700)
-    keyring = Keyring.create(root / "keyring", source)
-    sealer = Sealer(keyring, zstd_level=cfg.store.zstd_level)
-    db = MetaDB(root / "meta", sealer)
-    try:
-        Namespace.format(db, uid, gid, time.time_ns())
-    finally:
-        db.close()
-    HotStore(root, sealer).create_layout()
-    (root / config_mod.CONFIG_NAME).write_text(cfg.to_toml())
-    write_format(root)
-
-
-def check_new_archive(url: str, credentials: Path | None = None) -> None:
-    """mkfs: the archive must be reachable and must not hold another file system already
-    (two hot stores replicating under one prefix would overwrite each other's HEAD)."""
-    from vnafs.archive import log as alog
-    from vnafs.archive.backend import open_backend
-
-    backend = open_backend(url, credentials_file=credentials)
-    backend.check()
-    if backend.size(alog.HEAD_NAME) is not None or backend.size(alog.KEYRING_NAME) is not None:
-        raise VnafsError(f"archive {url} already holds a file system: give each hot store its "
-                         "own prefix, or rebuild from it with vnafs restore")
-
-
-def recover(store: Store) -> dict[str, int]:
-    """Clean up after a crash: half-written blocks and inodes that were unlinked while open."""
-    swept = store.hot.sweep_tmp()
-    orphans = store.ns.orphans()
-    for ino in orphans:
-        with store.db.begin(write=True) as txn:
-            tx = Tx(txn, time.time_ns())
-            store.ns.free_orphan(tx, ino)
-        for block_id in tx.freed_blocks:
-            store.hot.delete(block_id)
-    if swept or orphans:
-        log.info("recovery: removed %d unfinished blocks, freed %d orphaned inodes", swept,
-                 len(orphans))
-    return {"tmp_swept": swept, "orphans_freed": len(orphans)}
-
-
-def status_of(store: Store, engine: Any = None, files: Any = None,
-              mountpoint: str | None = None, indexer: Any = None) -> dict[str, Any]:
-    st = store.hot.usage()
-    out: dict[str, Any] = {
-        "version": __version__,
-        "format": FORMAT_VERSION,
-        "hot_store": str(store.root),
-        "mountpoint": mountpoint,
-        "archive": store.config.archive_url,
-        "health": "ok",
-        "pid": os.getpid(),
-        "disk": {
-            "size_bytes": st.f_blocks * st.f_frsize,
-            "free_bytes": st.f_bavail * st.f_frsize,
-        },
-        "metadata_bytes": os.path.getsize(store.root / "meta" / "data.mdb"),
-        "keys": {
-            "current_version": store.keyring.current_version,
-            "versions": len(store.keyring.versions),
-        },
-        **store.ns.stats(),
-    }
-    if engine is not None:
-        health = engine.health.as_dict()
-        out["health"] = health["state"]
-        out["problems"] = health
-        out["counters"] = dict(engine.stats)
-        out["cache_bytes"] = engine.cache.size
-    if indexer is not None:
-        from vnafs.dicom import query
-
-        out["dicom"] = {**query.counts(indexer.index), "pending": indexer.pending,
-                        **{f"since_mount_{k}": v for k, v in indexer.stats.items()}}
-    if files is not None:
-        out["open_files"] = len(files.open)
-        out["dirty_blocks"] = sum(len(of.dirty) for of in files.open.values())
-    return out
-
-
-class ControlServer:
-    """JSON-lines requests on `<hot>/control.sock` (mode 0600: root only)."""
-
-    def __init__(self, path: Path, handlers: dict[str, Callable[[dict[str, Any]], Any]]) -> None:
-        self.path = path
-        self.handlers = handlers
-
-    async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        self.path.unlink(missing_ok=True)
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            await sock.bind(str(self.path))
-        finally:
-            os.umask(old)
-        sock.listen(16)
-        listener = trio.SocketListener(sock)
-        task_status.started()
-        try:
-            await trio.serve_listeners(self._client, [listener])
-        finally:
-            self.path.unlink(missing_ok=True)
-
-    async def _client(self, stream: trio.SocketStream) -> None:
-        async with stream:
-            buf = b""
-            with trio.move_on_after(30):
-                while b"\n" not in buf and len(buf) < 65536:
-                    chunk = await stream.receive_some(4096)
-                    if not chunk:
-                        return
-                    buf += chunk
-            try:
-                req = json.loads(buf.split(b"\n", 1)[0])
-                handler = self.handlers[req["op"]]
-                reply = {"ok": True, "result": await _maybe_await(handler(req))}
-            except KeyError:
-                reply = {"ok": False, "error": "unknown request"}
-            except VnafsError as exc:
-                reply = {"ok": False, "error": str(exc)}
-            except Exception:
-                log.exception("control request failed")
-                reply = {"ok": False, "error": "internal error; see the vnafs log"}
-            await stream.send_all(json.dumps(reply).encode() + b"\n")
-
-
-async def _maybe_await(value: Any) -> Any:
-    if hasattr(value, "__await__"):
-        return await value
-    return value
-
-
-def fuse_options(store: Store, cfg: Config) -> set[str]:
+def fuse_options(store: Store, *, readonly: bool) -> set[str]:
     opts = {f"fsname={store.root}", "subtype=vnafs", "default_permissions"}
-    if cfg.mount.allow_other:
+    if store.config.mount.allow_other:
         opts.add("allow_other")
+    if readonly:
+        opts.add("ro")
     return opts
+
+
+def archive_backend(store: Store) -> Backend | None:
+    """The archive backend of a hot store, None without an archive; checked before mounting
+    (a bad URL or credentials file is a one-line error, an unreachable archive is not)."""
+    a = store.config.archive
+    if not a.url:
+        return None
+    return open_backend(a.url, credentials_file=Path(a.credentials) if a.credentials else None)
+
+
+def dicom_index(store: Store) -> DicomIndex | None:
+    """The DICOM index of the store, None if disabled; checked before anything is mounted."""
+    if not store.config.dicom.index:
+        return None
+    try:
+        return DicomIndex(store.ns, by_patient=store.config.dicom.by_patient)
+    except IntegrityError as exc:
+        raise VnafsError(f"{exc}: the metadata is damaged; run vnafs fsck {store.root}") from None
 
 
 async def serve(
     store: Store, mountpoint: Path, ready: Callable[[str | None], None], *,
-    follower: Any = None,
+    follower: ArchiveFollower | None = None,
 ) -> None:
     """Mount `store` at `mountpoint` and serve until unmounted or signalled.
 
-    With `follower` (an `ArchiveFollower`), the store is a read-only archive mount's metadata
-    cache: nothing is written, blocks come from the archive, and new cycles are applied."""
+    With `follower`, the store is a read-only archive mount's metadata cache: nothing is
+    written, blocks come from the archive, and new replicated cycles are applied."""
     import pyfuse3  # only the mounted daemon needs FUSE
-
-    from vnafs.fs.engine import Engine
-    from vnafs.fs.files import Files
-    from vnafs.fs.operations import Operations
-    from vnafs.fs.snapshot_service import SnapshotService
-    from vnafs.meta.snapshots import Snapshots
 
     cfg = store.config
     readonly = follower is not None
     if not readonly:
         recover(store)
         store.ns.start_mount()
+    backend = follower.backend if follower is not None else archive_backend(store)
+    index = dicom_index(store)
+    recall = None
+    if backend is not None:
+        recall = Recall(backend, store.hot, repair=not readonly,
+                        timeout=cfg.archive.recall_timeout)
+    # Commit outcomes travel on channels, so the layer that produces them never calls the
+    # layer above (docs/architecture.md, "Wiring").
+    orphans_send, orphans_recv = trio.open_memory_channel[int](math.inf)
+    closed_send, closed_recv = trio.open_memory_channel[ClosedFile](math.inf)
     engine = Engine(
         store.ns,
         store.hot,
         cache_bytes=cfg.store.cache_mib << 20,
         workers=cfg.store.workers,
         max_inflight_blocks=max(2, cfg.store.max_inflight_mib * (1 << 20) // BLOCK_SIZE),
+        hooks=index if index is not None and not readonly else NO_HOOKS,
+        recall=recall,
+        orphans=orphans_send,
     )
-    backend = follower.backend if readonly else _archive_backend(store)
-    replicator = None
-    if backend is not None:
-        from vnafs.archive.recall import Recall
-
-        engine.recall = Recall(backend, store.hot, repair=not readonly,
-                               timeout=cfg.archive.recall_timeout)
-    index = _dicom_index(store)
+    views = Views(index) if index is not None else None
+    snaps = Snapshots(store.ns)
+    kernel = KernelCache(index, views, engine.io)
     async with trio.open_nursery() as nursery:
-        files = Files(engine, nursery, sync_on_close=cfg.mount.sync_on_close)
-        files.readonly = readonly
-        indexer, views = _dicom_setup(store, index, engine, files)
-        snaps = Snapshots(store.ns)
+        files = Files(engine, nursery, sync_on_close=cfg.mount.sync_on_close,
+                      readonly=readonly, orphans=orphans_recv,
+                      closed=closed_send if index is not None and not readonly else None)
+        indexer = None
+        if index is not None and not readonly:
+            indexer = Indexer(engine, files, index, closed=closed_recv, invalidate=kernel.drop,
+                              max_lag=cfg.dicom.index_lag)
         snapshots = SnapshotService(engine, snaps, cfg.snapshots)
-        ops = Operations(engine, files, block_size=BLOCK_SIZE, views=views,
+        from vnafs.fs.operations import Operations  # imports pyfuse3
+
+        ops = Operations(engine, files, Inodes(snaps, views), kernel, block_size=BLOCK_SIZE,
                          views_name=cfg.dicom.views, snapshots=snapshots,
                          snapshot_mkdir=cfg.snapshots.mkdir and not readonly,
                          snapshots_visible=cfg.snapshots.visible)
-        options = fuse_options(store, cfg)
-        if readonly:
-            options.add("ro")
         try:
-            pyfuse3.init(ops, str(mountpoint), options)
+            pyfuse3.init(ops, str(mountpoint), fuse_options(store, readonly=readonly))
         except RuntimeError as exc:
             raise VnafsError(f"mounting {mountpoint} failed ({exc}): check that /dev/fuse is "
                              "usable and the mount point is a free directory") from None
 
-        async def status(req: dict[str, Any]) -> Any:
-            out = status_of(store, engine, files, str(mountpoint), indexer)
-            if replicator is not None:
-                out["archive"] = await trio.to_thread.run_sync(replicator.status,
-                                                               limiter=engine.io)
-                if out["archive"]["state"] != "ok" and out["health"] == "ok":
-                    out["health"] = "degraded"  # behind its RPO, or failing
-            if follower is not None:
-                out["archive"] = follower.status()
-            out["snapshots"] = {"count": len(snaps.all()), "gc": dict(snapshots.gc_progress)}
-            return out
-
-        handlers: dict[str, Callable[[dict[str, Any]], Any]] = {"status": status}
-        if indexer is not None and not readonly:
-            indexer.invalidate = ops.drop_stale
+        replicator = maintenance = None
+        if indexer is not None:
             await nursery.start(indexer.run)
-            handlers.update(_dicom_handlers(indexer, engine))
         if backend is not None and not readonly:
-            from vnafs.archive.replicator import Replicator
-
+            # After a credentials error the replicator builds a new client, so fixing the
+            # credentials file needs no remount.
+            credentials = Path(cfg.archive.credentials) if cfg.archive.credentials else None
             replicator = Replicator(store.root, store.ns, engine, backend, cfg.archive,
-                                    reopen=partial(_archive_backend, store))
+                                    reopen=partial(open_backend, cfg.archive.url,
+                                                   credentials_file=credentials))
             await nursery.start(replicator.run)
-            handlers.update(_archive_handlers(store, engine, replicator, nursery))
+            maintenance = ArchiveMaintenance(store.db, store.hot, store.sealer, engine,
+                                             replicator, nursery,
+                                             retention_days=cfg.archive.retention_days)
         if follower is not None:
             await nursery.start(follower.run, engine)
         else:
             await nursery.start(snapshots.run)
-            handlers.update(_snapshot_handlers(snapshots))
-        control = ControlServer(store.root / "control.sock", handlers)
+        mounted = Mounted(store, mountpoint, engine, files, snapshots, index, indexer,
+                          replicator, maintenance, follower)
+        control = ControlServer(store.root / "control.sock", handlers(mounted))
         await nursery.start(control.serve)
-        nursery.start_soon(_watch_signals, nursery)
+        nursery.start_soon(_watch_signals)
         if not readonly:
             nursery.start_soon(engine.sync_periodically, cfg.store.sync_interval)
         nursery.start_soon(_raise_readahead, mountpoint)
@@ -349,7 +183,7 @@ async def serve(
                     await files.flush(ino)
                 except OSError as exc:
                     log.error("could not commit inode %d at unmount: %s", ino, exc.strerror)
-            if indexer is not None and not readonly:
+            if indexer is not None:
                 # Index what is queued, so the next mount starts clean; what does not fit in
                 # the time keeps its change mark and is indexed at the next mount.
                 with trio.move_on_after(UNMOUNT_INDEX_SECONDS):
@@ -370,172 +204,6 @@ async def serve(
             nursery.cancel_scope.cancel()
 
 
-def _archive_backend(store: Store) -> Any:
-    """The archive backend of a hot store, None without an archive; checked before mounting
-    (a bad URL or credentials file is a one-line error, an unreachable archive is not)."""
-    a = store.config.archive
-    if not a.url:
-        return None
-    from vnafs.archive.backend import open_backend
-
-    return open_backend(a.url, credentials_file=Path(a.credentials) if a.credentials else None)
-
-
-def _dicom_index(store: Store) -> Any:
-    """The DICOM index of the store, None if disabled; checked before anything is mounted."""
-    if not store.config.dicom.index:
-        return None
-    from vnafs.dicom.index import DicomIndex
-
-    try:
-        return DicomIndex(store.ns, by_patient=store.config.dicom.by_patient)
-    except IntegrityError as exc:
-        raise VnafsError(f"{exc}: the metadata is damaged; run vnafs fsck {store.root}") from None
-
-
-def _dicom_setup(store: Store, index: Any, engine: Any, files: Any) -> tuple[Any, Any]:
-    """The DICOM indexer and views, wired into the namespace hooks (None, None if disabled)."""
-    if index is None:
-        return None, None
-    from vnafs.fs.indexer import Indexer
-    from vnafs.fs.views import Views
-
-    store.ns.on_change = index.mark_changed
-    store.ns.on_last_unlink = index.forget
-    views = Views(index)
-    # Without this the kernel keeps showing a removed view name for up to ENTRY_TIMEOUT.
-    index.on_removed = views.note_removed
-    indexer = Indexer(engine, files, index)
-    indexer.max_lag = store.config.dicom.index_lag
-    return indexer, views
-
-
-def _dicom_handlers(indexer: Any, engine: Any) -> dict[str, Callable[[dict[str, Any]], Any]]:
-    from vnafs.dicom import query
-
-    index = indexer.index
-
-    async def find(req: dict[str, Any]) -> Any:
-        q = query.Query.from_request(req)
-        if req.get("wait"):
-            await indexer.wait_idle()
-        return await trio.to_thread.run_sync(query.find, index, q, limiter=engine.io)
-
-    async def problems(req: dict[str, Any]) -> Any:
-        if req.get("wait"):
-            await indexer.wait_idle()
-        return await trio.to_thread.run_sync(query.problems, index, limiter=engine.io)
-
-    async def wait(req: dict[str, Any]) -> Any:
-        with trio.move_on_after(float(req.get("timeout", 25))):
-            await indexer.wait_idle()
-        return {"pending": indexer.pending}
-
-    async def reindex(req: dict[str, Any]) -> Any:
-        return {"queued": await indexer.reindex()}
-
-    return {"find": find, "problems": problems, "index_wait": wait, "reindex": reindex,
-            "index_progress": lambda req: {"pending": indexer.pending,
-                                           "total": indexer.reindex_total}}
-
-
-def _snapshot_handlers(service: Any) -> dict[str, Callable[[dict[str, Any]], Any]]:
-    """`vnafs snapshot ...` through the control socket (meta/snapshots.py)."""
-    from vnafs.fs.snapshot_service import parse_until
-    from vnafs.meta.snapshots import diff
-
-    def public(snap: Any) -> dict[str, Any]:
-        return {"name": snap.name, "id": snap.id, "epoch": snap.epoch,
-                "created_ns": snap.created_ns, "expiry_ns": snap.expiry_ns or None,
-                "lock_until_ns": snap.lock_until_ns or None}
-
-    async def create(req: dict[str, Any]) -> Any:
-        until = parse_until(req["lock_until"]) if req.get("lock_until") else 0
-        return public(await service.create(req.get("name") or None, lock_until_ns=until))
-
-    async def delete(req: dict[str, Any]) -> Any:
-        return public(await service.delete(str(req["name"]), by="request"))
-
-    async def lock(req: dict[str, Any]) -> Any:
-        return public(await service.lock(str(req["name"]), parse_until(str(req["until"]))))
-
-    async def listing(req: dict[str, Any]) -> Any:
-        return await service.listing()
-
-    async def snapshot_diff(req: dict[str, Any]) -> Any:
-        snaps = service.snaps
-        old = snaps.need(str(req["old"])).epoch
-        new = None if req["new"] == "live" else snaps.need(str(req["new"])).epoch
-
-        def run() -> list[list[str]]:
-            return [list(row) for row in diff(snaps.ns, old, new)]
-
-        return await trio.to_thread.run_sync(run, limiter=service.engine.io)
-
-    return {"snapshot_create": create, "snapshot_delete": delete, "snapshot_lock": lock,
-            "snapshot_list": listing, "snapshot_diff": snapshot_diff}
-
-
-def _archive_handlers(store: Store, engine: Any, replicator: Any, nursery: trio.Nursery
-                      ) -> dict[str, Callable[[dict[str, Any]], Any]]:
-    """`vnafs verify --archive` (a background task the CLI polls) and `vnafs gc --archive`."""
-    from vnafs.archive import verify
-    from vnafs.archive.backend import ArchiveError
-
-    backend = replicator.backend
-    current: list[verify.Verifier] = []
-
-    async def run_verify(verifier: verify.Verifier) -> None:
-        try:
-            await trio.to_thread.run_sync(verifier.run)
-        except (ArchiveError, IntegrityError, OSError) as exc:
-            verifier.report.error = str(exc)
-            verifier.report.finished = True
-        if verifier.report.checkpoint_needed:
-            replicator.force_checkpoint()
-
-    def verify_start(req: dict[str, Any]) -> Any:
-        if not current or current[-1].report.finished:
-            current[:] = [verify.Verifier(store.db, store.hot, backend)]
-            nursery.start_soon(run_verify, current[-1])
-        return current[-1].report.as_dict()
-
-    def verify_progress(req: dict[str, Any]) -> Any:
-        if not current:
-            raise VnafsError("no archive verification has run since mount: start one with "
-                             "vnafs verify --archive")
-        return current[-1].report.as_dict()
-
-    async def gc(req: dict[str, Any]) -> Any:
-        retention_ns = store.config.archive.retention_days * 86400 * 10**9
-        now = time.time_ns()
-        ids, young = await trio.to_thread.run_sync(verify.expired_tombstones, store.db,
-                                                   retention_ns, now)
-        report = verify.GcReport(tombstones_kept=young)
-        for start in range(0, len(ids), 100):
-            async with engine.writer:  # see collect_blocks: no resend may run in between
-                await trio.to_thread.run_sync(verify.collect_blocks, store.db, backend,
-                                              ids[start:start + 100], retention_ns, now,
-                                              report)
-        await trio.to_thread.run_sync(verify.collect_parts, backend, store.sealer,
-                                      replicator.state.committed, report)
-        replicator.nudge()
-        log.info("archive gc: %d blocks and %d metadata parts deleted, %d bytes freed",
-                 report.blocks_deleted, report.parts_deleted, report.bytes_freed)
-        return report.as_dict()
-
-    return {"archive_verify": verify_start, "archive_verify_progress": verify_progress,
-            "archive_gc": gc}
-
-
-UNMOUNT_INDEX_SECONDS = 60
-UNMOUNT_REPLICATE_SECONDS = 30
-
-# The kernel asks FUSE file systems for 128 KiB at a time by default; 4 MiB of readahead lets it
-# send 1 MiB reads (measured: 512 MiB cold read 1.53 s -> 1.25 s).
-READ_AHEAD_KB = 4096
-
-
 async def _raise_readahead(mountpoint: Path) -> None:
     try:
         # stat goes through our own FUSE loop, which is running by now.
@@ -547,7 +215,7 @@ async def _raise_readahead(mountpoint: Path) -> None:
                     exc.strerror)
 
 
-async def _watch_signals(nursery: trio.Nursery) -> None:
+async def _watch_signals() -> None:
     import pyfuse3
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -557,16 +225,56 @@ async def _watch_signals(nursery: trio.Nursery) -> None:
             return
 
 
-def check_mountpoint(mountpoint: Path) -> None:
-    if not mountpoint.exists():
+# -- checks before mounting (run by `vnafs mount` before it forks) --------------------------------
+
+
+def check_mountpoint(mountpoint: Path, hot: Path | None = None) -> None:
+    """One clear line for every reason the mount point cannot be used. A dead vnafs mount of
+    the same hot store (its daemon was killed, the lock is free) is cleaned up here, with one
+    log line, so the mount can simply be repeated after a crash."""
+    try:
+        st_ok = mountpoint.is_dir()
+        exists = st_ok or mountpoint.exists()
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise VnafsError(f"mount point {mountpoint} cannot be used ({exc.strerror})") \
+                from None
+        _clear_dead_mount(mountpoint, hot)
+        st_ok = exists = mountpoint.is_dir()
+    if not exists:
         raise VnafsError(f"mount point {mountpoint} does not exist: create the directory first")
-    if not mountpoint.is_dir():
+    if not st_ok:
         raise VnafsError(f"mount point {mountpoint} is not a directory: give an empty directory")
     if find_mount(mountpoint) is not None or os.path.ismount(mountpoint):
         raise VnafsError(f"{mountpoint} is already a mount point: unmount it first or choose "
                          "another directory")
     if any(mountpoint.iterdir()):
         raise VnafsError(f"mount point {mountpoint} is not empty: choose an empty directory")
+
+
+def _clear_dead_mount(mountpoint: Path, hot: Path | None) -> None:
+    """`mountpoint` answers ENOTCONN: a FUSE mount whose daemon is gone."""
+    found = find_mount(mountpoint)
+    fix = f"fusermount3 -u {mountpoint}"
+    if found is None or found[0] != "fuse.vnafs" or hot is None \
+            or Path(found[1]).resolve() != hot.resolve():
+        raise VnafsError(f"mount point {mountpoint} is a dead FUSE mount of something else: "
+                         f"run {fix} first")
+    try:
+        os.close(lock_store(hot))  # free: no daemon holds this store any more
+    except VnafsError:
+        raise VnafsError(f"mount point {mountpoint} does not answer but a vnafs daemon still "
+                         f"holds {hot}: stop that daemon (its pid is in {hot}/daemon.pid), "
+                         f"then run {fix}") from None
+    res = subprocess.run(["fusermount3", "-uz", str(mountpoint)], capture_output=True,
+                         text=True)
+    if res.returncode != 0:
+        raise VnafsError(f"mount point {mountpoint} is a dead vnafs mount that could not be "
+                         f"cleared ({res.stderr.strip()}): run {fix} as root")
+    # Runs in `vnafs mount` before the daemon's log exists: the admin's terminal (or the
+    # journal, under systemd) gets the one line.
+    print(f"vnafs: cleared the dead mount at {mountpoint} left by a stopped daemon",
+          file=sys.stderr)
 
 
 def check_dev_fuse() -> None:
@@ -584,14 +292,3 @@ def check_dev_fuse() -> None:
                              "modprobe fuse") from None
         raise
     os.close(fd)
-
-
-# Re-exported: the CLI's light commands import vnafs.control directly (no trio, no LMDB).
-from vnafs.control import (  # noqa: E402
-    control_request,
-    find_mount,
-    hot_store_of,
-    views_dir,
-)
-
-__all__ = ["control_request", "find_mount", "hot_store_of", "views_dir"]

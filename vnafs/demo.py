@@ -97,9 +97,9 @@ def run(base: Path) -> int:
 
     print("== study tree as the PACS wrote it")
     print("\n".join(_tree(mnt / "incoming")))
-    from vnafs import daemon
+    from vnafs import control
 
-    daemon.control_request(hot, {"op": "index_wait", "timeout": 60}, timeout=90)
+    control.control_request(hot, {"op": "index_wait", "timeout": 60}, timeout=90)
     print("== the same files in the DICOM view .dicom/by-study/<Study>/<Series>/<SOP>.dcm")
     print("\n".join(_tree(mnt / ".dicom" / "by-study")))
     first = sorted(os.listdir(mnt / ".dicom" / "by-study"))[0]
@@ -112,7 +112,7 @@ def run(base: Path) -> int:
     # Replication runs every 2 s; show the status once the archive has caught up (bounded).
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        arch = daemon.control_request(hot, {"op": "status"})["archive"]
+        arch = control.control_request(hot, {"op": "status"})["archive"]
         if not arch["pending_blocks"] and not arch["pending_records"]:
             break
         time.sleep(0.5)

@@ -17,11 +17,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from vnafs.daemon import Store
 from vnafs.errors import IntegrityError
 from vnafs.meta.db import INF, read_u64, records, u64
-from vnafs.meta.namespace import Tx
 from vnafs.meta.records import ROOT_INO, STATE_HOT, BlockRef, Inode, RefCount, unpack_dirent
+from vnafs.meta.tx import Tx
+from vnafs.store.lifecycle import Store
 
 LOST_FOUND = b"lost+found"
 
@@ -124,7 +124,7 @@ def check(store: Store, *, repair: bool = False, verify_data: bool = True,
         # Reference counts count every version of a block map record, live or not.
         for key, value in records(txn.cursor(db=db.dbs["blockmap"])):
             try:
-                plain = db._open("blockmap", key, value)
+                plain = db.open_record("blockmap", key, value)
             except IntegrityError as exc:
                 rep.damaged_records.append(str(exc))
                 continue
@@ -196,7 +196,7 @@ def check(store: Store, *, repair: bool = False, verify_data: bool = True,
 def _safe_scan(rep: Report, db: Any, txn: Any, table: str) -> Any:
     for key, value in records(txn.cursor(db=db.dbs[table])):
         try:
-            yield key, db._open(table, key, value)
+            yield key, db.open_record(table, key, value)
         except IntegrityError as exc:
             rep.damaged_records.append(str(exc))
 
@@ -209,7 +209,7 @@ def _safe_vscan(rep: Report, db: Any, txn: Any, table: str) -> Any:
             continue
         last = ident
         try:
-            plain = db._open(table, key, value)
+            plain = db.open_record(table, key, value)
         except IntegrityError as exc:
             rep.damaged_records.append(str(exc))
             continue
@@ -238,7 +238,7 @@ def _repair(store: Store, rep: Report, inodes: dict[int, Inode], links: Counter[
         lost_found = _lost_found(tx, store) if rep.unreachable else None
         for ino in rep.unreachable:
             node = inodes[ino]
-            ns._link_entry(tx, lost_found or ROOT_INO, str(ino).encode(), ino)
+            ns.link_entry(tx, lost_found or ROOT_INO, str(ino).encode(), ino)
             if stat.S_ISDIR(node.mode):
                 node.parent = lost_found or ROOT_INO
                 subdirs[node.parent] += 1

@@ -29,11 +29,13 @@ from vnafs.archive.restore import (
     install_keyring,
 )
 from vnafs.errors import IntegrityError, VnafsError
+from vnafs.fs.engine import Engine
 from vnafs.keys import KekSource
 from vnafs.meta.db import MetaDB
 from vnafs.meta.namespace import Namespace
 from vnafs.seal import Sealer
 from vnafs.store.hot import HotStore
+from vnafs.store.lifecycle import Store, lock_store
 
 log = logging.getLogger("vnafs.follower")
 
@@ -47,10 +49,8 @@ def default_cache(url: str, mountpoint: Path) -> Path:
 
 
 def open_archive_store(url: str, source: KekSource, cache: Path,
-                       credentials: Path | None = None) -> tuple[Any, Backend]:
+                       credentials: Path | None = None) -> tuple[Store, Backend]:
     """A Store over the archive's metadata as of its HEAD, cached in `cache`."""
-    from vnafs.daemon import Store, lock_store
-
     backend = open_backend(url, credentials_file=credentials)
     # The keyring is the first request: a wrong URL, missing bucket or rejected credentials
     # fail here with one line. (Not backend.check(): for file:// it creates a missing
@@ -87,24 +87,25 @@ def open_archive_store(url: str, source: KekSource, cache: Path,
 class ArchiveFollower:
     """Applies new replicated cycles to a read-only mount's metadata cache."""
 
-    def __init__(self, store: Any, backend: Backend) -> None:
+    def __init__(self, store: Store, backend: Backend, *, poll: float) -> None:
         self.store = store
         self.backend = backend
         self.cache: Path = store.root
         self.db: MetaDB = store.db
         self.sealer: Sealer = store.sealer
-        self.poll = store.config.archive.poll
+        self.poll = poll
         self.last_check: float | None = None
         self.last_error: str | None = None
         self.applied_since_mount = 0
 
-    async def run(self, engine: Any, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, engine: Engine,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
             await trio.sleep(self.poll)
             await self.poll_once(engine)
 
-    async def poll_once(self, engine: Any) -> None:
+    async def poll_once(self, engine: Engine) -> None:
         try:
             result = await trio.to_thread.run_sync(follow, self.db, self.backend, self.sealer,
                                                    limiter=engine.writer)

@@ -179,7 +179,7 @@ def rebuild_refs(db: MetaDB, txn: lmdb.Transaction,
     Returns block id -> reference count."""
     counts: dict[bytes, int] = {}
     for key, value in records(txn.cursor(db=db.dbs["blockmap"])):
-        body = db._open("blockmap", key, value)
+        body = db.open_record("blockmap", key, value)
         block_id = BlockRef.unpack(body[8:]).block_id
         counts[block_id] = counts.get(block_id, 0) + 1
     txn.drop(db.dbs["refs"], delete=False)

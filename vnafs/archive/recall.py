@@ -3,7 +3,7 @@
 Two callers: the hot mount, when a block file is missing or damaged but the archive holds the
 block (the read succeeds and the hot copy is repaired), and the read-only archive mount, whose
 hot store is only a metadata cache, so every block comes from here. Recalls have their own
-limiter and timeout (DESIGN.md invariant 9): a slow archive must not take the worker threads
+limiter and timeout: a slow archive must not take the worker threads
 that hot reads need, and a reader gets EIO rather than hanging forever.
 """
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import trio
 
@@ -28,11 +28,14 @@ from vnafs.archive.backend import ArchiveAuthError, ArchiveError, ArchiveMissing
 from vnafs.archive.log import load_state, save_state
 from vnafs.config import ArchiveConfig
 from vnafs.errors import IntegrityError, VnafsError
+from vnafs.fs.engine import Engine
 from vnafs.meta.db import REPLICATED, TABLES, MetaDB, records
-from vnafs.meta.namespace import Namespace, Tx
+from vnafs.meta.namespace import Namespace
 from vnafs.meta.records import STATE_HOT, RefCount
+from vnafs.meta.tx import Tx
 from vnafs.seal import Sealer
 
+T = TypeVar("T")
 log = logging.getLogger("vnafs.replicator")
 
 # Upload progress is committed every this many blocks: a crash re-sends at most one batch.
@@ -71,7 +74,7 @@ class TokenBucket:
 
 
 class Replicator:
-    def __init__(self, root: Path, ns: Namespace, engine: Any, backend: Backend,
+    def __init__(self, root: Path, ns: Namespace, engine: Engine, backend: Backend,
                  cfg: ArchiveConfig, reopen: Callable[[], Backend] | None = None) -> None:
         self.root = root
         self.ns = ns
@@ -108,7 +111,7 @@ class Replicator:
                                           self.cfg.checkpoint_every)
         self.nudge()
 
-    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         wait = 0.0  # the first cycle runs at once: a mount catches up on what the last left
         while True:
@@ -206,7 +209,7 @@ class Replicator:
             await self._put(alog.CONFIG_NAME, sealed)
             st.config_sha256 = alog.sha256(config)
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.engine.io)
 
     async def _put(self, name: str, data: bytes, *, create: bool = False,
@@ -274,7 +277,7 @@ class Replicator:
                 # A checkpoint also takes blocks written before an archive was configured.
                 for key, value in records(txn.cursor(db=dbs["refs"])):
                     if key in pending or checkpoint:
-                        rc = RefCount.unpack(self.db._open("refs", key, value))
+                        rc = RefCount.unpack(self.db.open_record("refs", key, value))
                         if key in pending or rc.state == STATE_HOT:
                             blocks.append((key, rc.stored))
                 if checkpoint:
@@ -310,7 +313,7 @@ class Replicator:
             batch = done[:]
             del done[:]
             await self._flush()  # durable in the archive before the outbox forgets them
-            await self.engine.commit(self.ns.release_replicated, batch)
+            await self.engine.commit(self.ns.blocks.release_replicated, batch)
 
         async with trio.open_nursery() as nursery:
             for block_id, _ in blocks:

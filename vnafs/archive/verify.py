@@ -7,9 +7,10 @@ replicated must be there. What can be repaired is: a missing or damaged block wh
 intact is uploaded again, and a damaged or missing metadata part makes the next replication
 cycle a checkpoint, so HEAD stops depending on it.
 
-Garbage collection is the only code that deletes archive data (DESIGN.md invariant 6): blocks
-whose tombstone is older than the retention, metadata parts older than the newest checkpoint,
-and the leftovers of crashed cycles. Every deletion is logged by object name (opaque).
+Garbage collection is the only code that deletes archive data (deletes become tombstones; see
+docs/architecture.md section 9): blocks whose tombstone is older than the retention, metadata
+parts older than the newest checkpoint, and the leftovers of crashed cycles. Every deletion is
+logged by object name (opaque).
 
 Both run in the daemon (they need the keys and the outbox) in worker threads.
 """
@@ -69,7 +70,7 @@ class Verifier:
         # mistaken for a missing one.
         with self.db.begin() as txn:
             replicated = {key for key, value in records(txn.cursor(db=self.db.dbs["refs"]))
-                          if RefCount.unpack(self.db._open("refs", key, value)).state
+                          if RefCount.unpack(self.db.open_record("refs", key, value)).state
                           == STATE_REPLICATED}
         listing = dict(self.backend.list(""))
         rep.total_bytes = sum(listing.values())

@@ -21,7 +21,7 @@ import hashlib
 import json
 import stat
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +31,9 @@ import zstandard
 from vnafs.dicom.header import MAX_HEADER, Instance, Parsed, Status
 from vnafs.dicom.names import value_name
 from vnafs.meta.db import MetaDB, read_u64, u64
-from vnafs.meta.namespace import Namespace, Tx
+from vnafs.meta.namespace import Namespace
 from vnafs.meta.records import FLAG_DICOM_ACCESSION, FLAG_DICOM_VIEWS, Inode
+from vnafs.meta.tx import Tx
 
 _U32 = struct.Struct(">I")
 # Not thread-safe: only `FileEntry.pack` uses it, and that runs on the writer thread alone.
@@ -55,6 +56,16 @@ _NO_IDENTITY = Instance(
     sop_uid="", sop_class="", study_uid="", series_uid="", transfer_syntax="", patient_id="",
     patient_issuer="", modality="", study_date="", study_time="", accession="",
     accession_issuer="", series_number=None, instance_number=None, charset="")
+
+
+@dataclass(frozen=True, slots=True)
+class RemovedInstance:
+    """An instance whose view names went away: its record, and "series"/"study" in `gone`
+    when those view directories disappeared with it."""
+
+    ino: int
+    record: dict[str, Any]
+    gone: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,12 +109,11 @@ class DicomIndex:
             # Index generation: bumped by `reset`; records of older generations have no
             # derived entries left (see `_remove`).
             self.gen = self.db.counter(txn, "dicom_gen", 0)
-        # Called after a commit that changed a file's content (the indexer queues it).
-        self.on_changed: Callable[[int], None] = lambda ino: None
-        # Called after a commit that took view names away: (ino, instance record, gone) where
-        # `gone` lists "series"/"study" when those directories disappeared too.
-        self.on_removed: Callable[[int, dict[str, Any], tuple[str, ...]], None] = (
-            lambda ino, rec, gone: None)
+        # Instances that left the views in a write transaction, oldest first; appended on the
+        # writer thread, taken on the event loop by `take_removed` (the kernel may still cache
+        # their view names). A transaction that aborts after appending leaves an entry behind,
+        # which only costs the kernel one needless cache drop.
+        self._removed: list[RemovedInstance] = []
 
     # -- keys and names ---------------------------------------------------------------------------
 
@@ -173,9 +183,15 @@ class DicomIndex:
 
     # -- change marks (written by namespace hooks in the data commit) -----------------------------
 
-    def mark_changed(self, tx: Tx, ino: int) -> None:
+    def content_changed(self, tx: Tx, ino: int) -> None:
+        """`TxHooks`: the change mark commits with the data, so a crash before indexing
+        loses nothing (marks left over are queued again at mount)."""
         self.db.put(tx.txn, "dicom_todo", u64(ino), u64(tx.now))
-        tx.after_commit.append(lambda: self.on_changed(ino))
+
+    def take_removed(self) -> list[RemovedInstance]:
+        """The instances removed from the views since the last call (see `_removed`)."""
+        out, self._removed = self._removed, []
+        return out
 
     def mark(self, txn: lmdb.Transaction, ino: int) -> int | None:
         body = self.db.get(txn, "dicom_todo", u64(ino))
@@ -282,8 +298,9 @@ class DicomIndex:
             node.flags = (node.flags & ~mask) | flags
             self.ns.save(tx, node)
 
-    def forget(self, tx: Tx, ino: int) -> None:
-        """Remove `ino` from the index (its last name went away); runs in the unlink's commit."""
+    def last_unlink(self, tx: Tx, ino: int) -> None:
+        """`TxHooks`: remove `ino` from the index in the commit that took its last name, so
+        the views never show a file that has no name."""
         old = self.entry(tx.txn, ino)
         if old is not None:
             self._remove(tx, old)
@@ -330,7 +347,7 @@ class DicomIndex:
             self._check_sop_conflicts(tx, rec["sop"])
         if rec.get("in_views"):
             gone = self._remove_from_views(tx, old)
-            tx.after_commit.append(lambda: self.on_removed(ino, rec, gone))
+            self._removed.append(RemovedInstance(ino, rec, gone))
 
     # -- SOP Instance UID conflicts ---------------------------------------------------------------
 

@@ -8,7 +8,7 @@ The views are re-exported over Samba and NFS, so a name must be valid for Linux,
 clients and for NFS at once, and two distinct values must never share a name: merging two
 patients' studies in a listing is the one mistake a medical archive cannot make.
 
-The rules (the DICOM brief, "Identity and PHI", and DESIGN.md section 7):
+The rules (docs/architecture.md section 8, "Identity and conflicts"):
 
 - UIDs are shown verbatim only when they are valid DICOM UIDs (`valid_uid`); a valid UID cannot
   contain anything unsafe and is what a user will search for. Anything else goes through

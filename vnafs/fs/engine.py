@@ -30,7 +30,8 @@ import lmdb
 import trio
 
 from vnafs.errors import IntegrityError
-from vnafs.meta.namespace import Namespace, Tx
+from vnafs.meta.namespace import Namespace
+from vnafs.meta.tx import NO_HOOKS, Tx, TxHooks
 from vnafs.seal import Buffer
 from vnafs.store.hot import HotStore
 
@@ -99,6 +100,14 @@ class BlockCache:
 
 
 class Engine:
+    """The shared core of a mounted store (see the module docstring).
+
+    Collaborators come in through the constructor: `hooks` take part in every write
+    transaction (the DICOM index), `recall` fetches blocks the hot store lacks, and inode
+    numbers that lost their last name in a commit are sent to `orphans` (the open-file layer
+    frees them once no handle holds them; without a receiver they are freed at the next mount).
+    """
+
     def __init__(
         self,
         ns: Namespace,
@@ -108,33 +117,48 @@ class Engine:
         workers: int = 2,
         max_inflight_blocks: int = 32,
         compress: bool = True,
+        hooks: TxHooks = NO_HOOKS,
+        recall: Callable[[bytes], Awaitable[bytes]] | None = None,
+        orphans: trio.MemorySendChannel[int] | None = None,
     ) -> None:
         self.ns = ns
         self.store = store
+        self.hooks = hooks
+        # Fetches a block the hot store lacks (or holds damaged) from the archive; returns its
+        # plaintext or raises IntegrityError (vnafs/archive/recall.py). None: no archive.
+        self.recall = recall
+        self._orphans = orphans
         self.compress = compress
+        # Plaintext by block id (loop only; entries never change, see BlockCache).
         self.cache = BlockCache(cache_bytes)
+        # Worker-thread limits: the one LMDB writer thread; sealing and parsing (CPU); disk and
+        # archive reads, syncfs, scans for status (I/O).
         self.writer = trio.CapacityLimiter(1)
         self.cpu = trio.CapacityLimiter(workers)
         self.io = trio.CapacityLimiter(max(8, workers * 4))
         # Bounds plaintext held by blocks waiting to be sealed: memory stays flat under any load.
         self.inflight = trio.Semaphore(max_inflight_blocks)
+        # Block id -> event set when its load ends; one load per block however many readers
+        # wait (loop).
         self._loading: dict[bytes, trio.Event] = {}
         # Block ids a writer has produced but not yet committed: never delete their files.
+        # Raised by seal threads, lowered on the loop, read by the writer thread after each
+        # commit: guarded by `_pending_lock`, the one lock shared with worker threads.
         self._pending: Counter[bytes] = Counter()
         self._pending_lock = threading.Lock()
+        # The group barrier's tickets (loop): barriers started and finished so far, whether
+        # one is running, and the event its waiters share. A caller that needs durability
+        # waits until `_sync_done` reaches a ticket taken after its commit.
         self._sync_started = 0
         self._sync_done = 0
         self._sync_running = False
         self._sync_event = trio.Event()
+        # Something was committed since the last barrier started (loop).
         self._unsynced = False
         self.stats: Counter[str] = Counter()
         self.health = Health()
-        self.on_orphaned: Callable[[int], None] = lambda ino: None
         # trio.current_time() of the newest write request (the indexer stands back).
         self.last_write = 0.0
-        # Fetches a block the hot store lacks (or holds damaged) from the archive; returns its
-        # plaintext or raises IntegrityError (vnafs/archive/recall.py). None: no archive.
-        self.recall: Callable[[bytes], Awaitable[bytes]] | None = None
 
     # -- metadata commits -----------------------------------------------------------------------
 
@@ -142,7 +166,7 @@ class Engine:
         env = self.ns.db.env
         try:
             with env.begin(write=True) as txn:
-                tx = Tx(txn, time.time_ns())
+                tx = Tx(txn, time.time_ns(), self.hooks)
                 result = fn(tx, *args)
         except lmdb.Error as exc:
             err = _lmdb_error(exc)
@@ -156,16 +180,20 @@ class Engine:
 
     async def commit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `fn(tx, *args, **kwargs)` in its own write transaction on the writer thread."""
+        return (await self.commit_tx(fn, *args, **kwargs))[0]
+
+    async def commit_tx(self, fn: Callable[..., T], *args: Any, **kwargs: Any
+                        ) -> tuple[T, Tx]:
+        """`commit`, also returning the committed `Tx` with its outcomes."""
         call = functools.partial(fn, **kwargs) if kwargs else fn
         result, tx = await trio.to_thread.run_sync(self._run_tx, call, args,
                                                    limiter=self.writer)
         self.stats["commits"] += 1
         self._unsynced = True
-        for ino in tx.orphaned:
-            self.on_orphaned(ino)
-        for after in tx.after_commit:
-            after()
-        return result
+        if self._orphans is not None:
+            for ino in tx.orphaned:
+                self._orphans.send_nowait(ino)  # unbounded: never blocks a commit
+        return result, tx
 
     # -- durability -----------------------------------------------------------------------------
 
@@ -208,7 +236,7 @@ class Engine:
         # reference keeps the file (see docs/architecture.md, "Data path").
         with self._pending_lock:
             self._pending[block_id] += 1
-        if self.ns.has_block(block_id):
+        if self.ns.blocks.has(block_id):
             self.stats["dedup_hits"] += 1
             return block_id, 0
         stored = self.store.put(block_id, data, compress=self.compress and compress)
@@ -235,7 +263,7 @@ class Engine:
     def _discard(self, ids: list[bytes]) -> None:
         with self._pending_lock:
             for block_id in ids:
-                if not self._pending[block_id] and not self.ns.has_block(block_id):
+                if not self._pending[block_id] and not self.ns.blocks.has(block_id):
                     self.store.delete(block_id)
 
     async def discard_unreferenced(self, ids: list[bytes]) -> None:

@@ -20,7 +20,6 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -29,6 +28,7 @@ from vnafs.dicom.sniff import is_encapsulated
 from vnafs.fs.engine import Engine
 from vnafs.meta.namespace import NewBlock
 from vnafs.meta.records import BLOCK_SIZE, BlockRef, Inode
+from vnafs.meta.tx import Tx
 
 log = logging.getLogger("vnafs.files")
 
@@ -40,32 +40,70 @@ READAHEAD_BLOCKS = 8
 DAY_NS = 86_400 * 10**9
 
 
+@dataclass(frozen=True, slots=True)
+class ClosedFile:
+    """Sent when the last handle of a file whose content changed is released (the DICOM
+    indexer listens): its size and the committed block references of its first and last
+    block, whose plaintext is most likely still in the block cache."""
+
+    ino: int
+    size: int
+    first: BlockRef | None = None
+    last: BlockRef | None = None
+
+
 @dataclass(eq=False)
 class OpenFile:
+    """The state of one open inode, shared by all its handles (docs/concurrency.md).
+
+    Everything here lives on the trio loop; worker threads never see an `OpenFile`. "Lock"
+    below means `lock`, held across awaits by `write`, `flush` and truncation; "loop" means
+    the field changes only between two awaits (trio runs one task at a time), so readers need
+    no lock. Invariant: every block index of the file is findable in exactly one of `dirty`,
+    `inflight` (then `sealed` once done) or LMDB, so a reader never sees a hole that is not
+    one.
+    """
+
     ino: int
+    # Size, times as writers see them; written under the lock (and by setattr), read anywhere.
     size: int
     atime_ns: int
     mtime_ns: int
     ctime_ns: int
+    # File handles holding this state (loop); the state goes when it drops to 0.
     handles: int = 0
+    # Serialises the steps that change buffers: write, flush, truncation.
     lock: trio.Lock = field(default_factory=trio.Lock)
+    # Block index -> plaintext not yet handed to a seal task (lock).
     dirty: dict[int, bytearray] = field(default_factory=dict)
+    # Block index -> sealed block waiting for the commit (None: a block truncated away).
+    # Added by seal tasks (loop), cleared by the commit under the lock.
     sealed: dict[int, NewBlock | None] = field(default_factory=dict)
+    # Block index -> event set when its seal task ends (loop); a block is here from the
+    # moment it leaves `dirty` until it is in `sealed` or back in `dirty` after a failure.
     inflight: dict[int, trio.Event] = field(default_factory=dict)
+    # Ids this file's seal tasks produced and the engine keeps pending (never deleted) until
+    # the commit that references them, or the discard after a failed flush (loop).
     pending_ids: list[bytes] = field(default_factory=list)
     # Block map records already in LMDB, so sequential reads do not look each one up (and
-    # decrypt it) once per 128 KiB request. Cleared by truncation, updated by commits.
+    # decrypt it) once per 128 KiB request. Cleared by truncation, updated by commits (loop).
     committed: dict[int, BlockRef | None] = field(default_factory=dict)
+    # The first seal failure since the last flush (a full disk); reported by that flush (loop).
     error: OSError | None = None
+    # Size or times changed and not committed yet (lock or loop).
     meta_dirty: bool = False
+    # Sequential-read detection and the next block readahead will request (loop).
     last_read_end: int = -1
     readahead_next: int = 0
     # False once block 0 shows an encapsulated DICOM transfer syntax (already compressed).
     compress: bool = True
     # A file seen through a snapshot: its blocks are those of `source` at `epoch`, and it is
-    # never written (`ino` is the snapshot inode number the kernel knows).
+    # never written (`ino` is the snapshot inode number the kernel knows). Set at attach.
     epoch: int | None = None
     source: int = 0
+    # A commit changed the content or size since the file was opened: `closed` hears of it
+    # at the last release (loop).
+    changed: bool = False
 
     @property
     def busy(self) -> bool:
@@ -73,19 +111,31 @@ class OpenFile:
 
 
 class Files:
-    def __init__(self, engine: Engine, nursery: trio.Nursery, *, sync_on_close: bool) -> None:
+    """The open-file table of a mounted store. Runs on the trio loop only.
+
+    `orphans` receives inode numbers that lost their last name (the engine sends them after
+    each commit); one task here frees each once no handle holds it. `closed` is sent a
+    `ClosedFile` whenever the last handle of a file whose content changed goes away.
+    """
+
+    def __init__(self, engine: Engine, nursery: trio.Nursery, *, sync_on_close: bool,
+                 readonly: bool = False,
+                 orphans: trio.MemoryReceiveChannel[int] | None = None,
+                 closed: trio.MemorySendChannel[ClosedFile] | None = None) -> None:
         self.engine = engine
         self.ns = engine.ns
         self.nursery = nursery
         self.sync_on_close = sync_on_close
         # A read-only archive mount: nothing is ever committed, not even atime.
-        self.readonly = False
+        self.readonly = readonly
+        # Inode -> its open state, while at least one file handle holds it.
         self.open: dict[int, OpenFile] = {}
+        # Directory inode -> open directory handles (an unlinked directory is freed at 0).
         self.dir_handles: Counter[int] = Counter()
         self._readahead = trio.CapacityLimiter(READAHEAD_BLOCKS * 2)
-        engine.on_orphaned = self._orphaned
-        # Called when the last handle of an inode is released (the DICOM indexer listens).
-        self.on_closed: Callable[[OpenFile], None] = lambda of: None
+        self._closed = closed
+        if orphans is not None:
+            nursery.start_soon(self._reap_orphans, orphans)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -109,7 +159,8 @@ class Files:
         finally:
             if of.handles == 0:
                 del self.open[ino]
-                self.on_closed(of)
+                if of.changed:
+                    self._send_closed(of)
                 if of.pending_ids:
                     # A failed flush (a full disk) leaves sealed blocks nothing will reference.
                     self.engine.release_pending(of.pending_ids)
@@ -122,12 +173,26 @@ class Files:
             del self.dir_handles[ino]
             await self._free_if_orphan(ino)
 
+    def open_dir(self, ino: int) -> None:
+        self.dir_handles[ino] += 1
+
+    def is_open(self, ino: int) -> bool:
+        return ino in self.open
+
     def _in_use(self, ino: int) -> bool:
         return ino in self.open or ino in self.dir_handles
 
-    def _orphaned(self, ino: int) -> None:
-        if not self._in_use(ino):
-            self.nursery.start_soon(self._free_if_orphan, ino)
+    async def _reap_orphans(self, orphans: trio.MemoryReceiveChannel[int]) -> None:
+        async for ino in orphans:
+            if not self._in_use(ino):
+                self.nursery.start_soon(self._free_if_orphan, ino)
+
+    def _send_closed(self, of: OpenFile) -> None:
+        if self._closed is None:
+            return
+        last = (of.size - 1) // BLOCK_SIZE if of.size else 0
+        self._closed.send_nowait(ClosedFile(of.ino, of.size, of.committed.get(0),
+                                            of.committed.get(last)))
 
     async def _free_if_orphan(self, ino: int) -> None:
         # The read is what every close of a linked file pays; a write transaction here cost
@@ -283,10 +348,11 @@ class Files:
         """Commit the sealed blocks, size and times; the caller holds `of.lock`, which keeps
         writers and seal tasks out, and the sealed blocks stay visible to readers until LMDB
         has them."""
-        await self.engine.commit(
+        _, tx = await self.engine.commit_tx(
             self.ns.commit_file, of.ino, dict(of.sealed), size=of.size,
             mtime_ns=of.mtime_ns, ctime_ns=of.ctime_ns, atime_ns=of.atime_ns,
         )
+        of.changed = of.changed or bool(tx.changed)
         for index, new in of.sealed.items():
             of.committed[index] = None if new is None else new.ref
         of.sealed.clear()
@@ -294,7 +360,32 @@ class Files:
         pending, of.pending_ids = of.pending_ids, []
         self.engine.release_pending(pending)
 
-    async def truncate(self, ino: int, size: int) -> None:
+    async def setattr(self, ino: int, changes: dict[str, int]) -> Inode:
+        """Commit attribute changes (`Namespace.setattr` keywords), keeping the open state of
+        `ino`, if any, in step: a size change first commits what writers buffered, then cuts
+        the buffers and the committed block map together."""
+        if "size" in changes:
+            await self.flush(ino)
+            await self._truncate(ino, changes["size"])
+        of = self.open.get(ino)
+        if of is not None:
+            of.atime_ns = changes.get("atime_ns", of.atime_ns)
+            of.mtime_ns = changes.get("mtime_ns", of.mtime_ns)
+        node, tx = await self.engine.commit_tx(self._setattr_tx, ino, changes)
+        if of is not None:
+            if "size" in changes:
+                of.committed.clear()  # LMDB's block map changed under the cache
+                of.mtime_ns = node.mtime_ns
+            of.ctime_ns = node.ctime_ns
+            of.changed = of.changed or bool(tx.changed)
+        elif tx.changed and self._closed is not None:
+            self._closed.send_nowait(ClosedFile(ino, node.size))
+        return node
+
+    def _setattr_tx(self, tx: Tx, ino: int, changes: dict[str, int]) -> Inode:
+        return self.ns.setattr(tx, ino, **changes)
+
+    async def _truncate(self, ino: int, size: int) -> None:
         """Cut the open state of `ino` to `size`; the caller commits the inode's new size."""
         of = self.open.get(ino)
         if of is None:

@@ -28,7 +28,7 @@ from vnafs.dicom.header import Parsed, Status, parse
 from vnafs.dicom.index import DicomIndex
 from vnafs.errors import IntegrityError
 from vnafs.fs.engine import Engine
-from vnafs.fs.files import Files, OpenFile
+from vnafs.fs.files import ClosedFile, Files
 from vnafs.meta.records import BLOCK_SIZE, Inode
 
 log = logging.getLogger("vnafs.indexer")
@@ -113,67 +113,74 @@ class _FileReader(io.RawIOBase):
         return done
 
 
+async def _nothing(inos: list[int]) -> None:
+    return None
+
+
 class Indexer:
-    def __init__(self, engine: Engine, files: Files, index: DicomIndex) -> None:
+    """Queues, parses and commits closed files (see the module docstring). Runs on the trio
+    loop; parsing runs in worker threads on the engine's CPU limiter.
+
+    Collaborators, all given to the constructor: `closed` delivers the files whose content
+    changed when their last handle goes (from `Files`); `invalidate` drops what the kernel
+    caches about inodes whose link counts the index changed and about view names it removed
+    (`KernelCache.drop`); `max_lag` is `[dicom] index_lag`.
+    """
+
+    def __init__(self, engine: Engine, files: Files, index: DicomIndex, *,
+                 closed: trio.MemoryReceiveChannel[ClosedFile],
+                 invalidate: Callable[[list[int]], Awaitable[None]] = _nothing,
+                 max_lag: float = DEFAULT_MAX_LAG) -> None:
         self.engine = engine
         self.files = files
         self.index = index
         self.ns = engine.ns
+        self.max_lag = max_lag
+        self._closed = closed
+        self._invalidate = invalidate
+        # Inodes waiting to be indexed (a set: a file closed 100 times is parsed once), and
+        # trio.current_time() when the oldest of them arrived.
         self._queue: set[int] = set()
-        self._written_open: set[int] = set()
-        self._wakeup = trio.Event()
-        self._results: list[_Result] = []
         self._queued_since: float | None = None
+        self._wakeup = trio.Event()
+        # Parse results waiting for the committer, and the event that wakes it.
+        self._results: list[_Result] = []
+        self._results_ready = trio.Event()
         # ino -> (size, head, tail) copied at close; bounded by MAX_EDGE_BYTES in total.
         self._edges: dict[int, tuple[int, bytes, bytes]] = {}
         self._edge_bytes = 0
+        # Callers of `wait_idle` now waiting: indexing runs at once while any do.
         self._urgent = 0
-        self.max_lag = DEFAULT_MAX_LAG
-        self._results_ready = trio.Event()
+        # Files being read, parsed or committed right now, and the event set when none are.
         self._busy = 0
         self._idle = trio.Event()
         self.stats = {"indexed": 0, "not_dicom": 0, "problems": 0, "errors": 0,
                       "from_header": 0}
         self.reindex_total = 0
-        # Set by the daemon: drop what the kernel caches about an inode whose link count the
-        # index just changed, and view names the index just removed.
-        self.invalidate: Callable[[list[int]], Awaitable[None]] = _nothing
-        index.on_changed = self.changed
-        files.on_closed = self.closed
 
-    # -- what the engine and the open-file layer tell us ------------------------------------------
+    # -- what the open-file layer tells us --------------------------------------------------------
 
-    def changed(self, ino: int) -> None:
-        """A commit changed `ino`'s content: index it when its last handle closes."""
-        if ino in self.files.open:
-            self._written_open.add(ino)
-        else:
-            self.enqueue(ino)
+    async def _intake(self) -> None:
+        async for closed in self._closed:
+            self._keep_edges(closed)
+            self.enqueue(closed.ino)
 
-    def closed(self, of: OpenFile) -> None:
-        if of.ino in self._written_open:
-            self._written_open.discard(of.ino)
-            self._keep_edges(of)
-            self.enqueue(of.ino)
-
-    def _keep_edges(self, of: OpenFile) -> None:
+    def _keep_edges(self, closed: ClosedFile) -> None:
         """Copy the head and tail of a just-closed file from the block cache, where its last
         writes still are: the parser needs little else, and indexing may run much later, when
         those blocks would have to be loaded and decrypted again."""
-        if self._edge_bytes > MAX_EDGE_BYTES or not of.size:
-            return
-        first, last = of.committed.get(0), of.committed.get((of.size - 1) // BLOCK_SIZE)
-        if first is None or last is None:
+        first, last, size = closed.first, closed.last, closed.size
+        if self._edge_bytes > MAX_EDGE_BYTES or not size or first is None or last is None:
             return
         head_block = self.engine.cache.get(first.block_id)
         tail_block = self.engine.cache.get(last.block_id)
-        last_start = (of.size - 1) // BLOCK_SIZE * BLOCK_SIZE
-        if head_block is None or tail_block is None or last_start + last.length != of.size:
+        last_start = (size - 1) // BLOCK_SIZE * BLOCK_SIZE
+        if head_block is None or tail_block is None or last_start + last.length != size:
             return
         head = bytes(head_block[: min(first.length, HEAD_BYTES)])
         tail = bytes(tail_block[max(0, last.length - TAIL_BYTES) : last.length])
-        self._take_edges(of.ino)
-        self._edges[of.ino] = (of.size, head, tail)
+        self._take_edges(closed.ino)
+        self._edges[closed.ino] = (size, head, tail)
         self._edge_bytes += len(head) + len(tail)
 
     def enqueue(self, ino: int) -> None:
@@ -243,6 +250,7 @@ class Indexer:
             log.error("%s", message)
             self.engine.health.report("index", message)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._intake)
             for _ in range(TASKS):
                 nursery.start_soon(self._worker)
             nursery.start_soon(self._committer)
@@ -351,7 +359,7 @@ class Indexer:
     async def _commit(self, batch: list[_Result]) -> None:
         await self.engine.commit(self.index.apply_many,
                                  [(r.ino, r.parsed, r.mark) for r in batch])
-        await self.invalidate([r.ino for r in batch])
+        await self._invalidate([r.ino for r in batch])
 
     def _take_edges(self, ino: int) -> tuple[int, bytes, bytes] | None:
         edges = self._edges.pop(ino, None)
@@ -399,10 +407,6 @@ def _reparse(record: dict[str, Any], header: bytes) -> Parsed | None:
     if status is Status.OK and parsed.status is not Status.OK:
         return None
     return dataclasses.replace(parsed, status=status, problem=record["problem"], header=header)
-
-
-async def _nothing(inos: list[int]) -> None:
-    return None
 
 
 def _may_be_dicom(head: bytes) -> bool:

@@ -19,7 +19,9 @@ from typing import Any
 import trio
 
 from vnafs.config import SnapshotConfig
+from vnafs.fs.engine import Engine
 from vnafs.meta.snapshots import VERSIONED, Snapshot, SnapshotError, Snapshots, default_name
+from vnafs.meta.tx import Tx
 
 log = logging.getLogger("vnafs.snapshots")
 
@@ -39,7 +41,7 @@ def parse_until(text: str) -> int:
 
 
 class SnapshotService:
-    def __init__(self, engine: Any, snaps: Snapshots, cfg: SnapshotConfig) -> None:
+    def __init__(self, engine: Engine, snaps: Snapshots, cfg: SnapshotConfig) -> None:
         self.engine = engine
         self.snaps = snaps
         self.cfg = cfg
@@ -91,7 +93,7 @@ class SnapshotService:
 
     # -- background -----------------------------------------------------------------------------
 
-    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._collector)
             task_status.started()
@@ -162,7 +164,7 @@ class SnapshotService:
         with self.snaps.db.begin() as txn:
             return self.snaps.db.counter(txn, "snap_gc")
 
-    def _gc_done(self, tx: Any, generation: int) -> None:
+    def _gc_done(self, tx: Tx, generation: int) -> None:
         # A deletion during the pass bumped the counter: its versions may sit in tables
         # already passed, so the flag stays and the collector runs again.
         if self.snaps.db.counter(tx.txn, "snap_gc") == generation:

@@ -26,11 +26,10 @@ import hashlib
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import lmdb
 
-from vnafs.dicom.index import DicomIndex
+from vnafs.dicom.index import DicomIndex, RemovedInstance
 from vnafs.dicom.names import valid_uid
 from vnafs.meta.namespace import fail
 
@@ -71,9 +70,9 @@ class Views:
         self.db = index.db
         self.salt = salt
         self.root_ino = view_ino((), salt)
+        # View directory inode -> its path, for every directory looked up so far (the inode
+        # is a hash of the path, so it cannot be reversed).
         self._paths: dict[int, Path] = {self.root_ino: ()}
-        # (parent view inode, name) the kernel may cache but the index no longer has.
-        self.stale: list[tuple[int, str]] = []
 
     def tops(self) -> list[str]:
         names = ["by-study", "by-date", "by-accession"]
@@ -197,10 +196,11 @@ class Views:
             return int(suffix)
         raise fail(errno.ENOENT)
 
-    def note_removed(self, ino: int, rec: dict[str, Any], gone: tuple[str, ...]) -> None:
-        """Add to `stale` every view name the kernel may still cache for a file that just left
-        the index, plus its series and study directories if they went too (the operation that
-        removed them hands `stale` to the kernel before it replies)."""
+    def stale_names(self, removed: RemovedInstance) -> list[tuple[int, str]]:
+        """(view directory inode, name) of every view name the kernel may still cache for a
+        file that just left the index, plus its series and study directories if they went
+        too."""
+        ino, rec, gone = removed.ino, removed.record, removed.gone
         study, series, date = rec["study"], rec["series"], rec["date"]
         bases: list[Path] = [("by-study",)]
         if len(date) == 8 and date.isdigit():
@@ -220,7 +220,7 @@ class Views:
                 out.append((view_ino((*base, study)), series))
             if "study" in gone:
                 out.append((view_ino(base), study))
-        self.stale += out
+        return out
 
     # -- listing ----------------------------------------------------------------------------------
 

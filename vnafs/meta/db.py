@@ -104,7 +104,8 @@ class MetaDB:
     read transactions may be opened from any thread.
     """
 
-    def __init__(self, path: Path, sealer: Sealer, *, readonly: bool = False) -> None:
+    def __init__(self, path: Path, sealer: Sealer, *, readonly: bool = False,
+                 journal: bool = False) -> None:
         path.mkdir(mode=0o700, exist_ok=True)
         self.sealer = sealer
         # Commits are not synced one by one: on ext4 every fdatasync forces a journal commit
@@ -124,9 +125,9 @@ class MetaDB:
         self.dbs = {
             name: self.env.open_db(name.encode(), create=not readonly) for name in TABLES
         }
-        # Set when an archive is configured: every change of a replicated table then leaves a
+        # True when an archive is configured: every change of a replicated table then leaves a
         # dirty mark for the replicator in the same transaction (docs/architecture.md 9).
-        self.journal = False
+        self.journal = journal
         self._last_mark = 0
         self._dirty = self.dbs["repl_dirty"]
 
@@ -140,20 +141,23 @@ class MetaDB:
 
     # -- sealed values --------------------------------------------------------------------------
 
-    def _seal(self, table: str, key: bytes, plaintext: bytes) -> bytes:
+    def seal_record(self, table: str, key: bytes, plaintext: bytes) -> bytes:
+        """The sealed LMDB value of `plaintext` stored under `key` in `table`."""
         return self.sealer.seal(KIND_RECORD, TABLES[table] + key, plaintext, compress=False)
 
-    def _open(self, table: str, key: bytes, value: bytes) -> bytes:
+    def open_record(self, table: str, key: bytes, value: bytes) -> bytes:
+        """The plaintext of a raw LMDB value read from `table` under `key` (for callers that
+        walk a cursor themselves); `IntegrityError` if it was not sealed there."""
         return self.sealer.open(
             KIND_RECORD, TABLES[table] + key, value, name=f"{table} record {key.hex()[:16]}"
         )
 
     def get(self, txn: lmdb.Transaction, table: str, key: bytes) -> bytes | None:
         value = cast(bytes | None, txn.get(key, db=self.dbs[table]))
-        return None if value is None else self._open(table, key, value)
+        return None if value is None else self.open_record(table, key, value)
 
     def put(self, txn: lmdb.Transaction, table: str, key: bytes, plaintext: bytes) -> None:
-        txn.put(key, self._seal(table, key, plaintext), db=self.dbs[table])
+        txn.put(key, self.seal_record(table, key, plaintext), db=self.dbs[table])
         if self.journal and table in REPLICATED:
             self.mark_dirty(txn, TABLES[table] + key)
 
@@ -181,7 +185,7 @@ class MetaDB:
         for key, value in records(cur):
             if not key.startswith(prefix):
                 return
-            yield key, self._open(table, key, value)
+            yield key, self.open_record(table, key, value)
 
     def counter(self, txn: lmdb.Transaction, name: str, default: int = 0) -> int:
         value = self.get(txn, "counters", name.encode())
@@ -212,7 +216,7 @@ class MetaDB:
         key, value = cast(tuple[bytes, bytes], cur.item())
         if len(key) != len(prefix) + 8 or not key.startswith(prefix):
             return None
-        plain = self._open(table, key, value)
+        plain = self.open_record(table, key, value)
         death = read_u64(plain)
         visible = death == INF if epoch is None else death > epoch
         return (key, death, plain[8:]) if visible else None
@@ -283,7 +287,7 @@ class MetaDB:
             if epoch is not None and birth > epoch:
                 continue  # born after the epoch; an older version may still be visible
             last_ident = ident
-            plain = self._open(table, key, value)
+            plain = self.open_record(table, key, value)
             death = read_u64(plain)
             if (death == INF) if epoch is None else (death > epoch):
                 yield ident[len(prefix):], plain[8:]

@@ -18,25 +18,24 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import lmdb
 
-from vnafs.meta.db import INF, MetaDB, read_u64, u64
+from vnafs.meta.blocks import Blocks
+from vnafs.meta.db import MetaDB, read_u64, u64
 from vnafs.meta.records import (
     BLOCK_SIZE,
     ROOT_INO,
-    STATE_HOT,
-    STATE_REPLICATED,
     BlockRef,
     Inode,
-    RefCount,
     pack_dirent,
     pack_xattr,
     unpack_dirent,
     unpack_xattr,
 )
+from vnafs.meta.tx import Tx
 
 NAME_MAX = 255
 XATTR_CREATE = 1
@@ -52,22 +51,6 @@ def fail(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
 
-@dataclass
-class Tx:
-    """One write transaction and what must happen after it commits."""
-
-    txn: lmdb.Transaction
-    now: int
-    freed_blocks: list[bytes] = field(default_factory=list)
-    orphaned: list[int] = field(default_factory=list)
-    # Run on the event loop once the transaction has committed (e.g. kernel cache invalidation).
-    after_commit: list[Callable[[], None]] = field(default_factory=list)
-
-
-def _no_hook(tx: Tx, ino: int) -> None:
-    return None
-
-
 @dataclass(frozen=True, slots=True)
 class NewBlock:
     """A block sealed by a writer, ready to be linked into a file's block map."""
@@ -79,10 +62,7 @@ class NewBlock:
 class Namespace:
     def __init__(self, db: MetaDB) -> None:
         self.db = db
-        # Hooks that run inside the mutating transaction (the DICOM index sets them): a file's
-        # content or size changed; a regular file lost its last name.
-        self.on_change: Callable[[Tx, int], None] = _no_hook
-        self.on_last_unlink: Callable[[Tx, int], None] = _no_hook
+        self.blocks = Blocks(db)
         with db.begin() as txn:
             self.epoch = db.counter(txn, "epoch", 1)
             self.generation = db.counter(txn, "generation", 1)
@@ -192,10 +172,6 @@ class Namespace:
         for ident, body in self.db.vscan(txn, "blockmap", u64(ino), epoch=epoch):
             yield read_u64(ident), BlockRef.unpack(body)
 
-    def has_block(self, block_id: bytes) -> bool:
-        with self.db.begin() as txn:
-            return txn.get(block_id, db=self.db.dbs["refs"]) is not None
-
     def getxattr(self, ino: int, name: bytes, epoch: int | None = None) -> bytes:
         with self.db.begin() as txn:
             self.need_inode(txn, ino, epoch)
@@ -243,65 +219,19 @@ class Namespace:
         self.db.set_counter(tx.txn, "next_ino", ino + 1)
         return ino
 
-    def _link_entry(self, tx: Tx, parent: int, name: bytes, child: int) -> None:
+    def _content_changed(self, tx: Tx, ino: int) -> None:
+        tx.changed.append(ino)
+        tx.hooks.content_changed(tx, ino)
+
+    def link_entry(self, tx: Tx, parent: int, name: bytes, child: int) -> None:
+        """Add the entry `name` -> `child` under `parent` and nothing else (no link counts,
+        no times): the namespace operations below keep those right; fsck uses it alone to
+        link a lost file into /lost+found after fixing the counts itself."""
         self.db.vput(tx.txn, "dirents", self.dirent_key(parent, name), pack_dirent(child, name),
                      self.epoch)
 
     def _unlink_entry(self, tx: Tx, parent: int, name: bytes) -> None:
         self.db.vdelete(tx.txn, "dirents", self.dirent_key(parent, name), self.epoch)
-
-    def _ref_add(self, tx: Tx, block_id: bytes, stored: int) -> None:
-        body = self.db.get(tx.txn, "refs", block_id)
-        if body is not None:
-            rc = RefCount.unpack(body)
-        elif self.db.journal and self.db.get(tx.txn, "tombstones", block_id) is not None:
-            # Referenced again before archive gc removed it: the archive still holds it.
-            self.db.delete(tx.txn, "tombstones", block_id)
-            rc = RefCount(0, STATE_REPLICATED, stored)
-        else:
-            rc = RefCount(0, STATE_HOT, stored)
-            if self.db.journal:
-                tx.txn.put(block_id, b"", db=self.db.dbs["repl_blocks"])
-        rc.count += 1
-        self.db.put(tx.txn, "refs", block_id, rc.pack())
-
-    def drop_block_ref(self, tx: Tx, block_id: bytes) -> None:
-        """One record version naming `block_id` went away."""
-        body = self.db.get(tx.txn, "refs", block_id)
-        if body is None:
-            return  # already inconsistent; fsck reports it
-        rc = RefCount.unpack(body)
-        rc.count = max(0, rc.count - 1)
-        if rc.count > 0 or (self.db.journal and rc.state == STATE_HOT):
-            # A block never replicated is kept at count 0: a cycle's snapshot may still name
-            # it, so the replicator uploads it first and then frees it (release_replicated;
-            # docs/architecture.md 9, "Blocks must reach the archive before metadata").
-            self.db.put(tx.txn, "refs", block_id, rc.pack())
-        else:
-            self._free_block(tx, block_id, archived=rc.state != STATE_HOT)
-
-    def _free_block(self, tx: Tx, block_id: bytes, *, archived: bool) -> None:
-        """Nothing references the block: its hot file goes after the commit, and an archived
-        copy gets a tombstone for `vnafs gc --archive`."""
-        self.db.delete(tx.txn, "refs", block_id)
-        tx.freed_blocks.append(block_id)
-        if self.db.journal and archived:
-            self.db.put(tx.txn, "tombstones", block_id, u64(tx.now))
-
-    def release_replicated(self, tx: Tx, block_ids: list[bytes]) -> None:
-        """The replicator stored these blocks in the archive: mark them replicated, and free
-        the ones nothing references any more."""
-        for block_id in block_ids:
-            tx.txn.delete(block_id, db=self.db.dbs["repl_blocks"])
-            body = self.db.get(tx.txn, "refs", block_id)
-            if body is None:
-                continue
-            rc = RefCount.unpack(body)
-            if rc.count == 0:
-                self._free_block(tx, block_id, archived=True)
-            elif rc.state == STATE_HOT:
-                rc.state = STATE_REPLICATED
-                self.db.put(tx.txn, "refs", block_id, rc.pack())
 
     def _drop_link(self, tx: Tx, node: Inode) -> None:
         """One name of a non-directory went away."""
@@ -312,7 +242,7 @@ class Namespace:
             self.db.put(tx.txn, "orphans", u64(node.ino), b"")
             tx.orphaned.append(node.ino)
             if stat.S_ISREG(node.mode):
-                self.on_last_unlink(tx, node.ino)
+                tx.hooks.last_unlink(tx, node.ino)
 
     def _remove_dir(self, tx: Tx, node: Inode) -> None:
         """An empty directory lost its name; it lives on (nlink 0) while a handle holds it."""
@@ -327,7 +257,7 @@ class Namespace:
         for index, _ in list(self.block_refs(txn, ino)):
             _, body = self.db.vdelete(txn, "blockmap", self.block_key(ino, index), self.epoch)
             if body is not None:
-                self.drop_block_ref(tx, BlockRef.unpack(body).block_id)
+                self.blocks.drop_ref(tx, BlockRef.unpack(body).block_id)
         for ident, _ in list(self.db.vscan(txn, "xattrs", u64(ino))):
             self.db.vdelete(txn, "xattrs", u64(ino) + ident, self.epoch)
         self.db.vdelete(txn, "inodes", u64(ino), self.epoch)
@@ -378,7 +308,7 @@ class Namespace:
             target=target,
         )
         self.save(tx, node)
-        self._link_entry(tx, parent, name, node.ino)
+        self.link_entry(tx, parent, name, node.ino)
         self._touch_dir(tx, pnode, 1 if is_dir else 0)
         return node
 
@@ -396,7 +326,7 @@ class Namespace:
         node.nlink += 1
         node.ctime_ns = tx.now
         self.save(tx, node)
-        self._link_entry(tx, parent, name, ino)
+        self.link_entry(tx, parent, name, ino)
         self._touch_dir(tx, pnode)
         return node
 
@@ -476,7 +406,7 @@ class Namespace:
                     raise fail(errno.ENOTDIR)
                 self._drop_link(tx, dst)
         self._unlink_entry(tx, p1, n1)
-        self._link_entry(tx, p2, n2, src_ino)
+        self.link_entry(tx, p2, n2, src_ino)
         src.ctime_ns = tx.now
         if src_is_dir and p1 != p2:
             src.parent = p2
@@ -496,8 +426,8 @@ class Namespace:
                 if stat.S_ISDIR(node.mode) and self._is_ancestor(tx.txn, node.ino,
                                                                  new_parent.ino):
                     raise fail(errno.EINVAL)
-        self._link_entry(tx, pa.ino, na, b.ino)
-        self._link_entry(tx, pb.ino, nb, a.ino)
+        self.link_entry(tx, pa.ino, na, b.ino)
+        self.link_entry(tx, pb.ino, nb, a.ino)
         if pa.ino != pb.ino:
             for node, old_parent, new_parent in ((a, pa, pb), (b, pb, pa)):
                 if stat.S_ISDIR(node.mode):
@@ -536,7 +466,7 @@ class Namespace:
             if size < node.size:
                 self._truncate_blocks(tx, ino, size)
             if size != node.size and node.nlink:
-                self.on_change(tx, ino)
+                self._content_changed(tx, ino)
             node.size = size
             node.mtime_ns = tx.now
         if atime_ns is not None:
@@ -556,7 +486,7 @@ class Namespace:
             if index >= first_gone:
                 _, body = self.db.vdelete(txn, "blockmap", key, self.epoch)
                 if body is not None:
-                    self.drop_block_ref(tx, BlockRef.unpack(body).block_id)
+                    self.blocks.drop_ref(tx, BlockRef.unpack(body).block_id)
             elif cut and index == first_gone - 1 and ref.length > cut:
                 self._set_block(tx, ino, index, NewBlock(BlockRef(ref.block_id, cut), 0))
 
@@ -565,10 +495,10 @@ class Namespace:
         if new is None:
             _, old = self.db.vdelete(tx.txn, "blockmap", key, self.epoch)
         else:
-            self._ref_add(tx, new.ref.block_id, new.stored)
+            self.blocks.add_ref(tx, new.ref.block_id, new.stored)
             old = self.db.vput(tx.txn, "blockmap", key, new.ref.pack(), self.epoch)
         if old is not None:
-            self.drop_block_ref(tx, BlockRef.unpack(old).block_id)
+            self.blocks.drop_ref(tx, BlockRef.unpack(old).block_id)
 
     def commit_file(
         self,
@@ -586,7 +516,7 @@ class Namespace:
         for index, new in sorted(blocks.items()):
             self._set_block(tx, ino, index, new)
         if (blocks or size != node.size) and node.nlink:
-            self.on_change(tx, ino)
+            self._content_changed(tx, ino)
         node.size = size
         if mtime_ns is not None:
             node.mtime_ns = mtime_ns
@@ -629,20 +559,18 @@ class Namespace:
     # -- statistics -----------------------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
+        """Table sizes for `vnafs status`; O(blocks) through `Blocks.stats`, so the daemon runs
+        it in a worker thread."""
         with self.db.begin() as txn:
             dbs = self.db.dbs
-            stored = 0
-            for _, body in self.db.scan(txn, "refs"):
-                stored += RefCount.unpack(body).stored
-            return {
+            out = {
                 "inodes": txn.stat(dbs["inodes"])["entries"],
                 "dirents": txn.stat(dbs["dirents"])["entries"],
-                "blocks": txn.stat(dbs["refs"])["entries"],
-                "block_bytes_stored": stored,
                 "orphans": txn.stat(dbs["orphans"])["entries"],
                 "next_ino": self.db.counter(txn, "next_ino"),
                 "epoch": self.epoch,
             }
+        return out | self.blocks.stats()
 
 
-__all__ = ["INF", "Namespace", "NewBlock", "Tx", "fail"]
+__all__ = ["Namespace", "NewBlock", "fail"]

@@ -23,8 +23,9 @@ import lmdb
 
 from vnafs.errors import VnafsError
 from vnafs.meta.db import INF, read_u64, records, u64
-from vnafs.meta.namespace import Namespace, Tx
+from vnafs.meta.namespace import Namespace
 from vnafs.meta.records import ROOT_INO, BlockRef, Inode, RefCount, unpack_dirent
+from vnafs.meta.tx import Tx
 
 SNAP_SHIFT = 40
 LIVE_LIMIT = 1 << SNAP_SHIFT  # live inode numbers stay below this
@@ -226,7 +227,7 @@ class Snapshots:
                 next_key = key
                 break
             visited += 1
-            plain = self.db._open(table, key, value)
+            plain = self.db.open_record(table, key, value)
             death = read_u64(plain)
             if death == INF:
                 continue
@@ -236,7 +237,7 @@ class Snapshots:
         for key, body in doomed:
             self.db.delete(tx.txn, table, key)
             if table == "blockmap":
-                self.ns.drop_block_ref(tx, BlockRef.unpack(body).block_id)
+                self.ns.blocks.drop_ref(tx, BlockRef.unpack(body).block_id)
         return next_key, len(doomed)
 
     def gc_done(self, tx: Tx) -> None:
@@ -250,7 +251,7 @@ class Snapshots:
         seen: dict[bytes, set[int]] = {}
         with self.db.begin() as txn:
             for key, value in records(txn.cursor(db=self.db.dbs["blockmap"])):
-                plain = self.db._open("blockmap", key, value)
+                plain = self.db.open_record("blockmap", key, value)
                 death = read_u64(plain)
                 block_id = BlockRef.unpack(plain[8:]).block_id
                 who = seen.setdefault(block_id, set())
@@ -286,7 +287,7 @@ def _tree(ns: Namespace, txn: lmdb.Transaction, epoch: int | None
         if epoch is not None and birth > epoch:
             continue
         last = ident
-        plain = ns.db._open("dirents", key, value)
+        plain = ns.db.open_record("dirents", key, value)
         death = read_u64(plain)
         if (death != INF) if epoch is None else (death <= epoch):
             continue

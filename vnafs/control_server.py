@@ -1,0 +1,294 @@
+"""The daemon's control socket and its request handlers.
+
+Why a module of its own: every `vnafs` command that talks to a running mount (`status`, `find`,
+`reindex`, `snapshot ...`, `verify --archive`, `gc --archive`) arrives here as one JSON line on
+`<hot>/control.sock` (mode 0600: root only), and the table below is the whole of that protocol.
+The CLI side is `vnafs/control.py`, which imports neither trio nor LMDB.
+
+A request is `{"op": NAME, ...fields}`; the answer `{"ok": true, "result": ...}` or
+`{"ok": false, "error": "one sentence"}`. An unknown `op`, a missing field and a refused
+operation are answered as errors, never by dropping the connection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from vnafs import FORMAT_VERSION, __version__
+from vnafs.archive.follower import ArchiveFollower
+from vnafs.archive.maintenance import ArchiveMaintenance
+from vnafs.archive.replicator import Replicator
+from vnafs.dicom import query
+from vnafs.dicom.index import DicomIndex
+from vnafs.errors import VnafsError
+from vnafs.fs.engine import Engine
+from vnafs.fs.files import Files
+from vnafs.fs.indexer import Indexer
+from vnafs.fs.snapshot_service import SnapshotService, parse_until
+from vnafs.meta.snapshots import Snapshot, diff
+from vnafs.store.lifecycle import Store
+
+log = logging.getLogger("vnafs.control")
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+class BadRequest(VnafsError):
+    """A request the CLI should never send (a missing or malformed field)."""
+
+
+@dataclass
+class Mounted:
+    """The running parts of one mounted store that requests are answered from. `index` and
+    `indexer` are None with `[dicom] index = false`; a read-only archive mount has `follower`
+    and no `indexer`, `replicator` or `maintenance`."""
+
+    store: Store
+    mountpoint: Path
+    engine: Engine
+    files: Files
+    snapshots: SnapshotService
+    index: DicomIndex | None = None
+    indexer: Indexer | None = None
+    replicator: Replicator | None = None
+    maintenance: ArchiveMaintenance | None = None
+    follower: ArchiveFollower | None = None
+
+    @property
+    def readonly(self) -> bool:
+        return self.follower is not None
+
+
+def _field(req: dict[str, Any], name: str) -> Any:
+    try:
+        return req[name]
+    except KeyError:
+        raise BadRequest(f"bad control request: field {name!r} is missing") from None
+
+
+class ControlServer:
+    """JSON-lines requests on a Unix socket; one task per connection."""
+
+    def __init__(self, path: Path, handlers: dict[str, Handler]) -> None:
+        self.path = path
+        self.handlers = handlers
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        self.path.unlink(missing_ok=True)
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            await sock.bind(str(self.path))
+        finally:
+            os.umask(old)
+        sock.listen(16)
+        listener = trio.SocketListener(sock)
+        task_status.started()
+        try:
+            await trio.serve_listeners(self._client, [listener])
+        finally:
+            self.path.unlink(missing_ok=True)
+
+    async def _client(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            buf = b""
+            with trio.move_on_after(30):
+                while b"\n" not in buf and len(buf) < 65536:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        return
+                    buf += chunk
+            reply = await self.answer(buf.split(b"\n", 1)[0])
+            await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+    async def answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(line)
+            op = req.get("op") if isinstance(req, dict) else None
+        except ValueError:
+            return {"ok": False, "error": "bad control request: not a JSON object"}
+        handler = self.handlers.get(op) if isinstance(op, str) else None
+        if handler is None:
+            return {"ok": False, "error": f"unknown request {op!r}: this mount does not "
+                    "offer it (is the vnafs command newer than the running daemon?)"}
+        try:
+            return {"ok": True, "result": await handler(req)}
+        except VnafsError as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception:
+            log.exception("control request %s failed", op)
+            return {"ok": False, "error": "internal error; see the vnafs log"}
+
+
+# -- the handlers ---------------------------------------------------------------------------------
+
+
+def handlers(m: Mounted) -> dict[str, Handler]:
+    """The request table of one mount."""
+    table: dict[str, Handler] = {"status": lambda req: status(m)}
+    table.update(_dicom_handlers(m))
+    table.update(_snapshot_handlers(m))
+    if m.maintenance is not None:
+        table.update(_archive_handlers(m.maintenance))
+    return table
+
+
+async def status(m: Mounted) -> dict[str, Any]:
+    """`vnafs status`: everything an admin checks first. The table statistics decrypt every
+    block record, so they are computed in a worker thread, never on the event loop."""
+    store, engine = m.store, m.engine
+    st = store.hot.usage()
+    tables = await trio.to_thread.run_sync(store.ns.stats, limiter=engine.io)
+    health = engine.health.as_dict()
+    out: dict[str, Any] = {
+        "version": __version__,
+        "format": FORMAT_VERSION,
+        "hot_store": str(store.root),
+        "mountpoint": str(m.mountpoint),
+        "archive": store.config.archive_url,
+        "health": health["state"],
+        "problems": health,
+        "pid": os.getpid(),
+        "disk": {
+            "size_bytes": st.f_blocks * st.f_frsize,
+            "free_bytes": st.f_bavail * st.f_frsize,
+        },
+        "metadata_bytes": os.path.getsize(store.root / "meta" / "data.mdb"),
+        "keys": {
+            "current_version": store.keyring.current_version,
+            "versions": len(store.keyring.versions),
+        },
+        **tables,
+        "counters": dict(engine.stats),
+        "cache_bytes": engine.cache.size,
+        "open_files": len(m.files.open),
+        "dirty_blocks": sum(len(of.dirty) for of in m.files.open.values()),
+    }
+    if m.index is not None:
+        counts = await trio.to_thread.run_sync(query.counts, m.index, limiter=engine.io)
+        indexer = m.indexer
+        out["dicom"] = {**counts, "pending": indexer.pending if indexer else 0,
+                        **{f"since_mount_{k}": v
+                           for k, v in (indexer.stats if indexer else {}).items()}}
+    if m.replicator is not None:
+        out["archive"] = await trio.to_thread.run_sync(m.replicator.status, limiter=engine.io)
+        if out["archive"]["state"] != "ok" and out["health"] == "ok":
+            out["health"] = "degraded"  # behind its RPO, or failing
+    if m.follower is not None:
+        out["archive"] = m.follower.status()
+    out["snapshots"] = {"count": len(m.snapshots.snaps.all()),
+                        "gc": dict(m.snapshots.gc_progress)}
+    return out
+
+
+def _dicom_handlers(m: Mounted) -> dict[str, Handler]:
+    """`vnafs find`, `reindex`: queries work on every mount with an index, including the
+    read-only archive mount (whose index is replicated); reindexing needs the indexer."""
+    index, indexer, engine = m.index, m.indexer, m.engine
+    if index is None:
+        return {}
+
+    async def settle(req: dict[str, Any]) -> None:
+        if req.get("wait") and indexer is not None:
+            await indexer.wait_idle()
+
+    async def find(req: dict[str, Any]) -> Any:
+        q = query.Query.from_request(req)
+        await settle(req)
+        return await trio.to_thread.run_sync(query.find, index, q, limiter=engine.io)
+
+    async def problems(req: dict[str, Any]) -> Any:
+        await settle(req)
+        return await trio.to_thread.run_sync(query.problems, index, limiter=engine.io)
+
+    async def wait(req: dict[str, Any]) -> Any:
+        if indexer is None:
+            return {"pending": 0}
+        with trio.move_on_after(float(req.get("timeout", 25))):
+            await indexer.wait_idle()
+        return {"pending": indexer.pending}
+
+    table: dict[str, Handler] = {"find": find, "problems": problems, "index_wait": wait}
+    if indexer is not None:
+        async def reindex(req: dict[str, Any]) -> Any:
+            return {"queued": await indexer.reindex()}
+
+        async def progress(req: dict[str, Any]) -> Any:
+            return {"pending": indexer.pending, "total": indexer.reindex_total}
+
+        table.update({"reindex": reindex, "index_progress": progress})
+    return table
+
+
+def _public(snap: Snapshot) -> dict[str, Any]:
+    return {"name": snap.name, "id": snap.id, "epoch": snap.epoch,
+            "created_ns": snap.created_ns, "expiry_ns": snap.expiry_ns or None,
+            "lock_until_ns": snap.lock_until_ns or None}
+
+
+def _snapshot_handlers(m: Mounted) -> dict[str, Handler]:
+    """`vnafs snapshot ...`: listing and diff everywhere; changes only on a writable mount."""
+    service = m.snapshots
+
+    async def listing(req: dict[str, Any]) -> Any:
+        return await service.listing()
+
+    async def snapshot_diff(req: dict[str, Any]) -> Any:
+        snaps = service.snaps
+        old = snaps.need(str(_field(req, "old"))).epoch
+        new_name = str(_field(req, "new"))
+        new = None if new_name == "live" else snaps.need(new_name).epoch
+
+        def run() -> list[list[str]]:
+            return [list(row) for row in diff(snaps.ns, old, new)]
+
+        return await trio.to_thread.run_sync(run, limiter=m.engine.io)
+
+    table: dict[str, Handler] = {"snapshot_list": listing, "snapshot_diff": snapshot_diff}
+    if m.readonly:
+        async def refuse(req: dict[str, Any]) -> Any:
+            raise VnafsError("this is a read-only archive mount: create, delete and lock "
+                             "snapshots on the mount of the hot store")
+
+        return table | {op: refuse for op in
+                        ("snapshot_create", "snapshot_delete", "snapshot_lock")}
+
+    async def create(req: dict[str, Any]) -> Any:
+        until = parse_until(req["lock_until"]) if req.get("lock_until") else 0
+        return _public(await service.create(req.get("name") or None, lock_until_ns=until))
+
+    async def delete(req: dict[str, Any]) -> Any:
+        return _public(await service.delete(str(_field(req, "name")), by="request"))
+
+    async def lock(req: dict[str, Any]) -> Any:
+        until = parse_until(str(_field(req, "until")))
+        return _public(await service.lock(str(_field(req, "name")), until))
+
+    return table | {"snapshot_create": create, "snapshot_delete": delete,
+                    "snapshot_lock": lock}
+
+
+def _archive_handlers(maintenance: ArchiveMaintenance) -> dict[str, Handler]:
+    """`vnafs verify --archive` (a background task the CLI polls) and `vnafs gc --archive`."""
+
+    async def verify_start(req: dict[str, Any]) -> Any:
+        return maintenance.start_verify().as_dict()
+
+    async def verify_progress(req: dict[str, Any]) -> Any:
+        return maintenance.verify_progress().as_dict()
+
+    async def gc(req: dict[str, Any]) -> Any:
+        return (await maintenance.gc()).as_dict()
+
+    return {"archive_verify": verify_start, "archive_verify_progress": verify_progress,
+            "archive_gc": gc}
+
