@@ -80,7 +80,6 @@ when interrupted.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -95,33 +94,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tools.bench import (
+from tools.gen_studies import write_ct_series
+from tools.harness import (
+    FAILURES,
     MIB,
     BenchError,
-    Target,
+    RunDir,
     VnafsTarget,
-    _sigterm,
     banner,
+    cpu_seconds,
+    load_sources,
     loadavg,
-    make_rundir,
-    mounted_under,
+    parse_run_args,
     preflight,
-    say,
+    run_part,
     signals_ignored,
+    sigterm_as_interrupt,
+    store_file,
     vm_hwm_kib,
-    work_dir,
-    write_all,
 )
-from tools.bench import (
-    run as run_command,
-)
-from tools.bench_dicom import Report, daemon_cpu, median, p95, print_table, remove_rundir
-from tools.gen_studies import write_ct_series
+from tools.report import Report, conclude, median, p95, say
 from tools.servers import SeaweedFS
 from vnafs import config as config_mod
 from vnafs.archive.backend import Backend, open_backend
 from vnafs.control import control_request
-from vnafs.errors import VnafsError
 
 DEFAULT_DIR = "/var/tmp/vnafs-bench-archive"
 PARTS = ("replicate", "restore", "rpo", "ingest")
@@ -142,15 +138,8 @@ RPO_POLL = 0.5  # seconds between status requests during the rpo part
 REPLICATE_DEADLINE = 1800.0  # seconds before a backlog that does not drain counts as stuck
 CATCH_UP_DEADLINE = 300.0  # after an ingest, for replication to catch up
 
-Failure = (BenchError, OSError, subprocess.SubprocessError, VnafsError)
-
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-def run_env(argv: list[str], env: dict[str, str] | None, *, timeout: float = 300.0) -> str:
-    """tools.bench.run with an environment (the archive credentials)."""
-    return run_command(argv, timeout=timeout, env=env)
 
 
 def mib(n: float) -> float:
@@ -161,21 +150,12 @@ def rate(nbytes: float, seconds: float) -> float:
     return nbytes / MIB / seconds if seconds > 0 else 0.0
 
 
-def load_sources(src: Path) -> list[tuple[str, bytes]]:
-    files = sorted(src.rglob("*.dcm"))
-    return [(str(p.relative_to(src)), p.read_bytes()) for p in files]
-
-
 def copy_files(top: Path, files: list[tuple[str, bytes]]) -> None:
     """The ingest of a PACS: per file open(O_CREAT), one write, close; no fsync."""
     for d in sorted({(top / rel).parent for rel, _ in files}):
         d.mkdir(parents=True, exist_ok=True)
     for rel, data in files:
-        fd = os.open(top / rel, os.O_CREAT | os.O_WRONLY, 0o644)
-        try:
-            write_all(fd, data)
-        finally:
-            os.close(fd)
+        store_file(top / rel, data)
 
 
 def block_files(hot: Path) -> list[tuple[str, Path, int]]:
@@ -237,19 +217,16 @@ class ArchiveTarget(VnafsTarget):
 
     def __init__(self, root: Path, exe: str, *, archive: str | None, env: dict[str, str],
                  settings: dict[str, int] | None = None, dicom_index: bool = True) -> None:
-        super().__init__(root, exe)
+        super().__init__(root, exe, env=env)
         self.archive = archive
-        self.env = env
         self.settings = dict(settings or {})
         self.dicom_index = dicom_index
 
+    def mkfs_options(self) -> list[str]:
+        return ["--archive", self.archive] if self.archive else []
+
     def create(self) -> None:
-        self.root.mkdir(parents=True, mode=0o755)
-        self.path.mkdir(mode=0o755)
-        run_env([self.exe, "keygen", str(self.key)], self.env)
-        archive = ["--archive", self.archive] if self.archive else []
-        run_env([self.exe, "mkfs", "--key-file", str(self.key), *archive, str(self.hot)],
-                self.env)
+        super().create()
         if not self.dicom_index:
             cfg = config_mod.load(self.hot)
             cfg.dicom.index = False
@@ -268,12 +245,6 @@ class ArchiveTarget(VnafsTarget):
         got = config_mod.load(self.hot).archive
         if any(getattr(got, k) != v for k, v in values.items()):
             raise BenchError(f"setting {values} in {self.hot}/vnafs.toml did not take")
-
-    def mount(self) -> None:
-        Target.mount(self)
-        run_env([self.exe, "mount", "--key-file", str(self.key), "-o", "allow_other",
-                 str(self.hot), str(self.path)], self.env)
-        self._pid = self._pid_file()
 
     def status(self, timeout: float = 30.0) -> dict[str, Any]:
         return dict(control_request(self.hot, {"op": "status"}, timeout))
@@ -352,17 +323,14 @@ class Bench:
 
     def drop(self, t: ArchiveTarget) -> None:
         """Unmount (if needed) and delete a file system that is no longer needed."""
-        with signals_ignored():
-            t.cleanup()
-        if not (self.keep or mounted_under(t.root)):
-            shutil.rmtree(t.root, ignore_errors=True)
+        t.discard(self.keep)
 
     def weed_pid(self) -> int | None:
         proc = self.seaweed.proc
         return proc.pid if proc is not None else None
 
     def weed_cpu(self) -> float:
-        return daemon_cpu(self.weed_pid()) or 0.0
+        return cpu_seconds(self.weed_pid()) or 0.0
 
     def sample_weed(self) -> None:
         pid = self.weed_pid()
@@ -552,14 +520,14 @@ def replicate_once(b: Bench, files: list[tuple[str, bytes]], run: int
     try:
         t.mount()
         t_up = time.perf_counter()
-        cpu_up = daemon_cpu(t.pid()) or 0.0
+        cpu_up = cpu_seconds(t.pid()) or 0.0
         spy.attach(t.pid())
         _, _, in_status = t.wait_replicated(REPLICATE_DEADLINE, after_cycle=before["cycle"],
                                             trace=trace)
     finally:
         spy.detach()
     t_end = trace[-1][0]
-    cpu_end = daemon_cpu(t.pid()) or 0.0
+    cpu_end = cpu_seconds(t.pid()) or 0.0
     cpu_weed = b.weed_cpu() - cpu_w0
     arch = t.archive_status()
     # The mount's first cycle starts while `vnafs mount` finishes (the replicator task is
@@ -807,11 +775,7 @@ class Writer:
                 if self.stop.is_set():
                     return
                 self.late = max(self.late, -delay)
-                fd = os.open(self.top / rel, os.O_CREAT | os.O_WRONLY, 0o644)
-                try:
-                    write_all(fd, data)
-                finally:
-                    os.close(fd)
+                store_file(self.top / rel, data)
                 self.last_close = time.time()
                 self.written += 1
         except BaseException as exc:  # reported by the main thread
@@ -952,14 +916,14 @@ def part_ingest(b: Bench, files: list[tuple[str, bytes]], repeat: int, warm_up: 
             pid = t.pid()
             spy = PySpy(b.profile_dir, name)
             spy.attach(pid)
-            cpu0 = daemon_cpu(pid)
+            cpu0 = cpu_seconds(pid)
             t0 = time.perf_counter()
             try:
                 copy_files(t.path / "incoming", files)
             finally:
                 spy.detach()
             res = IngestRun(mode, time.perf_counter() - t0, loadavg=la)
-            cpu1 = daemon_cpu(pid)
+            cpu1 = cpu_seconds(pid)
             if cpu0 is not None and cpu1 is not None:
                 res.cpu_writes = cpu1 - cpu0
             if archive:
@@ -1015,8 +979,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Benchmark archive replication of vnafs against SeaweedFS: replication and "
                     "restore throughput vs the plain client, recovery point under a steady "
                     "ingest, ingest cost (run as root).")
-    p.add_argument("--dir", default=DEFAULT_DIR,
-                   help=f"work directory, on the disk to test (default {DEFAULT_DIR})")
     p.add_argument("--size-mib", type=int,
                    help="CT data in the replication backlog, MiB (default 1024; 2 slices/MiB)")
     p.add_argument("--files", type=int, help="CT slices per ingest run (default 2000)")
@@ -1029,30 +991,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="minutes of steady ingest in the rpo part (default 5)")
     p.add_argument("--study-slices", type=int, default=300,
                    help="slices per one-minute study in the rpo part (default 300)")
-    p.add_argument("--only", default=",".join(PARTS),
-                   help=f"comma-separated parts among {','.join(PARTS)} (default all)")
-    p.add_argument("--quick", action="store_true",
-                   help="256 MiB, 500 ingest files, 1 run per mode, 2 rpo minutes "
-                        "(explicit sizes win)")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--py-spy", metavar="DIR",
                    help="record py-spy profiles of the drain, the restore and the ingest "
                         "writes into DIR")
     p.add_argument("--no-index", action="store_true",
                    help="make every store with [dicom] index = false (default: on, as mkfs)")
-    p.add_argument("--keep", action="store_true", help="keep the work directory")
-    args = p.parse_args(argv)
-    only = [n.strip() for n in args.only.split(",") if n.strip()]
-    if not only or any(n not in PARTS for n in only):
-        p.error(f"--only takes names among {','.join(PARTS)}, not {args.only!r}")
-    if "restore" in only and "replicate" not in only:
-        only.append("replicate")  # restore reads the archive replicate makes
-    args.only = only
-    sizes = QUICK_SIZES if args.quick else DEFAULT_SIZES
-    vars(args).update({k: v for k, v in sizes.items() if getattr(args, k) is None})
-    for key in (*sizes, "study_slices"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} must be at least 1")
+    args = parse_run_args(p, argv, default_dir=DEFAULT_DIR, names=PARTS,
+                          quick_help="256 MiB, 500 ingest files, 1 run per mode, 2 rpo minutes",
+                          default_sizes=DEFAULT_SIZES, quick_sizes=QUICK_SIZES,
+                          positive=("study_slices",))
+    if "restore" in args.only and "replicate" not in args.only:
+        args.only.append("replicate")  # restore reads the archive replicate makes
     return args
 
 
@@ -1064,100 +1013,91 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(sys.executable).with_name("weed").exists():
         say("SeaweedFS (weed) is not installed beside the Python interpreter (make venv)")
         return 2
-    workdir, made_workdir = work_dir(args.dir)
     slices = args.size_mib * SLICES_PER_MIB if "replicate" in args.only else 0
     n_src = max(slices, args.files if "ingest" in args.only else 0)
     # Sources, hot stores, the restored copy and the objects in SeaweedFS (3 copies of the
     # backlog: vnafs and two plain runs), the rpo data, one ingest store + archive at a time.
     need = (n_src * 0.55 * MIB * 1.5 + slices * 0.2 * MIB * (5 * args.repeat + 2)
             + args.rpo_minutes * args.study_slices * 0.3 * MIB * 3 + args.files * 0.2 * MIB * 8)
-    rundir = make_rundir(workdir, need)
-    if rundir is None:
+    run_dir = RunDir.create(args.dir, need)
+    if run_dir is None:
         return 2
-    info = banner("vnafs archive benchmark", workdir, rundir)
+    info = banner("vnafs archive benchmark", run_dir)
     say(f"sizes: replicate {args.size_mib} MiB ({slices} slices) and restore x {args.repeat}; "
         f"ingest {args.files} slices x {args.repeat} per mode; rpo {args.rpo_minutes} min of "
         f"{args.study_slices} slices; "
         f"parts {','.join(p for p in PARTS if p in args.only)}; DICOM index "
         f"{'off' if args.no_index else 'on'}")
 
-    old_term = signal.signal(signal.SIGTERM, _sigterm)
     rep = Report()
     profile_dir = Path(args.py_spy).resolve() if args.py_spy else None
     seaweed: SeaweedFS | None = None
     b: Bench | None = None
     interrupted = False
     started = time.perf_counter()
-    loads: dict[str, list[float]] = {}
-    try:
-        seaweed = SeaweedFS(rundir / "seaweedfs")
-        seaweed.start()
-        seaweed.create_bucket(BUCKET)
-        bench = b = Bench(rundir, exe, args.keep, seaweed, profile_dir,
-                          dicom_index=not args.no_index)
-        say(f"SeaweedFS (weed mini) pid {b.weed_pid()} at {seaweed.endpoint}, bucket {BUCKET}")
-        files: list[tuple[str, bytes]] = []
-        if n_src:
-            src = rundir / "src-ct"
-            t0 = time.perf_counter()
-            write_ct_series(src, seed=SEED, count=n_src)
-            files = load_sources(src)  # kept on disk until the end: see part_restore's note
-            say(f"generated {len(files)} CT slices, "
-                f"{mib(sum(len(d) for _, d in files)):.0f} MiB, in "
-                f"{time.perf_counter() - t0:.1f} s (not timed); held in memory")
-        archived: list[Archived] = []
+    with sigterm_as_interrupt():
+        try:
+            seaweed = SeaweedFS(run_dir.path / "seaweedfs")
+            seaweed.start()
+            seaweed.create_bucket(BUCKET)
+            bench = b = Bench(run_dir.path, exe, args.keep, seaweed, profile_dir,
+                              dicom_index=not args.no_index)
+            say(f"SeaweedFS (weed mini) pid {b.weed_pid()} at {seaweed.endpoint}, "
+                f"bucket {BUCKET}")
+            files: list[tuple[str, bytes]] = []
+            if n_src:
+                src = run_dir.path / "src-ct"
+                t0 = time.perf_counter()
+                write_ct_series(src, seed=SEED, count=n_src)
+                files = load_sources(src)  # kept on disk until the end: see part_restore's note
+                say(f"generated {len(files)} CT slices, "
+                    f"{mib(sum(len(d) for _, d in files)):.0f} MiB, in "
+                    f"{time.perf_counter() - t0:.1f} s (not timed); held in memory")
+            archived: list[Archived] = []
 
-        def do_replicate() -> None:
-            archived.append(part_replicate(bench, files[:slices], args.repeat, rep))
+            def do_replicate() -> None:
+                archived.append(part_replicate(bench, files[:slices], args.repeat, rep))
 
-        def do_restore() -> None:
-            if not archived:
-                raise BenchError("no archive to restore: the replicate part failed")
-            part_restore(bench, archived[0], args.repeat, rep)
+            def do_restore() -> None:
+                if not archived:
+                    raise BenchError("no archive to restore: the replicate part failed")
+                part_restore(bench, archived[0], args.repeat, rep)
 
-        parts: dict[str, Callable[[], None]] = {
-            "replicate": do_replicate,
-            "restore": do_restore,
-            "rpo": lambda: part_rpo(bench, args.rpo_minutes, args.study_slices, rep),
-            "ingest": lambda: part_ingest(bench, files[:args.files], args.repeat,
-                                          not args.no_warmup, rep),
-        }
-        for name in PARTS:
-            if name not in args.only:
-                continue
-            loads[name] = [loadavg()]
-            t0 = time.perf_counter()
-            try:
-                parts[name]()
-            except Failure as exc:
-                rep.errors.append(f"{name}: {exc}")
-                say(f"  {name} FAILED: {exc}")
-            finally:
-                bench.sample_weed()
-            loads[name].append(loadavg())
-            say(f"  ({name} took {time.perf_counter() - t0:.0f} s)")
-            if name == "restore" or "restore" not in args.only:
-                for t in [*bench.later, *(a.target for a in archived)]:
-                    bench.drop(t)
-                bench.later.clear()
-                archived.clear()
-    except KeyboardInterrupt:
-        interrupted = True
-        say("\ninterrupted: unmounting, stopping SeaweedFS and cleaning up")
-    except Failure as exc:
-        rep.errors.append(f"setup: {exc}")
-        say(f"FAILED: {exc}")
-    finally:
-        with signals_ignored():
-            if b is not None:
-                for t in reversed(b.targets):
-                    t.cleanup()
-                if seaweed is not None:
-                    b.stop_weed()
-            elif seaweed is not None:
-                seaweed.stop()
-            remove_rundir(rundir, workdir, made_workdir, args.keep)
-        signal.signal(signal.SIGTERM, old_term)
+            parts: dict[str, Callable[[], None]] = {
+                "replicate": do_replicate,
+                "restore": do_restore,
+                "rpo": lambda: part_rpo(bench, args.rpo_minutes, args.study_slices, rep),
+                "ingest": lambda: part_ingest(bench, files[:args.files], args.repeat,
+                                              not args.no_warmup, rep),
+            }
+            for name in PARTS:
+                if name not in args.only:
+                    continue
+                try:
+                    run_part(name, parts[name], rep)
+                finally:
+                    bench.sample_weed()
+                if name == "restore" or "restore" not in args.only:
+                    for t in [*bench.later, *(a.target for a in archived)]:
+                        bench.drop(t)
+                    bench.later.clear()
+                    archived.clear()
+        except KeyboardInterrupt:
+            interrupted = True
+            say("\ninterrupted: unmounting, stopping SeaweedFS and cleaning up")
+        except FAILURES as exc:
+            rep.errors.append(f"setup: {exc}")
+            say(f"FAILED: {exc}")
+        finally:
+            with signals_ignored():
+                if b is not None:
+                    for t in reversed(b.targets):
+                        t.cleanup()
+                    if seaweed is not None:
+                        b.stop_weed()
+                elif seaweed is not None:
+                    seaweed.stop()
+                run_dir.remove(args.keep)
 
     elapsed = time.perf_counter() - started
     weed_peak = max(b.weed_hwm_kib, default=None) if b is not None else None
@@ -1167,24 +1107,11 @@ def main(argv: list[str] | None = None) -> int:
             "-" if weed_peak is None else f"{weed_peak / 1024:.0f} MiB (VmHWM)")
     rep.row("vnafs daemon peak RSS", "-" if not daemon_peak
             else f"{daemon_peak / 1024:.0f} MiB (VmHWM, highest daemon)")
-    print_table(rep)
-    say("\nload average (1 min) at the start and end of each part: " + ", ".join(
-        f"{k} {'-'.join(f'{x:.2f}' for x in v)}" for k, v in loads.items()))
-    say(f"total {elapsed:.0f} s; MiB/s = 2^20 B/s of sealed block bytes unless marked CT data; "
-        "MB/s = 10^6 B/s")
-    for err in rep.errors:
-        say(f"FAILED {err}")
-    if args.json:
-        doc = {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "json"},
-               "results": rep.data, "table": rep.rows, "loadavg": loads, "errors": rep.errors,
-               "seconds": elapsed, "interrupted": interrupted,
-               "weed_vmhwm_kib": b.weed_hwm_kib if b else [],
-               "daemon_vmhwm_kib": daemon_peak}
-        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
-        say(f"wrote {args.json}")
-    if interrupted:
-        return 130
-    return 1 if rep.errors else 0
+    return conclude(rep, args, machine=info, elapsed=elapsed, interrupted=interrupted,
+                    units="MiB/s = 2^20 B/s of sealed block bytes unless marked CT data; "
+                    "MB/s = 10^6 B/s",
+                    extra={"weed_vmhwm_kib": b.weed_hwm_kib if b else [],
+                           "daemon_vmhwm_kib": daemon_peak})
 
 
 if __name__ == "__main__":

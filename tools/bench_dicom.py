@@ -58,14 +58,11 @@ import contextlib
 import datetime
 import functools
 import io
-import json
 import os
 import random
 import re
 import shutil
-import signal
 import stat
-import statistics
 import subprocess
 import sys
 import time
@@ -74,22 +71,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tools.bench import (
-    MIB,
-    BenchError,
-    VnafsTarget,
-    _sigterm,
-    banner,
-    drop_caches,
-    loadavg,
-    make_rundir,
-    mounted_under,
-    preflight,
-    say,
-    signals_ignored,
-    work_dir,
-    write_all,
-)
 from tools.gen_studies import (
     ACCESSION_ISSUER,
     ACCESSION_PREFIX,
@@ -99,15 +80,34 @@ from tools.gen_studies import (
     make_study,
     write_ct_series,
 )
+from tools.harness import (
+    MIB,
+    BenchError,
+    RunDir,
+    VnafsTarget,
+    banner,
+    cpu_seconds,
+    drop_caches,
+    load_sources,
+    loadavg,
+    parse_run_args,
+    preflight,
+    run_part,
+    signals_ignored,
+    sigterm_as_interrupt,
+    store_file,
+    timed,
+)
+from tools.report import Report, conclude, median, p95, say
 from vnafs import config as config_mod
-from vnafs.daemon import Store, control_request, open_store
+from vnafs.control import control_request
 from vnafs.dicom import query
 from vnafs.dicom.header import Instance, Parsed, Status, parse
 from vnafs.dicom.index import DicomIndex
-from vnafs.errors import VnafsError
 from vnafs.keys import resolve_kek_source
-from vnafs.meta.namespace import Tx
 from vnafs.meta.records import ROOT_INO
+from vnafs.meta.tx import Tx
+from vnafs.store.lifecycle import Store, open_store
 
 DEFAULT_DIR = "/var/tmp/vnafs-bench-dicom"
 PARTS = ("ingest", "listing", "query")
@@ -121,38 +121,8 @@ INDEX_DEADLINE = 900.0  # seconds to wait for the indexer before calling it stuc
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 PATIENTS = 800
 
-Failure = (BenchError, OSError, subprocess.SubprocessError, VnafsError)
-
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-def daemon_cpu(pid: int | None) -> float | None:
-    """User + system CPU seconds of a process so far, from /proc/PID/stat."""
-    if pid is None:
-        return None
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def p95(values: list[float]) -> float | None:
-    if len(values) < 2:
-        return values[0] if values else None
-    return statistics.quantiles(values, n=20, method="inclusive")[-1]
-
-
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def list_names(path: Path, expect: int) -> None:
@@ -236,27 +206,7 @@ class Workspace:
             t.create()
             yield t
         finally:
-            with signals_ignored():
-                t.cleanup()
-            if not (self.keep or mounted_under(t.root)):
-                shutil.rmtree(t.root, ignore_errors=True)
-
-
-@dataclass
-class Report:
-    """Table rows (label, value, target, verdict) and the raw figures for --json."""
-
-    rows: list[tuple[str, str, str, str]] = field(default_factory=list)
-    data: dict[str, Any] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
-
-    def row(self, label: str, value: str, target: str = "", ok: bool | None = None) -> None:
-        verdict = "" if ok is None else ("ok" if ok else "MISS")
-        self.rows.append((label, value, target, verdict))
-        say(f"  {label}: {value}" + (f"  [{target}] {verdict}" if target else ""))
-
-    def section(self, title: str) -> None:
-        self.rows.append((title, "", "", ""))
+            t.discard(self.keep)
 
 
 def _s(x: float | None) -> str:
@@ -285,33 +235,23 @@ class IngestRun:
         return dict(vars(self))
 
 
-def load_sources(src: Path) -> list[tuple[str, bytes]]:
-    files = sorted(p for p in src.rglob("*.dcm"))
-    return [(str(p.relative_to(src)), p.read_bytes()) for p in files]
-
-
 def ingest_once(t: DicomTarget, files: list[tuple[str, bytes]], view: Path | None
                 ) -> IngestRun:
     """Copy `files` into the fresh mount `t`; with the index on, wait for it and list `view`."""
     top = t.path / "incoming"
     dirs = sorted({str(top / Path(rel).parent) for rel, _ in files})
     paths = [str(top / rel) for rel, _ in files]
-    flags = os.O_CREAT | os.O_WRONLY
     la = loadavg()
     os.sync()
     pid = t.pid()
-    cpu0 = daemon_cpu(pid)
+    cpu0 = cpu_seconds(pid)
     t0 = time.perf_counter()
     for d in dirs:
         os.makedirs(d)
     for path, (_, content) in zip(paths, files, strict=True):
-        fd = os.open(path, flags, 0o644)
-        try:
-            write_all(fd, content)
-        finally:
-            os.close(fd)
+        store_file(path, content)
     t_writes = time.perf_counter() - t0
-    cpu1 = daemon_cpu(pid)
+    cpu1 = cpu_seconds(pid)
     out = IngestRun(t.index, t_writes, loadavg=la)
     if cpu0 is not None and cpu1 is not None:
         out.cpu_writes = cpu1 - cpu0
@@ -319,7 +259,7 @@ def ingest_once(t: DicomTarget, files: list[tuple[str, bytes]], view: Path | Non
         return out
     t.wait_indexed(len(files))
     out.indexed = time.perf_counter() - t0
-    cpu2 = daemon_cpu(pid)
+    cpu2 = cpu_seconds(pid)
     if cpu0 is not None and cpu2 is not None:
         out.cpu_total = cpu2 - cpu0
     if view is not None:
@@ -426,11 +366,7 @@ def part_listing(ws: Workspace, count: int, repeat: int, rep: Report) -> None:
         for rel, data in objs:
             path = top / rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
-            try:
-                write_all(fd, data)
-            finally:
-                os.close(fd)
+            store_file(path, data)
         t_write = time.perf_counter() - t0
         t.wait_indexed(count)
         t_idx = time.perf_counter() - t0
@@ -723,8 +659,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m tools.bench_dicom",
         description="Benchmark the DICOM index of vnafs: ingest with it on and off, view "
                     "listings, query latency (run as root).")
-    p.add_argument("--dir", default=DEFAULT_DIR,
-                   help=f"work directory, on the disk to test (default {DEFAULT_DIR})")
     p.add_argument("--files", type=int, help="CT slices to ingest (default 2000)")
     p.add_argument("--list-files", type=int,
                    help="small instances in the listed series (default 5000)")
@@ -738,50 +672,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="runs of the vnafs find command (default 10)")
     p.add_argument("--batch", type=int, default=5000,
                    help="index records per LMDB transaction when building (default 5000)")
-    p.add_argument("--only", default=",".join(PARTS),
-                   help=f"comma-separated parts among {','.join(PARTS)} (default all)")
-    p.add_argument("--quick", action="store_true",
-                   help="200 files, 500 listed instances, 20000 records (explicit sizes win)")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
-    p.add_argument("--keep", action="store_true", help="keep the work directory")
-    args = p.parse_args(argv)
-    only = [n.strip() for n in args.only.split(",") if n.strip()]
-    if not only or any(n not in PARTS for n in only):
-        p.error(f"--only takes names among {','.join(PARTS)}, not {args.only!r}")
-    args.only = only
-    sizes = QUICK_SIZES if args.quick else DEFAULT_SIZES
-    vars(args).update({k: v for k, v in sizes.items() if getattr(args, k) is None})
-    for key in (*sizes, "repeat", "reps", "cmd_reps", "batch"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} must be at least 1")
-    return args
-
-
-def print_table(rep: Report) -> None:
-    label_w = max((len(r[0]) for r in rep.rows if r[1]), default=20) + 2
-    value_w = max((len(r[1]) for r in rep.rows if r[2]), default=20) + 2
-    for label, value, target, verdict in rep.rows:
-        if not value:
-            say(f"\n{label}")
-            say("-" * (label_w + value_w + 20))
-            continue
-        line = f"  {label:<{label_w}}{value}"
-        if target:
-            line = f"{line:<{label_w + value_w + 2}}[{target}] {verdict}"
-        say(line.rstrip())
-
-
-def remove_rundir(rundir: Path, workdir: Path, made_workdir: bool, keep: bool) -> None:
-    """Remove this run's directory, and --dir too if this run created it and it is empty."""
-    mounts = mounted_under(rundir)
-    if mounts or keep:
-        say(f"WARNING: not removing {rundir}, still mounted: {', '.join(mounts)}" if mounts
-            else f"kept {rundir}")
-        return
-    shutil.rmtree(rundir, ignore_errors=True)
-    # Left alone when not empty: other runs' directories, or files of the user's.
-    if made_workdir and not any(workdir.iterdir()):
-        workdir.rmdir()
+    return parse_run_args(p, argv, default_dir=DEFAULT_DIR, names=PARTS,
+                          quick_help="200 files, 500 listed instances, 20000 records",
+                          default_sizes=DEFAULT_SIZES, quick_sizes=QUICK_SIZES,
+                          positive=("repeat", "reps", "cmd_reps", "batch"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -789,19 +683,17 @@ def main(argv: list[str] | None = None) -> int:
     exe = preflight("bench_dicom")
     if exe is None:
         return 2
-    workdir, made_workdir = work_dir(args.dir)
     # Sources and one store of CT slices, and about 4 KiB of LMDB per index record.
     need = args.files * 0.6 * MIB * 2.5 + args.instances * 4096 + args.list_files * 8192
-    rundir = make_rundir(workdir, need)
+    rundir = RunDir.create(args.dir, need)
     if rundir is None:
         return 2
-    info = banner("vnafs DICOM index benchmark", workdir, rundir)
+    info = banner("vnafs DICOM index benchmark", rundir)
     say(f"sizes: ingest {args.files} CT slices x {args.repeat} per mode; listing "
         f"{args.list_files}; index {args.instances:,} records; parts {','.join(args.only)}")
 
-    old_term = signal.signal(signal.SIGTERM, _sigterm)
     rep = Report()
-    ws = Workspace(rundir, exe, args.keep)
+    ws = Workspace(rundir.path, exe, args.keep)
     interrupted = False
     started = time.perf_counter()
     parts: dict[str, Callable[[], None]] = {
@@ -810,47 +702,23 @@ def main(argv: list[str] | None = None) -> int:
         "query": lambda: part_query(ws, args.instances, args.reps, args.cmd_reps, args.batch,
                                     rep),
     }
-    loads: dict[str, list[float]] = {}
-    try:
-        for name in PARTS:
-            if name not in args.only:
-                continue
-            loads[name] = [loadavg()]
-            t0 = time.perf_counter()
-            try:
-                parts[name]()
-            except Failure as exc:
-                rep.errors.append(f"{name}: {exc}")
-                say(f"  {name} FAILED: {exc}")
-            loads[name].append(loadavg())
-            say(f"  ({name} took {time.perf_counter() - t0:.0f} s)")
-    except KeyboardInterrupt:
-        interrupted = True
-        say("\ninterrupted: unmounting and cleaning up")
-    finally:
-        with signals_ignored():
-            for t in reversed(ws.targets):
-                t.cleanup()
-            remove_rundir(rundir, workdir, made_workdir, args.keep)
-        signal.signal(signal.SIGTERM, old_term)
+    with sigterm_as_interrupt():
+        try:
+            for name in PARTS:
+                if name in args.only:
+                    run_part(name, parts[name], rep)
+        except KeyboardInterrupt:
+            interrupted = True
+            say("\ninterrupted: unmounting and cleaning up")
+        finally:
+            with signals_ignored():
+                for t in reversed(ws.targets):
+                    t.cleanup()
+                rundir.remove(args.keep)
 
-    elapsed = time.perf_counter() - started
-    print_table(rep)
-    say("\nload average (1 min) at the start and end of each part: " + ", ".join(
-        f"{k} {'-'.join(f'{x:.2f}' for x in v)}" for k, v in loads.items()))
-    say(f"total {elapsed:.0f} s; cold = after unmount/mount and drop_caches; warm = median of "
-        f"{WARM_REPS}; MB/s = 10^6 B/s")
-    for err in rep.errors:
-        say(f"FAILED {err}")
-    if args.json:
-        doc = {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "json"},
-               "results": rep.data, "table": rep.rows, "loadavg": loads, "errors": rep.errors,
-               "seconds": elapsed, "interrupted": interrupted}
-        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
-        say(f"wrote {args.json}")
-    if interrupted:
-        return 130
-    return 1 if rep.errors else 0
+    return conclude(rep, args, machine=info, elapsed=time.perf_counter() - started,
+                    interrupted=interrupted, units=f"cold = after unmount/mount and drop_caches; "
+                    f"warm = median of {WARM_REPS}; MB/s = 10^6 B/s")
 
 
 if __name__ == "__main__":

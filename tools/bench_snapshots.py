@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import stat
 import statistics
 import sys
@@ -28,31 +27,37 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tools.bench import (
+from tools.gen_studies import CtData
+from tools.harness import (
     MIB,
     SMALL_FILE_BYTES,
     BenchError,
-    CtData,
+    Result,
+    RunDir,
     VnafsTarget,
     drop_caches,
     loadavg,
+    parse_run_args,
     preflight,
-    run,
-    say,
-    signals_ignored,
+    sigterm_as_interrupt,
     wl_ingest,
     wl_read,
     wl_write,
 )
-from vnafs.daemon import control_request, open_store
+from tools.report import say
+from vnafs.control import control_request
 from vnafs.keys import resolve_kek_source
-from vnafs.meta.namespace import Tx
 from vnafs.meta.records import ROOT_INO
+from vnafs.meta.tx import Tx
+from vnafs.store.lifecycle import open_store
 
-VNAFS = str(Path(sys.executable).with_name("vnafs"))
+DEFAULT_DIR = "/var/tmp/vnafs-bench-snapshots"
+PARTS = ("create", "read", "write")
+DEFAULT_SIZES = {"read_mib": 512, "files": 1000}
+QUICK_SIZES = {"read_mib": 128, "files": 300}
 
 
-def _rate(res: Any) -> float:
+def _rate(res: Result) -> float:
     if res.rate is None:
         raise BenchError("a workload took no measurable time")
     return float(res.rate)
@@ -78,9 +83,9 @@ def build_tree(t: VnafsTarget, files: int) -> None:
         store.close()
 
 
-def part_create(rundir: Path, sizes: list[int], out: dict[str, Any]) -> None:
+def part_create(rundir: Path, exe: str, sizes: list[int], out: dict[str, Any]) -> None:
     for n in sizes:
-        t = VnafsTarget(rundir / f"create-{n}", VNAFS)
+        t = VnafsTarget(rundir / f"create-{n}", exe)
         try:
             t.create()
             t0 = time.perf_counter()
@@ -93,7 +98,7 @@ def part_create(rundir: Path, sizes: list[int], out: dict[str, Any]) -> None:
                 control_request(t.hot, {"op": "snapshot_create", "name": f"s{i}"})
                 socket_ms.append((time.perf_counter() - t0) * 1000)
             t0 = time.perf_counter()
-            run([VNAFS, "snapshot", "create", str(t.path), "cli"])
+            t.vnafs("snapshot", "create", str(t.path), "cli")
             cli_ms = (time.perf_counter() - t0) * 1000
             listed = len(os.listdir(t.path / ".snapshots" / "cli"))
             if listed != -(-n // 1000):
@@ -103,18 +108,17 @@ def part_create(rundir: Path, sizes: list[int], out: dict[str, Any]) -> None:
             say(f"  {n} files: snapshot_create median {statistics.median(socket_ms):.2f} ms "
                 f"(socket), command {cli_ms:.0f} ms")
         finally:
-            with signals_ignored():
-                t.cleanup()
-            shutil.rmtree(t.root, ignore_errors=True)
+            t.discard()
 
 
-def part_read(rundir: Path, data: CtData, size_mib: int, out: dict[str, Any]) -> None:
-    t = VnafsTarget(rundir / "read", VNAFS)
+def part_read(rundir: Path, exe: str, data: CtData, size_mib: int, out: dict[str, Any]
+              ) -> None:
+    t = VnafsTarget(rundir / "read", exe)
     try:
         t.create()
         t.mount()
         _, digest = wl_write(t.path, data, size_mib)
-        run([VNAFS, "snapshot", "create", str(t.path), "r"])
+        t.vnafs("snapshot", "create", str(t.path), "r")
         results = {}
         for label, path in (("live", t.path), ("snapshot", t.path / ".snapshots" / "r")):
             t.umount()
@@ -126,13 +130,12 @@ def part_read(rundir: Path, data: CtData, size_mib: int, out: dict[str, Any]) ->
         out["read"] = {"live_mb_s": results["live"], "snapshot_mb_s": results["snapshot"],
                        "ratio": results["snapshot"] / results["live"]}
     finally:
-        with signals_ignored():
-            t.cleanup()
-        shutil.rmtree(t.root, ignore_errors=True)
+        t.discard()
 
 
-def _ingest_fs(rundir: Path, name: str, data: CtData, files: int, snapshots: int) -> float:
-    t = VnafsTarget(rundir / name, VNAFS)
+def _ingest_fs(rundir: Path, exe: str, name: str, data: CtData, files: int, snapshots: int
+               ) -> float:
+    t = VnafsTarget(rundir / name, exe)
     try:
         t.create()
         t.mount()
@@ -148,18 +151,16 @@ def _ingest_fs(rundir: Path, name: str, data: CtData, files: int, snapshots: int
                 control_request(t.hot, {"op": "snapshot_create", "name": f"s{i:03d}"})
         return _rate(wl_ingest(t.path, data, files))
     finally:
-        with signals_ignored():
-            t.cleanup()
-        shutil.rmtree(t.root, ignore_errors=True)
+        t.discard()
 
 
-def part_write(rundir: Path, data: CtData, files: int, snapshots: int,
+def part_write(rundir: Path, exe: str, data: CtData, files: int, snapshots: int,
                out: dict[str, Any]) -> None:
-    _ingest_fs(rundir, "warm-up", data, files, 0)
+    _ingest_fs(rundir, exe, "warm-up", data, files, 0)
     rates: dict[str, list[float]] = {"none": [], "many": []}
     for _ in range(2):
-        rates["none"].append(_ingest_fs(rundir, "w0", data, files, 0))
-        rates["many"].append(_ingest_fs(rundir, "wN", data, files, snapshots))
+        rates["none"].append(_ingest_fs(rundir, exe, "w0", data, files, 0))
+        rates["many"].append(_ingest_fs(rundir, exe, "wN", data, files, snapshots))
         say(f"  ingest: none {rates['none'][-1]:.0f} MB/s, {snapshots} snapshots "
             f"{rates['many'][-1]:.0f} MB/s")
     none, many = statistics.median(rates["none"]), statistics.median(rates["many"])
@@ -169,38 +170,41 @@ def part_write(rundir: Path, data: CtData, files: int, snapshots: int,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_snapshots", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="smaller sizes (about a minute)")
-    p.add_argument("--dir", default="/var/tmp/vnafs-bench-snapshots")
-    p.add_argument("--json", metavar="FILE")
-    p.add_argument("--only", default="create,read,write")
     p.add_argument("--read-mib", type=int)
     p.add_argument("--files", type=int)
     p.add_argument("--snapshots", type=int, default=50)
-    args = p.parse_args(argv)
-    if preflight("bench_snapshots") is None:
+    args = parse_run_args(p, argv, default_dir=DEFAULT_DIR, names=PARTS,
+                          quick_help="smaller sizes (about a minute)",
+                          default_sizes=DEFAULT_SIZES, quick_sizes=QUICK_SIZES,
+                          positive=("snapshots",))
+    exe = preflight("bench_snapshots")
+    if exe is None:
         return 2
-    parts = set(args.only.split(","))
+    parts = set(args.only)
     sizes = [1_000, 10_000] if args.quick else [10_000, 100_000]
-    read_mib = args.read_mib or (128 if args.quick else 512)
-    files = args.files or (300 if args.quick else 1000)
-    rundir = Path(args.dir)
-    if rundir.exists():
-        shutil.rmtree(rundir)
-    rundir.mkdir(parents=True)
+    read_mib, files = args.read_mib, args.files
+    # One file system at a time, at most the read file, or the ingest with the base set and
+    # every overwritten version the snapshots keep (uncompressed, so an upper bound).
+    need = max(read_mib * MIB, (files + 100 + 20 * args.snapshots) * SMALL_FILE_BYTES)
+    run_dir = RunDir.create(args.dir, need)
+    if run_dir is None:
+        return 2
+    rundir = run_dir.path
     data = CtData()
     out: dict[str, Any] = {"load_before": loadavg()}
-    try:
-        if "create" in parts:
-            say("snapshot creation against tree size")
-            part_create(rundir, sizes, out)
-        if "read" in parts:
-            say(f"cold read of {read_mib} MiB, live and through a snapshot")
-            part_read(rundir, data, read_mib, out)
-        if "write" in parts:
-            say(f"ingest of {files} x 0.5 MiB with 0 and {args.snapshots} snapshots")
-            part_write(rundir, data, files, args.snapshots, out)
-    finally:
-        shutil.rmtree(rundir, ignore_errors=True)
+    with sigterm_as_interrupt():
+        try:
+            if "create" in parts:
+                say("snapshot creation against tree size")
+                part_create(rundir, exe, sizes, out)
+            if "read" in parts:
+                say(f"cold read of {read_mib} MiB, live and through a snapshot")
+                part_read(rundir, exe, data, read_mib, out)
+            if "write" in parts:
+                say(f"ingest of {files} x 0.5 MiB with 0 and {args.snapshots} snapshots")
+                part_write(rundir, exe, data, files, args.snapshots, out)
+        finally:
+            run_dir.remove(args.keep)
     out["load_after"] = loadavg()
     print("\nresults")
     for n in sizes:

@@ -34,6 +34,10 @@ bytes of the lanes, and added with one big-integer addition, which cannot carry 
 because every sample stays below 2**16) plus about 1.5 ms of pydicom encoding: about 3 ms per
 0.5 MiB slice in memory, 5 ms written to disk (2,000 slices in under 10 s), on a 2-core VM.
 
+Raw chunks. `CtData` is the input of the throughput benchmarks (tools.bench,
+tools.bench_snapshots): distinct 1 MiB chunks of raw 16-bit samples of the same chest phantom
+(`CT_SHAPES` on `AIR`, noise sigma `CT_NOISE_SIGMA`), without DICOM around them.
+
 Command line, from the repository root:
 
     .venv/bin/python -m tools.gen_studies OUT [--seed N] [--preset small|full]
@@ -68,22 +72,26 @@ from pydicom import uid as dicom_uid
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
 
-from tools.bench import AIR, CT_SHAPES
-
 __all__ = [
     "ACCESSION_ISSUER",
     "ACCESSION_PREFIX",
+    "AIR",
+    "CHUNK",
+    "CT_NOISE_SIGMA",
+    "CT_SHAPES",
     "ISSUERS",
     "MODALITIES",
     "PATIENT_ID_PREFIX",
     "PRESETS",
     "UID_ROOT",
+    "CtData",
     "GenInstance",
     "Patient",
     "generate",
     "main",
     "make_patients",
     "make_study",
+    "phantom_pattern",
     "write_ct_series",
 ]
 
@@ -126,6 +134,23 @@ _BITS_STORED = 12
 _MAX_SAMPLE = (1 << _BITS_STORED) - 1
 # The phantom changes with depth in this many steps; each step is computed once and cached.
 _LEVELS = 8
+
+# A chest cross-section: (centre x, centre y, radius x, radius y, value) as fractions of the
+# slice, painted in order; values are CT numbers + 1024 (air 24, water 1024, bone about 1900).
+# The CT phantom of the DICOM objects and of the raw chunks of `CtData` (tools.bench).
+CT_SHAPES: tuple[tuple[float, float, float, float, int], ...] = (
+    (0.50, 0.52, 0.40, 0.30, 1024),  # body outline, water
+    (0.50, 0.52, 0.37, 0.27, 1060),  # soft tissue
+    (0.33, 0.45, 0.10, 0.13, 300),   # lungs
+    (0.67, 0.45, 0.10, 0.13, 300),
+    (0.45, 0.55, 0.06, 0.05, 1080),  # heart
+    (0.58, 0.62, 0.03, 0.03, 1300),  # contrast-filled vessel
+    (0.50, 0.70, 0.05, 0.04, 1900),  # vertebra
+    (0.50, 0.70, 0.025, 0.02, 1150),  # spinal canal
+)
+AIR = 24  # CT number of air + 1024: the background of CT_SHAPES
+# Detector noise of CT in stored units: about 2x with zstd level 1, like real CT slices.
+CT_NOISE_SIGMA = 6.0
 
 
 @dataclass(frozen=True)
@@ -173,9 +198,8 @@ class _Phantom:
 
 
 _PHANTOMS: dict[str, _Phantom] = {
-    # The chest cross-section of tools/bench.py (CT numbers + 1024). Sigma 6 gives about 2x
-    # with zstd, like real CT slices.
-    "ct": _Phantom(AIR, CT_SHAPES, 12, 6.0),
+    # The chest cross-section CT_SHAPES (CT numbers + 1024).
+    "ct": _Phantom(AIR, CT_SHAPES, 12, CT_NOISE_SIGMA),
     # A T2-like head: dark background and skull, grey brain, bright ventricles.
     "mr": _Phantom(20, (
         (0.50, 0.50, 0.40, 0.45, 350),  # scalp
@@ -801,6 +825,84 @@ def write_ct_series(out: Path, *, seed: int, count: int,
                              study_date=None, implicit_vr=False,
                              accession_issuer=ACCESSION_ISSUER)
     return [_write(Path(out), "p01/s01", obj, patient) for obj in objects]
+
+
+# -- raw CT-like chunks (tools.bench) ------------------------------------------------------------
+#
+# The throughput benchmarks write raw pixel data, not DICOM files: distinct 1 MiB chunks that
+# compress like CT (the chest phantom above plus gaussian noise) but never deduplicate.
+
+CHUNK = 1 << 20
+_PATTERN_BYTES = 8 * CHUNK
+_SLICE_SIDE = 512  # 512 x 512 x 2 bytes = 512 KiB per slice, 16 slices per pattern
+_PATTERN_SEED = 20240601
+_PAGE = 4096
+
+
+def phantom_pattern(nbytes: int = _PATTERN_BYTES, seed: int = _PATTERN_SEED) -> bytes:
+    """`nbytes` of consecutive CT slices: a phantom that changes slowly along z, plus noise."""
+    rng = random.Random(seed)
+    normal = statistics.NormalDist(0.0, CT_NOISE_SIGMA)
+    # Noise through a 256-entry inverse-CDF table indexed by random bytes: gaussian and fast.
+    # Clamped to 3 sigma < AIR, so no sample goes below zero.
+    limit = min(AIR, round(3 * CT_NOISE_SIGMA))
+    table = [max(-limit, min(limit, round(normal.inv_cdf((i + 0.5) / 256)))) for i in range(256)]
+    n = _SLICE_SIDE
+    slices = nbytes // (2 * n * n)
+    out = bytearray()
+    for s in range(slices):
+        z = s / max(1, slices)
+        values: list[int] = []
+        for y in range(n):
+            row = [AIR] * n
+            fy = (y + 0.5) / n
+            for cx, cy, rx, ry, v in CT_SHAPES:
+                ry_z = ry * (1 + 0.15 * z)  # organs grow and shrink between slices
+                d = 1 - ((fy - cy) / ry_z) ** 2
+                if d <= 0:
+                    continue
+                half = rx * (1 - 0.05 * z) * d**0.5
+                x0, x1 = max(0, round((cx - half) * n)), min(n, round((cx + half) * n))
+                if x1 > x0:
+                    row[x0:x1] = [v] * (x1 - x0)
+            values.extend(row)
+        noise = rng.randbytes(n * n)
+        samples = array.array("H", [p + table[b] for p, b in zip(values, noise, strict=True)])
+        if sys.byteorder == "big":
+            samples.byteswap()
+        out += samples.tobytes()
+    return bytes(out)
+
+
+class CtData:
+    """Distinct 1 MiB CT-like chunks, cheap to make, from one pattern."""
+
+    def __init__(self) -> None:
+        pattern = phantom_pattern()
+        self._ring = pattern + pattern[:CHUNK]  # any 1 MiB window, wrapping around
+        self._samples = len(pattern) // 2
+        self._xor = [bytes(i ^ c for i in range(256)) for c in range(256)]
+
+    def chunk(self, seq: int) -> bytes:
+        """Chunk number `seq`: distinct for every seq below 2**22 (4 TiB of chunks)."""
+        # An odd multiplier is a bijection modulo a power of two: distinct rotations.
+        off = (seq * 2_654_435_761) % self._samples * 2
+        buf = bytearray(self._ring[off:off + CHUNK])
+        for k, c in enumerate((seq + 1).to_bytes(4, "little")):
+            if c:
+                sl = slice(2 * k, None, _PAGE)  # low byte of sample k of every 4 KiB page
+                buf[sl] = bytes(buf[sl]).translate(self._xor[c])
+        return bytes(buf)
+
+    def zstd1_ratio(self, chunks: int = 8) -> float | None:
+        """Compression ratio of zstd level 1 over whole 1 MiB chunks, as vnafs compresses."""
+        try:
+            import zstandard
+        except ImportError:
+            return None
+        cctx = zstandard.ZstdCompressor(level=1)
+        sizes = [len(cctx.compress(self.chunk(i))) for i in range(chunks)]
+        return chunks * CHUNK / sum(sizes)
 
 
 # -- command line --------------------------------------------------------------------------------
