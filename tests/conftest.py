@@ -123,6 +123,9 @@ class Fs:
         if not self.key.exists():
             run_vnafs("keygen", str(self.key))
         archive = ["--archive", self.archive] if self.archive else []
+        if self.archive and self.archive.startswith("file://"):
+            # mkfs refuses a missing archive directory (a typo, an unmounted archive).
+            Path(self.archive.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
         run_vnafs("mkfs", "--key-file", str(self.key), *archive, str(self.hot), env=self.env)
         return self
 

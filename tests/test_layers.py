@@ -19,7 +19,7 @@ PACKAGE = Path(vnafs.__file__).parent
 
 # Lowest first. A module may import modules of its own layer and of any layer below it.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundations", ["vnafs", "vnafs.errors", "vnafs.heap", "vnafs.mountinfo",
+    ("foundations", ["vnafs", "vnafs.errors", "vnafs.heap", "vnafs.mountinfo", "vnafs.timespec",
                      "vnafs.archive.url"]),
     ("configuration and keys", ["vnafs.config", "vnafs.keys", "vnafs.control"]),
     ("sealing", ["vnafs.seal"]),

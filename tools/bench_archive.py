@@ -903,6 +903,7 @@ def part_ingest(b: Bench, files: list[tuple[str, bytes]], repeat: int, warm_up: 
         if mode == "none":
             archive = None
         elif mode == "file":
+            (b.rundir / (name + "-archive")).mkdir()
             archive = f"file://{b.rundir / (name + '-archive')}"
         else:
             archive = b.s3_url(name)

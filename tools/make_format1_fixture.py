@@ -296,6 +296,7 @@ def make(out: Path) -> None:
     WORK.mkdir(mode=0o755)
     key, hot, archive, mnt = WORK / "site.key", WORK / "hot", WORK / "archive", WORK / "mnt"
     mnt.mkdir(mode=0o755)
+    archive.mkdir(mode=0o700)
     url = f"file://{archive}"
     manifest: dict[str, Any] = {}
     try:

@@ -13,6 +13,7 @@ import json
 import logging
 import logging.handlers
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -74,10 +75,46 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_mkfs(args: argparse.Namespace) -> int:
     from vnafs.store.lifecycle import mkfs
 
-    mkfs(Path(args.hot), _source(args), archive_url=args.archive, uid=os.getuid(),
-         gid=os.getgid(), credentials=args.credentials)
-    print(f"created vnafs hot store {Path(args.hot).resolve()}")
+    hot = Path(args.hot).resolve()
+    existed = hot.exists()
+    source = _source(args)
+    mkfs(hot, source, archive_url=args.archive, uid=os.getuid(), gid=os.getgid(),
+         credentials=args.credentials)
+    if args.archive:
+        try:
+            _first_replication(hot, source)
+        except VnafsError as exc:
+            # Nothing half-made stays behind: the directory was empty or absent before.
+            for child in hot.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            if not existed:
+                hot.rmdir()
+            raise VnafsError(f"{exc} (nothing was created)") from None
+        print(f"created vnafs hot store {hot}; its keyring and first checkpoint are in the "
+              f"archive {args.archive}")
+        return 0
+    print(f"created vnafs hot store {hot}")
     return 0
+
+
+def _first_replication(hot: Path, source: KekSource) -> None:
+    """Write the keyring, the configuration and a first checkpoint into the archive now, so
+    the archive is checked for writing and a restore works from the first minute."""
+    import trio
+
+    from vnafs.archive.backend import ArchiveError
+    from vnafs.archive.replicator import replicate_once
+    from vnafs.store.lifecycle import archive_backend, open_store
+
+    store = open_store(hot, source)
+    try:
+        backend = archive_backend(store)
+        assert backend is not None
+        trio.run(replicate_once, store, backend)
+    except ArchiveError as exc:
+        raise VnafsError(f"the archive cannot be written: {exc}") from None
+    finally:
+        store.close()
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -259,8 +296,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  snapshots     {snaps['count']}{busy}  (vnafs snapshot list)")
     problems = st.get("problems", {})
     if problems.get("last_problem"):
+        now = ", ".join(problems.get("active", [])) or "none"
         counts = ", ".join(f"{k} {v}" for k, v in sorted(problems["problems"].items()))
-        print(f"  problems      {counts}; newest: {problems['last_problem']}")
+        print(f"  problems      now: {now}; since mount: {counts}; newest: "
+              f"{problems['last_problem']}")
     return 0
 
 
@@ -349,12 +388,12 @@ def cmd_reindex(args: argparse.Namespace) -> int:
 
 def cmd_fsck(args: argparse.Namespace) -> int:
     from vnafs import fsck
-    from vnafs.store.lifecycle import open_store
+    from vnafs.store.lifecycle import archive_backend, open_store
 
     store = open_store(Path(args.hot), _source(args))
     try:
         report = fsck.check(store, repair=args.repair, verify_data=not args.no_data,
-                            progress=not args.json)
+                            progress=not args.json, archive=archive_backend(store))
     finally:
         store.close()
     if args.json:
@@ -374,7 +413,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     # No backend.check(): fetching the keyring is the first request and fails with the same
     # one-line errors, and check() would create a missing file:// directory.
     backend = open_backend(url, credentials_file=credentials)
-    report = restore(backend, Path(args.hot), _source(args), progress=not args.no_progress,
+    # A bar only on a terminal: under systemd or in a script it would fill the log.
+    report = restore(backend, Path(args.hot), _source(args),
+                     progress=not args.no_progress and sys.stderr.isatty(),
                      credentials=credentials)
     mib = report.bytes_downloaded / (1 << 20)
     rp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(report.recovery_point_ns / 1e9)) \
@@ -557,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = snap.add_parser("create", help="take a snapshot (name: @GMT-YYYY.MM.DD-hh.mm.ss)")
     t.add_argument("mountpoint")
     t.add_argument("name", nargs="?")
-    t.add_argument("--lock-until", metavar="DATE", help="lock it until this date (UTC)")
+    t.add_argument("--lock-until", metavar="WHEN",
+                   help="lock it for a duration (30d, 10y) or until a UTC date (YYYY-MM-DD)")
     t = snap.add_parser("list", help="name, time, expiry, lock and unique bytes")
     t.add_argument("mountpoint")
     t.add_argument("--json", action="store_true")
@@ -567,7 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = snap.add_parser("lock", help="lock a snapshot until a date (only ever later)")
     t.add_argument("mountpoint")
     t.add_argument("name")
-    t.add_argument("--until", required=True, metavar="DATE", help="YYYY-MM-DD (UTC)")
+    t.add_argument("--until", required=True, metavar="WHEN",
+                   help="a duration from now (30d, 10y) or a UTC date YYYY-MM-DD[Thh:mm:ss]")
     t = snap.add_parser("diff", help="what changed between two snapshots, or one and now")
     t.add_argument("mountpoint")
     t.add_argument("old")

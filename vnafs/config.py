@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from vnafs.errors import VnafsError
+from vnafs.timespec import parse_duration
 
 CONFIG_NAME = "vnafs.toml"
 
@@ -69,19 +70,6 @@ class SnapshotConfig:
     mkdir: bool = False
     visible: bool = False
     schedule: list[Schedule] = field(default_factory=list)
-
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_duration(text: object, what: str) -> int:
-    """Seconds of "90s", "15m", "1h", "30d", "2w"."""
-    if isinstance(text, str) and len(text) >= 2 and text[:-1].isdigit() and text[-1] in _UNITS:
-        seconds = int(text[:-1]) * _UNITS[text[-1]]
-        if seconds > 0:
-            return seconds
-    raise VnafsError(f"{what} must be a duration such as \"15m\", \"1h\", \"30d\" or \"2w\"; "
-                     "fix the file")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from pathlib import Path
 import trio
 
 from vnafs import __version__
-from vnafs.archive.backend import Backend, open_backend
+from vnafs.archive.backend import open_backend
 from vnafs.archive.follower import ArchiveFollower
 from vnafs.archive.maintenance import ArchiveMaintenance
 from vnafs.archive.recall import Recall
@@ -45,7 +45,7 @@ from vnafs.fs.views import Views
 from vnafs.meta.records import BLOCK_SIZE
 from vnafs.meta.snapshots import Snapshots
 from vnafs.meta.tx import NO_HOOKS
-from vnafs.store.lifecycle import Store, lock_store, recover
+from vnafs.store.lifecycle import Store, archive_backend, lock_store, recover
 
 log = logging.getLogger("vnafs.daemon")
 
@@ -64,15 +64,6 @@ def fuse_options(store: Store, *, readonly: bool) -> set[str]:
     if readonly:
         opts.add("ro")
     return opts
-
-
-def archive_backend(store: Store) -> Backend | None:
-    """The archive backend of a hot store, None without an archive; checked before mounting
-    (a bad URL or credentials file is a one-line error, an unreachable archive is not)."""
-    a = store.config.archive
-    if not a.url:
-        return None
-    return open_backend(a.url, credentials_file=Path(a.credentials) if a.credentials else None)
 
 
 def dicom_index(store: Store) -> DicomIndex | None:
@@ -97,6 +88,9 @@ async def serve(
 
     cfg = store.config
     readonly = follower is not None
+    pid_file = store.root / "daemon.pid"
+    # The pid file outlives only a daemon that did not unmount cleanly (killed, crashed).
+    crashed = pid_file.exists() and not readonly
     if not readonly:
         recover(store)
         store.ns.start_mount()
@@ -169,8 +163,9 @@ async def serve(
         nursery.start_soon(_watch_signals)
         if not readonly:
             nursery.start_soon(engine.sync_periodically, cfg.store.sync_interval)
+        if crashed:
+            nursery.start_soon(engine.collect_leftovers)
         nursery.start_soon(_raise_readahead, mountpoint)
-        pid_file = store.root / "daemon.pid"
         pid_file.write_text(f"{os.getpid()}\n")
         log.info("mounted %s (vnafs %s%s)", mountpoint, __version__,
                  ", read-only archive mount" if readonly else "")

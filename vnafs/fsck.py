@@ -17,10 +17,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from vnafs.archive.backend import ArchiveError, ArchiveMissing, Backend
+from vnafs.archive.log import block_name
 from vnafs.errors import IntegrityError
 from vnafs.meta.db import INF, read_u64, records, u64
 from vnafs.meta.records import ROOT_INO, STATE_HOT, BlockRef, Inode, RefCount, unpack_dirent
 from vnafs.meta.tx import Tx
+from vnafs.seal import KIND_BLOCK
 from vnafs.store.lifecycle import Store
 
 LOST_FOUND = b"lost+found"
@@ -30,14 +33,22 @@ LOST_FOUND = b"lost+found"
 class Report:
     checked_inodes: int = 0
     checked_blocks: int = 0
+    # Leftovers of an interrupted run: expected after a crash, harmless, removed by the next
+    # mount (and by --repair). They do not make the store unclean.
     tmp_files: int = 0
     orphan_inodes: list[int] = field(default_factory=list)
     orphan_blocks: list[str] = field(default_factory=list)
+    # Inconsistencies --repair fixes.
     bad_nlink: list[int] = field(default_factory=list)
     bad_parent: list[int] = field(default_factory=list)
     bad_refcount: list[str] = field(default_factory=list)
     dangling_entries: int = 0
     unreachable: list[int] = field(default_factory=list)
+    # Blocks missing or damaged in the hot store whose archive copy is intact (read and
+    # authenticated): reads recall them; --repair fetches them back now.
+    in_archive: dict[str, list[int]] = field(default_factory=dict)
+    archive_error: str | None = None
+    # Damage: what neither the hot store nor the archive can give back.
     damaged_records: list[str] = field(default_factory=list)
     missing_blocks: dict[str, list[int]] = field(default_factory=dict)
     corrupt_blocks: dict[str, list[int]] = field(default_factory=dict)
@@ -48,22 +59,33 @@ class Report:
         return bool(self.damaged_records or self.missing_blocks or self.corrupt_blocks)
 
     @property
+    def leftovers(self) -> bool:
+        return bool(self.tmp_files or self.orphan_inodes or self.orphan_blocks)
+
+    @property
     def clean(self) -> bool:
-        return not (self.damage or self.tmp_files or self.orphan_inodes or self.orphan_blocks
-                    or self.bad_nlink or self.bad_parent or self.bad_refcount
-                    or self.dangling_entries or self.unreachable)
+        return not (self.damage or self.bad_nlink or self.bad_parent or self.bad_refcount
+                    or self.dangling_entries or self.unreachable
+                    or (self.in_archive and not self.repaired))
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items()} | {"clean": self.clean,
-                                                       "damage": self.damage}
+                                                       "damage": self.damage,
+                                                       "leftovers": self.leftovers}
 
     def summary(self) -> str:
         lines = [f"checked {self.checked_inodes} inodes and {self.checked_blocks} blocks"]
-        fixes = "fixed" if self.repaired else "found (run with --repair to fix)"
+        removed = "removed" if self.repaired else (
+            "harmless; the next mount or fsck --repair removes them")
         for label, n in (
             ("half-written blocks in tmp/", self.tmp_files),
-            ("orphaned inodes", len(self.orphan_inodes)),
-            ("orphan block files", len(self.orphan_blocks)),
+            ("inodes unlinked while open", len(self.orphan_inodes)),
+            ("block files of writes never committed", len(self.orphan_blocks)),
+        ):
+            if n:
+                lines.append(f"  leftover from an interrupted run: {label}: {n} ({removed})")
+        fixes = "fixed" if self.repaired else "found (run with --repair to fix)"
+        for label, n in (
             ("wrong link counts", len(self.bad_nlink)),
             ("wrong directory parents", len(self.bad_parent)),
             ("wrong block reference counts", len(self.bad_refcount)),
@@ -72,6 +94,14 @@ class Report:
         ):
             if n:
                 lines.append(f"  {label}: {n} {fixes}")
+        if self.in_archive:
+            done = "fetched back from the archive" if self.repaired else (
+                "intact in the archive: reads recall them; fsck --repair fetches them now")
+            lines.append(f"  blocks missing or damaged in the hot store: {len(self.in_archive)} "
+                         f"({done})")
+        if self.archive_error:
+            lines.append(f"  the archive could not be checked ({self.archive_error}); the "
+                         "blocks below may still be there")
         for ino_list, label in ((self.missing_blocks, "missing"), (self.corrupt_blocks,
                                                                     "corrupt")):
             for block, inos in sorted(ino_list.items()):
@@ -93,7 +123,9 @@ def _progress(total: int, enabled: bool, desc: str) -> Any:
 
 
 def check(store: Store, *, repair: bool = False, verify_data: bool = True,
-          progress: bool = True) -> Report:
+          progress: bool = True, archive: Backend | None = None) -> Report:
+    """Check (and with `repair` fix) an unmounted store. With `archive`, blocks missing or
+    damaged in the hot store are looked up there before they are called damage."""
     rep = Report()
     db = store.db
     rep.tmp_files = sum(1 for _ in store.hot.tmp.iterdir())
@@ -187,10 +219,37 @@ def check(store: Store, *, repair: bool = False, verify_data: bool = True,
     if bar is not None:
         bar.close()
 
+    if archive is not None and (rep.missing_blocks or rep.corrupt_blocks):
+        _check_archive(store, archive, rep, stored_refs, repair)
     if repair:
         _repair(store, rep, inodes, links, subdirs, entry_parent, ref_counts, stored_refs,
                 dangling)
     return rep
+
+
+def _check_archive(store: Store, archive: Backend, rep: Report,
+                   stored_refs: dict[bytes, RefCount], repair: bool) -> None:
+    """Move blocks whose archive copy reads back and authenticates from damage to
+    `in_archive`; with `repair`, put that copy back into the hot store."""
+    for found in (rep.missing_blocks, rep.corrupt_blocks):
+        for hexid in list(found):
+            block_id = bytes.fromhex(hexid)
+            rc = stored_refs.get(block_id)
+            if rc is None or rc.state == STATE_HOT:
+                continue  # never replicated: the archive cannot have it
+            try:
+                envelope = archive.get(block_name(block_id))
+                store.sealer.check(KIND_BLOCK, block_id, envelope)
+            except ArchiveMissing:
+                continue
+            except ArchiveError as exc:
+                rep.archive_error = str(exc)
+                return
+            except IntegrityError:
+                continue  # damaged there too: stays damage
+            rep.in_archive[hexid] = found.pop(hexid)
+            if repair:
+                store.hot.put_envelope(block_id, envelope)
 
 
 def _safe_scan(rep: Report, db: Any, txn: Any, table: str) -> Any:

@@ -34,6 +34,7 @@ from vnafs.meta.namespace import Namespace
 from vnafs.meta.records import STATE_HOT, RefCount
 from vnafs.meta.tx import Tx
 from vnafs.seal import Sealer
+from vnafs.store.lifecycle import Store
 
 T = TypeVar("T")
 log = logging.getLogger("vnafs.replicator")
@@ -140,6 +141,7 @@ class Replicator:
                 self.running = False
             if self.failures:
                 log.info("archive reachable again; replication resumed")
+            self.engine.health.clear("archive")
             self.failures = 0
             self.last_error = None
             wait = self.cfg.interval
@@ -421,3 +423,13 @@ def iso_time(ns: int) -> str:
     """A recovery point as status shows it: UTC, ISO 8601, milliseconds."""
     millis = ns % 10**9 // 10**6
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + f".{millis:03d}Z"
+
+
+async def replicate_once(store: Store, backend: Backend) -> None:
+    """One replication cycle outside a mount (`vnafs mkfs --archive`): the archive then holds
+    the keyring, the configuration and a checkpoint from the first minute, so a restore works
+    even if the store is never mounted. Raises `ArchiveError` with the one-line reason."""
+    engine = Engine(store.ns, store.hot)
+    replicator = Replicator(store.root, store.ns, engine, backend, store.config.archive)
+    await replicator.cycle()
+    await engine.barrier()

@@ -48,30 +48,61 @@ def _lmdb_error(exc: lmdb.Error) -> OSError:
 
 
 class Health:
-    """Problems seen since mount, for `vnafs status`: the counts and the newest message.
+    """What is wrong now, for `vnafs status`, plus the history since mount.
 
-    Messages are the log lines themselves, which never carry PHI.
+    A problem kind is *active* from its report until the operation it concerns succeeds
+    again (`clear`): a full disk is no longer a problem once a block is stored, a failed
+    metadata write once a commit succeeds, an unreachable archive once a replication cycle
+    completes. Kinds nothing clears (an internal error) stay active for `DECAY_SECONDS`
+    after their last report. Damaged data (`integrity`) stays until the next mount: it does
+    not heal by itself, and `vnafs fsck` says what to do. The counts and the newest message
+    are history (the log has every line); messages never carry PHI.
     """
 
+    DECAY_SECONDS = 600.0
+    CLEARED_BY_SUCCESS = frozenset({"block_write", "metadata_write", "archive", "index"})
+
     def __init__(self) -> None:
+        # Reports and clears come from the loop and from the writer thread: every field is
+        # guarded by `_lock`.
+        self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
+        # kind -> time.monotonic() of its newest report, while active.
+        self.active: dict[str, float] = {}
         self.last: str | None = None
         self.last_time: float | None = None
 
     def report(self, kind: str, message: str) -> None:
-        self.counts[kind] += 1
-        self.last = message
-        self.last_time = time.time()
+        with self._lock:
+            self.counts[kind] += 1
+            self.active[kind] = time.monotonic()
+            self.last = message
+            self.last_time = time.time()
+
+    def clear(self, kind: str) -> None:
+        """The operation `kind` is about just succeeded."""
+        if kind in self.active:
+            with self._lock:
+                self.active.pop(kind, None)
+
+    def current(self) -> set[str]:
+        now = time.monotonic()
+        with self._lock:
+            return {kind for kind, when in self.active.items()
+                    if kind in self.CLEARED_BY_SUCCESS or kind == "integrity"
+                    or now - when < self.DECAY_SECONDS}
 
     def as_dict(self) -> dict[str, Any]:
-        if self.counts["integrity"]:
+        current = self.current()
+        if "integrity" in current:
             state = "damaged"
-        elif self.counts:
+        elif current:
             state = "degraded"
         else:
             state = "ok"
-        return {"state": state, "problems": dict(self.counts), "last_problem": self.last,
-                "last_problem_time": self.last_time}
+        with self._lock:
+            return {"state": state, "active": sorted(current), "problems": dict(self.counts),
+                    "last_problem": self.last, "last_problem_time": self.last_time}
 
 
 class BlockCache:
@@ -172,6 +203,7 @@ class Engine:
             err = _lmdb_error(exc)
             self.health.report("metadata_write", f"metadata write failed: {err.strerror}")
             raise err from None
+        self.health.clear("metadata_write")
         with self._pending_lock:
             for block_id in tx.freed_blocks:
                 if not self._pending[block_id]:
@@ -249,6 +281,7 @@ class Engine:
         skips compression (data known to be compressed already)."""
         block_id, stored = await trio.to_thread.run_sync(self._store_block, data, compress,
                                                          limiter=self.cpu)
+        self.health.clear("block_write")
         self.cache.put(block_id, data)
         self.stats["blocks_written"] += 1 if stored else 0
         return block_id, stored
@@ -260,15 +293,33 @@ class Engine:
                 if self._pending[block_id] <= 0:
                     del self._pending[block_id]
 
-    def _discard(self, ids: list[bytes]) -> None:
+    def _discard(self, ids: list[bytes]) -> int:
+        deleted = 0
         with self._pending_lock:
             for block_id in ids:
                 if not self._pending[block_id] and not self.ns.blocks.has(block_id):
                     self.store.delete(block_id)
+                    deleted += 1
+        return deleted
 
-    async def discard_unreferenced(self, ids: list[bytes]) -> None:
-        """Delete block files that were written but never committed (and nobody else uses)."""
-        await trio.to_thread.run_sync(self._discard, ids, limiter=self.io)
+    async def discard_unreferenced(self, ids: list[bytes]) -> int:
+        """Delete block files that were written but never committed (and nobody else uses);
+        how many were deleted."""
+        return await trio.to_thread.run_sync(self._discard, ids, limiter=self.io)
+
+    async def collect_leftovers(self, batch: int = 1024) -> int:
+        """After a crash: delete block files that no record references, written for data that
+        was never committed. Safe while the mount serves requests: each file is checked and
+        deleted under the pending lock, so a block a writer is producing right now (pending)
+        or that any record version references is never touched."""
+        ids = await trio.to_thread.run_sync(lambda: list(self.store.ids()), limiter=self.io)
+        removed = 0
+        for start in range(0, len(ids), batch):
+            removed += await self.discard_unreferenced(ids[start:start + batch])
+        if removed:
+            log.info("recovery: removed %d block files of writes that were never committed",
+                     removed)
+        return removed
 
     async def load_block(self, block_id: bytes) -> Buffer:
         while True:

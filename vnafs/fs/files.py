@@ -331,18 +331,47 @@ class Files:
                 await self.engine.barrier()
             return
         async with of.lock:
+            # A block that failed to seal earlier (a full disk) is retried here: the space
+            # may be back.
             of.error = None
-            for index in sorted(of.dirty):
-                await self._seal(of, index)
-            await self._drain(of)
-            if of.error is not None:
-                err, of.error = of.error, None
-                raise err
-            if of.sealed or of.meta_dirty:
-                await self._commit(of)
+            try:
+                for index in sorted(of.dirty):
+                    await self._seal(of, index)
+                await self._drain(of)
+                if of.error is not None:
+                    raise of.error
+                if of.sealed or of.meta_dirty:
+                    await self._commit(of)
+            except OSError:
+                # The caller (close, fsync) gets the error, and the file is at once what it
+                # was at its last successful commit, for every reader, from now on.
+                await self._drop_uncommitted(of)
+                raise
+            finally:
+                of.error = None
             if durable or self.sync_on_close:
                 # One syncfs after the commit covers the blocks and the LMDB pages together.
                 await self.engine.barrier()
+
+    async def _drop_uncommitted(self, of: OpenFile) -> None:
+        """Forget every change of `of` since its last commit (the caller holds `of.lock`):
+        buffers, sealed blocks (their files go unless something else references them), size
+        and times come back from LMDB (docs/architecture.md, "Data path", on errors)."""
+        await self._drain(of)
+        of.dirty.clear()
+        of.sealed.clear()
+        pending, of.pending_ids = of.pending_ids, []
+        if pending:
+            self.engine.release_pending(pending)
+            await self.engine.discard_unreferenced(pending)
+        node = self.ns.get_inode(of.source, of.epoch)
+        of.size = node.size
+        of.atime_ns, of.mtime_ns, of.ctime_ns = node.atime_ns, node.mtime_ns, node.ctime_ns
+        of.meta_dirty = False
+        of.last_read_end = -1
+        of.readahead_next = 0
+        log.warning("inode %d: changes since its last commit dropped after a failed close or "
+                    "fsync; it reads as committed", of.ino)
 
     async def _commit(self, of: OpenFile) -> None:
         """Commit the sealed blocks, size and times; the caller holds `of.lock`, which keeps

@@ -274,6 +274,7 @@ class Indexer:
             self._busy += 1
             try:
                 await self.index_one(ino)
+                self.engine.health.clear("index")
             except (IntegrityError, OSError) as exc:
                 # Damage (EIO, a failed record) is one line; the mark stays for fsck/reindex.
                 self.stats["errors"] += 1

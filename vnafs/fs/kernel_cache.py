@@ -33,12 +33,23 @@ def _invalidate(entries: list[tuple[int, str]], inos: Sequence[int]) -> None:
             pyfuse3.invalidate_inode(cast(pyfuse3.InodeT, ino), attr_only=True)
 
 
+def _forget_content(ino: int) -> None:
+    with contextlib.suppress(OSError):
+        pyfuse3.invalidate_inode(cast(pyfuse3.InodeT, ino), attr_only=False)
+
+
 class KernelCache:
     def __init__(self, index: DicomIndex | None, views: Views | None,
                  limiter: trio.CapacityLimiter) -> None:
         self.index = index
         self.views = views
         self.limiter = limiter
+
+    async def forget_content(self, ino: int) -> None:
+        """Make the kernel drop the cached pages and attributes of `ino` (a failed close or
+        fsync dropped its uncommitted changes). Only from FLUSH, FSYNC and RELEASE: while a
+        WRITE is being answered the kernel holds page locks that the invalidation needs."""
+        await trio.to_thread.run_sync(_forget_content, ino, limiter=self.limiter)
 
     async def drop(self, inos: Sequence[int] = ()) -> None:
         """Make the kernel forget the view names the index removed since the last call, and

@@ -488,17 +488,26 @@ class Operations(pyfuse3.Operations):
         self.engine.last_write = trio.current_time()
         return await self.files.write(fh, off, buf)
 
+    async def _committing(self, fh: int, commit: Coroutine[Any, Any, None]) -> None:
+        """A close or fsync: when it fails, `Files` has dropped the uncommitted changes, and
+        the kernel must drop the pages and size it cached from those writes too."""
+        try:
+            await commit
+        except OSError:
+            await self.kernel.forget_content(fh)
+            raise
+
     @translated
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
-        await self.files.flush(fh)
+        await self._committing(fh, self.files.flush(fh))
 
     @translated
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
-        await self.files.release(fh)
+        await self._committing(fh, self.files.release(fh))
 
     @translated
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
-        await self.files.flush(fh, durable=True)
+        await self._committing(fh, self.files.flush(fh, durable=True))
 
     # -- directories ----------------------------------------------------------------------------
 

@@ -10,7 +10,6 @@ small transactions so writers never wait long, the record versions no snapshot s
 
 from __future__ import annotations
 
-import calendar
 import errno
 import logging
 import time
@@ -18,6 +17,7 @@ from typing import Any
 
 import trio
 
+from vnafs import timespec
 from vnafs.config import SnapshotConfig
 from vnafs.fs.engine import Engine
 from vnafs.meta.snapshots import VERSIONED, Snapshot, SnapshotError, Snapshots, default_name
@@ -30,14 +30,11 @@ NS = 10**9
 
 
 def parse_until(text: str) -> int:
-    """Nanoseconds of "YYYY-MM-DD" or "YYYY-MM-DDThh:mm:ss" (UTC)."""
-    for fmt in ("%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"):
-        try:
-            return calendar.timegm(time.strptime(text, fmt)) * NS
-        except ValueError:
-            continue
-    raise SnapshotError(f"{text!r} is not a date: write it as YYYY-MM-DD or "
-                        "YYYY-MM-DDThh:mm:ss (UTC)", errno.EINVAL)
+    """Nanoseconds of a lock or expiry time: a duration from now ("30d") or a UTC date."""
+    try:
+        return timespec.parse_when(text)
+    except ValueError as exc:
+        raise SnapshotError(str(exc), errno.EINVAL) from None
 
 
 class SnapshotService:

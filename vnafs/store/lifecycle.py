@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vnafs import config as config_mod
+from vnafs.archive.backend import Backend, open_backend
+from vnafs.archive.url import parse_url
 from vnafs.config import Config
 from vnafs.errors import IntegrityError, VnafsError
 from vnafs.keys import KekSource, Keyring
@@ -115,13 +117,28 @@ def mkfs(root: Path, source: KekSource, *, archive_url: str | None, uid: int, gi
     write_format(root)
 
 
+def archive_backend(store: Store) -> Backend | None:
+    """The archive backend of a hot store, None without an archive. Contacts nothing: a bad
+    URL or credentials file is a one-line error, an unreachable archive is not."""
+    a = store.config.archive
+    if not a.url:
+        return None
+    return open_backend(a.url, credentials_file=Path(a.credentials) if a.credentials else None)
+
+
 def check_new_archive(url: str, credentials: Path | None = None) -> None:
-    """mkfs: the archive must be reachable and must not hold another file system already
-    (two hot stores replicating under one prefix would overwrite each other's HEAD)."""
+    """mkfs: the archive must be reachable, accept the credentials, and must not hold another
+    file system already (two hot stores replicating under one prefix would overwrite each
+    other's HEAD). A missing `file://` directory is refused rather than created: it is most
+    often a typo or an archive file system that is not mounted, and replicating onto the
+    local disk instead would look like success."""
     from vnafs.archive import log as alog
-    from vnafs.archive.backend import open_backend
 
     backend = open_backend(url, credentials_file=credentials)
+    parsed = parse_url(url)
+    if parsed.scheme == "file" and not Path(parsed.prefix).is_dir():
+        raise VnafsError(f"archive directory {parsed.prefix} does not exist: create it (mkdir "
+                         "-p), or mount the archive file system first")
     backend.check()
     if backend.size(alog.HEAD_NAME) is not None or backend.size(alog.KEYRING_NAME) is not None:
         raise VnafsError(f"archive {url} already holds a file system: give each hot store its "
