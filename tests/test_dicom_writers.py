@@ -16,9 +16,11 @@ with what the writer wrote, byte for byte.
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import re
+import shutil
 import stat
 import time
 from collections.abc import Iterator
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Fs, alive
+from conftest import Fs, alive, run_vnafs
 from dicomnet import Netns, Orthanc, StoreSCP, group_members, orthanc, storescp, storescu
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -379,6 +381,46 @@ def test_orthanc_store_remount_delete(fs: Fs, workdir: Path, netns: Netns,
         assert os.listdir(fs.mnt / ".dicom" / "by-study") == []
     assert pacs.proc.returncode == 0, pacs.log_tail()
     assert not regular_files(storage)
+    assert not vnafs_problems(fs), "\n".join(vnafs_problems(fs))
+
+
+def test_orthanc_copy_and_copied_original_are_one_instance(fs: Fs, workdir: Path,
+                                                            netns: Netns,
+                                                            sent: list[Sent]) -> None:
+    """The same instance stored by Orthanc (C-STORE: Orthanc writes its own file meta
+    information) and copied from its original file next to it is one instance, not a SOP
+    conflict: the views show Orthanc's copy (stored first) once. An original with one data
+    element changed is a conflict that names that element, and only it."""
+    storage = fs.mnt / "orthanc"
+    with orthanc(netns, storage, workdir / "orthanc-index", workdir / "orthanc") as pacs:
+        storescu(netns, pacs.dicom_port, [s.path for s in sent], aec=pacs.aet)
+        assert sorted(orthanc_storage(storage)) == sorted(s.sop for s in sent), pacs.log_tail()
+    assert pacs.proc.returncode == 0, pacs.log_tail()
+    fs.wait_indexed()
+    stored = {dcmread(p, stop_before_pixels=True).SOPInstanceUID: p
+              for p in regular_files(storage)}
+    originals = fs.mnt / "originals"
+    originals.mkdir()
+    for s in sent:
+        shutil.copyfile(s.path, originals / s.path.name)
+    st = fs.wait_indexed()
+    assert st["sop_conflict"] == 0 and st["instances"] == len(sent), st
+    for s in sent:
+        copy = originals / s.path.name
+        assert copy.read_bytes() != stored[s.sop].read_bytes()  # other file meta
+        series = fs.mnt / ".dicom" / "by-study" / s.study / s.series
+        assert [n for n in os.listdir(series) if n.startswith(s.sop)] == [f"{s.sop}.dcm"]
+        assert os.stat(series / f"{s.sop}.dcm").st_ino == os.stat(stored[s.sop]).st_ino
+        assert os.stat(copy).st_nlink == 1  # a duplicate: no view names
+    ds = dcmread(sent[0].path)
+    ds.SeriesDescription = "VNAFS EDITED DESCRIPTION"
+    ds.save_as(originals / "edited.dcm", enforce_file_format=True)
+    st = fs.wait_indexed()
+    # Orthanc's copy, the copied original (its duplicate) and the edited file
+    assert st["sop_conflict"] == 3 and st["instances"] == len(sent) + 1, st
+    found = json.loads(run_vnafs("find", str(fs.mnt), "--problems", "--json").stdout)
+    assert {tuple(p["tags"]) for p in found} == {("(0008,103E)",)}
+    assert "VNAFS EDITED" not in json.dumps(found) and "VNAFS EDITED" not in fs.log()
     assert not vnafs_problems(fs), "\n".join(vnafs_problems(fs))
 
 

@@ -289,6 +289,23 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  DICOM issues  incomplete {dicom['incomplete']}, invalid {dicom['invalid']}, "
               f"SOP UID conflicts {dicom['sop_conflict']}, "
               f"patient conflicts {dicom['patient_conflicts']}  (vnafs find --problems)")
+    tier = st.get("tiering") or {}
+    if tier.get("capacity_bytes"):
+        cap = tier["capacity_bytes"]
+        recall = tier.get("recall") or {}
+        p50 = recall.get("latency_p50_s")
+        hit = tier.get("hit_ratio")
+        print(f"  tiering       {_mib(tier['resident_bytes'])} resident of {_mib(cap)} "
+              f"({100 * tier.get('used_bytes', tier['resident_bytes']) / cap:.0f}% used), "
+              f"{_mib(tier['evicted_bytes'])} evicted")
+        if "recall_queue" in tier:
+            print(f"  recalls       queue {tier['recall_queue']}, "
+                  f"{recall.get('recalls', 0)} done"
+                  + (f", p50 {p50 * 1000:.0f} ms" if p50 is not None else "")
+                  + (f", hit ratio {hit:.2f}" if hit is not None else "")
+                  + f"; studies evicted {tier.get('evicted_studies', 0)}, "
+                  f"pinned {tier.get('pinned_studies', 0)}; "
+                  f"evictions {tier.get('evictions', 0)}")
     snaps = st.get("snapshots")
     if snaps is not None:
         gc = snaps["gc"]
@@ -329,8 +346,53 @@ def _date(value: str | None, flag: str) -> str | None:
 
 
 def cmd_find(args: argparse.Namespace) -> int:
+    import datetime
+    import re
+
     from vnafs import control  # light: no trio, no LMDB
 
+    def usage(message: str) -> int:
+        print(f"vnafs find: {message}", file=sys.stderr)
+        return 2
+
+    def date_range(text: str) -> tuple[str | None, str | None]:
+        """--date as DICOM range matching writes it: DAY, FROM-TO, FROM- or -TO, each day
+        YYYYMMDD or YYYY-MM-DD; one day is a range of one."""
+        day = r"(\d{8}|\d{4}-\d{2}-\d{2})"
+        m = re.fullmatch(f"{day}?(-{day}?)?", text.strip())
+        bad = VnafsError(f"--date {text!r} is not a date or a range: write it as 20250101, "
+                         "2025-01-01, 20250101-20250131, 20250101- or -20250131")
+        if m is None or not (m.group(1) or m.group(3)):
+            raise bad
+        first, last = (g.replace("-", "") if g else None for g in (m.group(1), m.group(3)))
+        for d in (first, last):
+            try:
+                if d is not None:
+                    datetime.date(int(d[:4]), int(d[4:6]), int(d[6:]))
+            except ValueError:
+                raise bad from None
+        if m.group(2) is None:
+            return first, first
+        if first and last and first > last:
+            raise VnafsError(f"--date {text!r} ends before it starts: write it as FROM-TO")
+        return first, last
+
+    keys = [k for k in ("patient", "study", "accession") if getattr(args, k) is not None]
+    narrowing = [args.modality, args.date, args.date_from, args.date_to]
+    if not args.problems:
+        if not keys and all(c is None for c in narrowing):
+            return usage("give a criterion: --patient ID [--issuer I], --study UID, "
+                         "--accession A [--accession-issuer I], --date FROM[-TO], "
+                         "--modality M, or --problems")
+        if len(keys) > 1:
+            return usage("give only one of --patient, --study or --accession (narrow it down "
+                         "with --date or --modality)")
+        if args.issuer is not None and args.patient is None:
+            return usage("--issuer goes with --patient: give both")
+        if args.accession_issuer is not None and args.accession is None:
+            return usage("--accession-issuer goes with --accession: give both")
+        if args.date is not None and (args.date_from or args.date_to):
+            return usage("give either --date FROM-TO or --from/--to, not both")
     hot = control.hot_store_of(Path(args.mountpoint))
     mnt = Path(args.mountpoint).resolve()
     if args.problems:
@@ -339,12 +401,19 @@ def cmd_find(args: argparse.Namespace) -> int:
             print(json.dumps(found, indent=2, ensure_ascii=False))
         for p in [] if args.json else found:
             where = f"inode {p['ino']}" if p["ino"] is not None else f"study {p['study']}"
-            print(f"{p['kind']:<17} {where}  {p['problem']}")
+            tags = f": {' '.join(p['tags'])}" if p.get("tags") else ""
+            also = (f"  (same SOP Instance UID: inode {', '.join(map(str, p['copies']))})"
+                    if p.get("copies") else "")
+            print(f"{p['kind']:<17} {where}  {p['problem']}{tags}{also}")
         return 0
+    if args.date is not None:
+        date_from, date_to = date_range(args.date)
+    else:
+        date_from, date_to = _date(args.date_from, "--from"), _date(args.date_to, "--to")
     req = {"op": "find", "patient": args.patient, "issuer": args.issuer, "study": args.study,
            "accession": args.accession, "accession_issuer": args.accession_issuer,
-           "modality": args.modality, "date_from": _date(args.date_from, "--from"),
-           "date_to": _date(args.date_to, "--to"), "wait": args.wait}
+           "modality": args.modality, "date_from": date_from, "date_to": date_to,
+           "wait": args.wait}
     found = control.control_request(hot, req)
     views = control.views_dir(hot)
     for study in found:
@@ -357,6 +426,8 @@ def cmd_find(args: argparse.Namespace) -> int:
         patients = ", ".join(f"{p['patient_id'] or '(empty)'} ({p['issuer'] or 'no issuer'})"
                              for p in s["patients"])
         flag = "  PATIENT CONFLICT" if s["patient_conflict"] else ""
+        if s.get("incomplete"):
+            flag += f"  {s['incomplete']} INCOMPLETE (no pixel data)"
         print(f"{date}  {'/'.join(s['modalities']) or '-':<8} {s['series']:>3} series "
               f"{s['instances']:>6} inst  acc {s['accession'] or '-'}  {patients}{flag}")
         print(f"            {s['view'] or s['study']}")
@@ -459,6 +530,94 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 2 if rep["unrepaired"] else 0
 
 
+def _tier_request(args: argparse.Namespace, mnt: Path) -> dict[str, Any]:
+    """What a tiering command names: studies by UID, patient or accession, or files by path
+    (sent as their inode numbers; each must be a regular file inside this mount)."""
+    req: dict[str, Any] = {"study": getattr(args, "study", None),
+                           "patient": getattr(args, "patient", None),
+                           "issuer": getattr(args, "issuer", None),
+                           "accession": getattr(args, "accession", None)}
+    dev = os.stat(mnt).st_dev
+    inos = []
+    for path in getattr(args, "paths", []) or []:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise VnafsError(f"{path}: {exc.strerror}; give files inside {mnt}") from None
+        if st.st_dev != dev:
+            raise VnafsError(f"{path} is not inside the vnafs mount {mnt}: give files inside it")
+        if not os.path.isfile(path):
+            raise VnafsError(f"{path} is not a regular file: give files (or --study)")
+        inos.append(st.st_ino)
+    req["inos"] = inos
+    return req
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def cmd_evict(args: argparse.Namespace) -> int:
+    from vnafs import control
+
+    mnt = Path(args.mountpoint).resolve()
+    hot = control.hot_store_of(mnt)
+    rep = control.control_request(hot, {"op": "evict", **_tier_request(args, mnt)},
+                                  timeout=3600)
+    if args.json:
+        print(json.dumps(rep, indent=2, sort_keys=True))
+    else:
+        print(f"evicted {rep['blocks']} blocks of {rep['units']} "
+              f"{'study' if args.study or args.patient else 'item'}(s): {_mib(rep['bytes_freed'])}"
+              " freed")
+    return 0
+
+
+def cmd_recall(args: argparse.Namespace) -> int:
+    from vnafs import control
+
+    mnt = Path(args.mountpoint).resolve()
+    hot = control.hot_store_of(mnt)
+    rep = control.control_request(hot, {"op": "recall", **_tier_request(args, mnt)})
+    if args.wait:
+        from tqdm import tqdm
+
+        with tqdm(total=rep["total_blocks"] or None, unit="block", desc="recalling",
+                  disable=args.json or None) as bar:
+            while not rep["done"]:
+                time.sleep(0.5)
+                rep = control.control_request(hot, {"op": "recall_progress",
+                                                    "jobs": rep["jobs"]})
+                bar.total = rep["total_blocks"] or bar.total
+                bar.update(rep["fetched_blocks"] + rep["skipped_blocks"] - bar.n)
+    if args.json:
+        print(json.dumps(rep, indent=2, sort_keys=True))
+    elif args.wait:
+        print(f"recalled {rep['fetched_blocks']} of {rep['total_blocks']} evicted blocks"
+              + (f"; {rep['skipped_blocks']} not kept (the hot store is at capacity)"
+                 if rep["skipped_blocks"] else ""))
+    else:
+        print(f"recall queued ({len(rep['jobs'])} job(s)); vnafs status shows the queue")
+    if rep.get("errors"):
+        raise VnafsError(f"recall failed: {rep['errors'][0]}")
+    return 0
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    from vnafs import control
+
+    mnt = Path(args.mountpoint).resolve()
+    hot = control.hot_store_of(mnt)
+    pinned = args.command == "pin"
+    rep = control.control_request(hot, {"op": "pin" if pinned else "unpin",
+                                        **_tier_request(args, mnt)})
+    if args.json:
+        print(json.dumps(rep, indent=2, sort_keys=True))
+    else:
+        print(f"{'pinned' if pinned else 'unpinned'} {rep['changed']} item(s)")
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     from vnafs import control
 
@@ -517,6 +676,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- entry point ---------------------------------------------------------------------------------
 
 
+def _tier_args(s: argparse.ArgumentParser, *, accession: bool, patient: bool = True) -> None:
+    s.add_argument("mountpoint")
+    s.add_argument("paths", nargs="*", metavar="PATH", help="files inside the mount")
+    s.add_argument("--study", metavar="UID", help="StudyInstanceUID")
+    if patient:
+        s.add_argument("--patient", metavar="ID", help="every study of this PatientID")
+        s.add_argument("--issuer", metavar="ISSUER", help="IssuerOfPatientID of --patient")
+    if accession:
+        s.add_argument("--accession", metavar="A", help="AccessionNumber")
+    s.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vnafs",
@@ -562,7 +733,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("mountpoint")
     s.set_defaults(fn=cmd_status)
 
-    s = sub.add_parser("find", help="find DICOM studies by patient, study or accession")
+    s = sub.add_parser("find", help="find DICOM studies by patient, study, accession, date "
+                       "or modality; list problem files")
     s.add_argument("mountpoint")
     s.add_argument("--patient", metavar="ID", help="PatientID (with --issuer; without it, "
                    "every issuer's patient of that ID is listed separately)")
@@ -570,9 +742,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--study", metavar="UID", help="StudyInstanceUID")
     s.add_argument("--accession", metavar="A", help="AccessionNumber")
     s.add_argument("--accession-issuer", metavar="ISSUER", help="issuer of the accession")
-    s.add_argument("--modality", help="only studies with this modality (CT, MR, ...)")
-    s.add_argument("--from", dest="date_from", metavar="YYYY-MM-DD", help="study date from")
-    s.add_argument("--to", dest="date_to", metavar="YYYY-MM-DD", help="study date up to")
+    s.add_argument("--modality", metavar="M", help="studies with this modality (CT, MR, ...); "
+                   "alone, or to narrow down the other criteria")
+    s.add_argument("--date", metavar="FROM[-TO]", help="study date or range, as in DICOM "
+                   "queries: 20250101, 2025-01-01, 20250101-20250131, 20250101- or -20250131; "
+                   "alone, or to narrow down the other criteria")
+    s.add_argument("--from", dest="date_from", metavar="YYYY-MM-DD",
+                   help="study date from (the same as --date FROM-)")
+    s.add_argument("--to", dest="date_to", metavar="YYYY-MM-DD",
+                   help="study date up to (the same as --date -TO)")
     s.add_argument("--problems", action="store_true",
                    help="list incomplete, invalid and conflicting files instead")
     s.add_argument("--wait", action="store_true",
@@ -623,6 +801,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("mountpoint")
     s.set_defaults(fn=cmd_verify)
+
+    s = sub.add_parser("evict", help="move studies or files out of the hot store (only what "
+                       "the archive verifiably holds)")
+    _tier_args(s, accession=False)
+    s.set_defaults(fn=cmd_evict)
+
+    s = sub.add_parser("recall", help="bring evicted studies or files back into the hot store")
+    _tier_args(s, accession=True)
+    s.add_argument("--wait", action="store_true", help="wait until done (a bar on a terminal)")
+    s.set_defaults(fn=cmd_recall)
+
+    for name, text in (("pin", "keep studies or files in the hot store (never evicted)"),
+                       ("unpin", "let pinned studies or files be evicted again")):
+        s = sub.add_parser(name, help=text)
+        _tier_args(s, accession=False, patient=False)
+        s.set_defaults(fn=cmd_pin)
 
     s = sub.add_parser("gc", help="delete archived data whose retention has expired (logged)")
     s.add_argument("--archive", action="store_true", required=True,

@@ -73,6 +73,23 @@ class SnapshotConfig:
 
 
 @dataclass
+class TieringConfig:
+    """`[tiering]`: the hot store as a bounded cache over the archive (docs/admin.md,
+    "Tiering"). Sizes in bytes, times in seconds; `capacity` 0 means the size of the file
+    system that holds the hot store; `recall_timeout` 0 means `[archive] recall_timeout`."""
+
+    capacity: int = 0
+    high_watermark: float = 0.85
+    low_watermark: float = 0.70
+    min_age: int = 30 * 86400
+    evict_by: str = "study"
+    prefetch_priors: int = 3
+    prefetch_modality: str = ""
+    recall_timeout: int = 0
+    recalls: int = 8
+
+
+@dataclass
 class Config:
     format: int = 1
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -80,6 +97,7 @@ class Config:
     dicom: DicomConfig = field(default_factory=DicomConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     snapshots: SnapshotConfig = field(default_factory=SnapshotConfig)
+    tiering: TieringConfig = field(default_factory=TieringConfig)
 
     @property
     def archive_url(self) -> str | None:
@@ -138,6 +156,23 @@ class Config:
             f"poll = {a.poll}",
             f"recall_timeout = {a.recall_timeout}",
             "",
+            "[tiering]",
+            "# The hot store as a bounded cache over the archive (needs an archive): above the",
+            "# high watermark of the capacity, whole studies least recently used and older than",
+            "# min_age are evicted (only what the archive verifiably holds) until usage is",
+            "# below the low watermark; reads recall them. capacity 0 = the file system's size.",
+            f"capacity = {_toml_str(_size_text(self.tiering.capacity))}",
+            f"high_watermark = \"{self.tiering.high_watermark * 100:g}%\"",
+            f"low_watermark = \"{self.tiering.low_watermark * 100:g}%\"",
+            f"min_age = \"{_duration_text(self.tiering.min_age)}\"",
+            f"evict_by = {_toml_str(self.tiering.evict_by)}",
+            "# When a new study of a patient arrives, recall their most recent archived studies.",
+            f"prefetch_priors = {self.tiering.prefetch_priors}",
+            f"prefetch_modality = {_toml_str(self.tiering.prefetch_modality)}",
+            "# Concurrent block fetches from the archive, and their timeout (0: the archive's).",
+            f"recalls = {self.tiering.recalls}",
+            f"recall_timeout = \"{_duration_text(self.tiering.recall_timeout)}\"",
+            "",
             "[snapshots]",
             "# mkdir/rmdir in /.snapshots create and delete snapshots (docs/admin.md).",
             f"mkdir = {str(self.snapshots.mkdir).lower()}",
@@ -156,6 +191,20 @@ class Config:
             lines += ["# [[snapshots.schedule]]", '# every = "1h"', "# keep = 24",
                       '# lock = "30d"        (optional: each snapshot locked this long)']
         return "\n".join(lines) + "\n"
+
+
+def _duration_text(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _size_text(n: int) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if n and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
 
 
 def _toml_str(s: str) -> str:
@@ -212,7 +261,8 @@ def load(hot: Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise VnafsError(f"{path} is not valid TOML ({exc}); fix or restore the file") from None
     cfg = Config()
-    unknown = set(data) - {"format", "store", "mount", "dicom", "archive", "snapshots"}
+    unknown = set(data) - {"format", "store", "mount", "dicom", "archive", "snapshots",
+                           "tiering"}
     if unknown:
         raise VnafsError(f"{path}: unknown section or key {sorted(unknown)[0]!r}; remove it")
     fmt = data.get("format", 1)
@@ -228,6 +278,7 @@ def load(hot: Path) -> Config:
     _check_view_name(path, cfg.dicom.views)
     _section(path, data, "archive", cfg.archive)
     _snapshots(path, data.get("snapshots", {}), cfg.snapshots)
+    _tiering(path, data.get("tiering", {}), cfg.tiering)
     if cfg.archive.url:
         cfg.archive.url = validate_archive_url(cfg.archive.url)
     return cfg
@@ -253,6 +304,80 @@ def _snapshots(path: Path, values: Any, target: SnapshotConfig) -> None:
         every = parse_duration(entry["every"], f"{what}: every")
         lock = parse_duration(entry["lock"], f"{what}: lock") if "lock" in entry else 0
         target.schedule.append(Schedule(f"every-{every}s", every, keep, lock))
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MIB": 1 << 20,
+               "G": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TIB": 1 << 40, "P": 1 << 50,
+               "PIB": 1 << 50, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15}
+
+
+def parse_size(value: object, what: str) -> int:
+    """Bytes of 2TiB, 500GiB, 750GB, 1048576 (binary units for K/M/G/T alone)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        text = value.strip().upper().replace(" ", "")
+        number = text.rstrip("KMGTPIB")
+        unit = text[len(number):]
+        try:
+            amount = float(number)
+        except ValueError:
+            amount = -1.0
+        if amount >= 0 and unit in _SIZE_UNITS:
+            return int(amount * _SIZE_UNITS[unit])
+    raise VnafsError(f"{what} must be a size such as \"2TiB\", \"500GiB\" or \"750GB\"; fix "
+                     "the file")
+
+
+def _share(value: object, what: str) -> float:
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            share = float(value.strip()[:-1]) / 100
+        except ValueError:
+            share = -1.0
+        if 0 < share <= 1:
+            return share
+    raise VnafsError(f"{what} must be a share of the capacity such as \"85%\"; fix the file")
+
+
+def _tiering(path: Path, values: Any, target: TieringConfig) -> None:
+    if not isinstance(values, dict):
+        raise VnafsError(f"{path}: [tiering] must be a table; fix the file")
+    known = set(vars(target))
+    for key in values:
+        if key not in known:
+            raise VnafsError(f"{path}: unknown setting tiering.{key}; known settings are "
+                             f"{', '.join(sorted(known))}")
+    what = f"{path}: tiering"
+    if "capacity" in values:
+        target.capacity = parse_size(values["capacity"], f"{what}.capacity")
+    if "high_watermark" in values:
+        target.high_watermark = _share(values["high_watermark"], f"{what}.high_watermark")
+    if "low_watermark" in values:
+        target.low_watermark = _share(values["low_watermark"], f"{what}.low_watermark")
+    if target.low_watermark >= target.high_watermark:
+        raise VnafsError(f"{what}.low_watermark must be below high_watermark; fix the file")
+    if "min_age" in values:
+        target.min_age = parse_duration(values["min_age"], f"{what}.min_age", allow_zero=True)
+    if "recall_timeout" in values:
+        target.recall_timeout = parse_duration(values["recall_timeout"],
+                                               f"{what}.recall_timeout", allow_zero=True)
+    if "evict_by" in values:
+        if values["evict_by"] not in ("study", "file"):
+            raise VnafsError(f"{what}.evict_by must be \"study\" or \"file\"; fix the file")
+        target.evict_by = values["evict_by"]
+    for key, lo, hi in (("prefetch_priors", 0, 100), ("recalls", 1, 256)):
+        if key in values:
+            value = values[key]
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise VnafsError(f"{what}.{key} must be a whole number from {lo} to {hi}")
+            setattr(target, key, value)
+    if "prefetch_modality" in values:
+        value = values["prefetch_modality"]
+        if not isinstance(value, str) or len(value) > 16:
+            raise VnafsError(f"{what}.prefetch_modality must be a modality such as \"CT\" "
+                             "(or empty for any)")
+        target.prefetch_modality = value
 
 
 def _check_view_name(path: Path, name: str) -> None:

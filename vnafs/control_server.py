@@ -35,6 +35,8 @@ from vnafs.fs.indexer import Indexer
 from vnafs.fs.snapshot_service import SnapshotService, parse_until
 from vnafs.meta.snapshots import Snapshot, diff
 from vnafs.store.lifecycle import Store
+from vnafs.tier.cache import ArchiveCache
+from vnafs.tier.tierer import Tierer
 
 log = logging.getLogger("vnafs.control")
 
@@ -61,6 +63,8 @@ class Mounted:
     replicator: Replicator | None = None
     maintenance: ArchiveMaintenance | None = None
     follower: ArchiveFollower | None = None
+    tierer: Tierer | None = None
+    cache: ArchiveCache | None = None
 
     @property
     def readonly(self) -> bool:
@@ -139,6 +143,7 @@ def handlers(m: Mounted) -> dict[str, Handler]:
     table.update(_snapshot_handlers(m))
     if m.maintenance is not None:
         table.update(_archive_handlers(m.maintenance))
+    table.update(_tier_handlers(m))
     return table
 
 
@@ -187,6 +192,14 @@ async def status(m: Mounted) -> dict[str, Any]:
         out["archive"] = m.follower.status()
     out["snapshots"] = {"count": len(m.snapshots.snaps.all()),
                         "gc": dict(m.snapshots.gc_progress)}
+    if m.tierer is not None:
+        out["tiering"] = await m.tierer.status()
+    elif m.cache is not None:
+        out["tiering"] = m.cache.status()
+    else:
+        out["tiering"] = {"capacity_bytes": None, "resident_bytes": tables["resident_bytes"],
+                          "evicted_bytes": tables["evicted_bytes"],
+                          "mode": "off: tiering needs an archive"}
     return out
 
 
@@ -275,6 +288,39 @@ def _snapshot_handlers(m: Mounted) -> dict[str, Handler]:
 
     return table | {"snapshot_create": create, "snapshot_delete": delete,
                     "snapshot_lock": lock}
+
+
+def _tier_handlers(m: Mounted) -> dict[str, Handler]:
+    """`vnafs evict`, `recall`, `pin`, `unpin`: refused with the reason where there is no
+    tiering (no archive, or a read-only archive mount)."""
+    tierer = m.tierer
+    if tierer is None:
+        why = ("this is a read-only archive mount: evict, recall and pin on the mount of the "
+               "hot store" if m.readonly else
+               "tiering needs an archive: configure [archive] url in vnafs.toml")
+
+        async def refuse(req: dict[str, Any]) -> Any:
+            raise VnafsError(why)
+
+        return {op: refuse for op in ("evict", "recall", "recall_progress", "pin", "unpin")}
+
+    async def evict(req: dict[str, Any]) -> Any:
+        return await tierer.evict_request(req)
+
+    async def recall(req: dict[str, Any]) -> Any:
+        return await tierer.recall_request({**req, "wait": False})
+
+    async def progress(req: dict[str, Any]) -> Any:
+        return tierer.job_progress([int(j) for j in _field(req, "jobs")])
+
+    async def pin(req: dict[str, Any]) -> Any:
+        return await tierer.pin_request(req, True)
+
+    async def unpin(req: dict[str, Any]) -> Any:
+        return await tierer.pin_request(req, False)
+
+    return {"evict": evict, "recall": recall, "recall_progress": progress, "pin": pin,
+            "unpin": unpin}
 
 
 def _archive_handlers(maintenance: ArchiveMaintenance) -> dict[str, Handler]:

@@ -33,7 +33,7 @@ from vnafs.archive.recall import Recall
 from vnafs.archive.replicator import Replicator
 from vnafs.control import find_mount
 from vnafs.control_server import ControlServer, Mounted, handlers
-from vnafs.dicom.index import DicomIndex
+from vnafs.dicom.index import DicomIndex, NewStudy
 from vnafs.errors import IntegrityError, VnafsError
 from vnafs.fs.engine import Engine
 from vnafs.fs.files import ClosedFile, Files
@@ -42,10 +42,14 @@ from vnafs.fs.inodes import Inodes
 from vnafs.fs.kernel_cache import KernelCache
 from vnafs.fs.snapshot_service import SnapshotService
 from vnafs.fs.views import Views
+from vnafs.meta.blocks import BlockUsage
 from vnafs.meta.records import BLOCK_SIZE
 from vnafs.meta.snapshots import Snapshots
 from vnafs.meta.tx import NO_HOOKS
 from vnafs.store.lifecycle import Store, archive_backend, lock_store, recover
+from vnafs.tier.cache import ArchiveCache
+from vnafs.tier.state import Capacity
+from vnafs.tier.tierer import Tierer
 
 log = logging.getLogger("vnafs.daemon")
 
@@ -96,14 +100,24 @@ async def serve(
         store.ns.start_mount()
     backend = follower.backend if follower is not None else archive_backend(store)
     index = dicom_index(store)
+    tiering = cfg.tiering
+    usage = BlockUsage()
+    capacity = Capacity(usage, tiering.capacity or _fs_size(store.root),
+                        high=tiering.high_watermark, low=tiering.low_watermark)
+    kept_send, kept_recv = trio.open_memory_channel[bytes](math.inf)
     recall = None
     if backend is not None:
-        recall = Recall(backend, store.hot, repair=not readonly,
-                        timeout=cfg.archive.recall_timeout)
+        recall = Recall(backend, store.hot,
+                        timeout=tiering.recall_timeout or cfg.archive.recall_timeout,
+                        concurrency=tiering.recalls,
+                        blocks=None if readonly else store.ns.blocks,
+                        keep=capacity.may_keep, kept=kept_send)
     # Commit outcomes travel on channels, so the layer that produces them never calls the
     # layer above (docs/architecture.md, "Wiring").
     orphans_send, orphans_recv = trio.open_memory_channel[int](math.inf)
     closed_send, closed_recv = trio.open_memory_channel[ClosedFile](math.inf)
+    new_send, new_recv = trio.open_memory_channel[NewStudy](math.inf)
+    tiering_on = recall is not None and not readonly and backend is not None
     engine = Engine(
         store.ns,
         store.hot,
@@ -113,6 +127,7 @@ async def serve(
         hooks=index if index is not None and not readonly else NO_HOOKS,
         recall=recall,
         orphans=orphans_send,
+        usage=usage,
     )
     views = Views(index) if index is not None else None
     snaps = Snapshots(store.ns)
@@ -124,23 +139,10 @@ async def serve(
         indexer = None
         if index is not None and not readonly:
             indexer = Indexer(engine, files, index, closed=closed_recv, invalidate=kernel.drop,
+                              new_studies=new_send if tiering_on else None,
                               max_lag=cfg.dicom.index_lag)
         snapshots = SnapshotService(engine, snaps, cfg.snapshots)
-        from vnafs.fs.operations import Operations  # imports pyfuse3
-
-        ops = Operations(engine, files, Inodes(snaps, views), kernel, block_size=BLOCK_SIZE,
-                         views_name=cfg.dicom.views, snapshots=snapshots,
-                         snapshot_mkdir=cfg.snapshots.mkdir and not readonly,
-                         snapshots_visible=cfg.snapshots.visible)
-        try:
-            pyfuse3.init(ops, str(mountpoint), fuse_options(store, readonly=readonly))
-        except RuntimeError as exc:
-            raise VnafsError(f"mounting {mountpoint} failed ({exc}): check that /dev/fuse is "
-                             "usable and the mount point is a free directory") from None
-
-        replicator = maintenance = None
-        if indexer is not None:
-            await nursery.start(indexer.run)
+        replicator = maintenance = tierer = cache = None
         if backend is not None and not readonly:
             # After a credentials error the replicator builds a new client, so fixing the
             # credentials file needs no remount.
@@ -148,22 +150,49 @@ async def serve(
             replicator = Replicator(store.root, store.ns, engine, backend, cfg.archive,
                                     reopen=partial(open_backend, cfg.archive.url,
                                                    credentials_file=credentials))
-            await nursery.start(replicator.run)
             maintenance = ArchiveMaintenance(store.db, store.hot, store.sealer, engine,
                                              replicator, nursery,
                                              retention_days=cfg.archive.retention_days)
+        if recall is not None and replicator is not None and backend is not None:
+            tierer = Tierer(engine, files, index, recall, capacity, tiering, backend=backend,
+                            sealer=store.sealer, replicator=replicator, kept=kept_recv,
+                            meta_path=str(store.root / "meta" / "data.mdb"),
+                            new_studies=new_recv)
+        elif recall is not None:
+            cache = ArchiveCache(store.hot, capacity, engine.io, kept=kept_recv)
+        from vnafs.fs.operations import Operations  # imports pyfuse3
+
+        ops = Operations(engine, files, Inodes(snaps, views), kernel, block_size=BLOCK_SIZE,
+                         views_name=cfg.dicom.views, snapshots=snapshots,
+                         snapshot_mkdir=cfg.snapshots.mkdir and not readonly,
+                         snapshots_visible=cfg.snapshots.visible,
+                         file_state=tierer.file_state if tierer is not None else None)
+        try:
+            pyfuse3.init(ops, str(mountpoint), fuse_options(store, readonly=readonly))
+        except RuntimeError as exc:
+            raise VnafsError(f"mounting {mountpoint} failed ({exc}): check that /dev/fuse is "
+                             "usable and the mount point is a free directory") from None
+
+        if indexer is not None:
+            await nursery.start(indexer.run)
+        if replicator is not None:
+            await nursery.start(replicator.run)
+        if tierer is not None:
+            await nursery.start(tierer.run, crashed)
+        if cache is not None:
+            await nursery.start(cache.run)
         if follower is not None:
             await nursery.start(follower.run, engine)
         else:
             await nursery.start(snapshots.run)
         mounted = Mounted(store, mountpoint, engine, files, snapshots, index, indexer,
-                          replicator, maintenance, follower)
+                          replicator, maintenance, follower, tierer, cache)
         control = ControlServer(store.root / "control.sock", handlers(mounted))
         await nursery.start(control.serve)
         nursery.start_soon(_watch_signals)
         if not readonly:
             nursery.start_soon(engine.sync_periodically, cfg.store.sync_interval)
-        if crashed:
+        if crashed and tierer is None:
             nursery.start_soon(engine.collect_leftovers)
         nursery.start_soon(_raise_readahead, mountpoint)
         pid_file.write_text(f"{os.getpid()}\n")
@@ -197,6 +226,11 @@ async def serve(
             pid_file.unlink(missing_ok=True)
             log.info("unmounted %s", mountpoint)
             nursery.cancel_scope.cancel()
+
+
+def _fs_size(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize
 
 
 async def _raise_readahead(mountpoint: Path) -> None:

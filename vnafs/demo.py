@@ -64,6 +64,10 @@ def _tree(root: Path, max_lines: int = 25) -> list[str]:
     return lines
 
 
+def _state(path: Path) -> str:
+    return os.getxattr(path, "user.vnafs.state").decode()
+
+
 def run(base: Path) -> int:
     base = base.resolve()
     key, hot, mnt, archive = base / "site.key", base / "hot", base / "mnt", base / "archive"
@@ -116,6 +120,20 @@ def run(base: Path) -> int:
         if not arch["pending_blocks"] and not arch["pending_records"]:
             break
         time.sleep(0.5)
+    print(f"== tiering: vnafs evict {mnt} --study {first}, then read it back")
+    members = [p for p in (mnt / ".dicom" / "by-study" / first).rglob("*.dcm")]
+    print(f"   user.vnafs.state before: {_state(members[0])}")
+    print("   " + _vnafs("evict", str(mnt), "--study", first).strip())
+    print(f"   user.vnafs.state after:  {_state(members[0])}  (only the archive holds it now)")
+    blocks = sum(1 for f in (hot / "blocks").rglob("*") if f.is_file())
+    _vnafs("umount", str(mnt))  # a fresh mount: nothing of it is cached in memory any more
+    _vnafs("mount", "--key-file", str(key), "-o", "allow_other", str(hot), str(mnt))
+    same = all(hashlib.sha256(p.read_bytes()).hexdigest() == d for p, d in digests.items())
+    if not same:
+        raise VnafsError(f"an evicted study did not read back identically: see {hot}/vnafs.log")
+    after = sum(1 for f in (hot / "blocks").rglob("*") if f.is_file())
+    print(f"   every file reads back identically; the read recalled {after - blocks} blocks from "
+          f"the archive; state now: {_state(members[0])}")
     print("== status")
     print(_vnafs("status", str(mnt)).rstrip())
     objects = sum(1 for f in archive.rglob("*") if f.is_file())

@@ -20,8 +20,16 @@ from typing import Any
 from vnafs.archive.backend import ArchiveError, ArchiveMissing, Backend
 from vnafs.archive.log import block_name
 from vnafs.errors import IntegrityError
-from vnafs.meta.db import INF, read_u64, records, u64
-from vnafs.meta.records import ROOT_INO, STATE_HOT, BlockRef, Inode, RefCount, unpack_dirent
+from vnafs.meta.db import INF, TABLES, read_u64, records, u64
+from vnafs.meta.records import (
+    ROOT_INO,
+    STATE_EVICTED,
+    STATE_HOT,
+    BlockRef,
+    Inode,
+    RefCount,
+    unpack_dirent,
+)
 from vnafs.meta.tx import Tx
 from vnafs.seal import KIND_BLOCK
 from vnafs.store.lifecycle import Store
@@ -48,6 +56,9 @@ class Report:
     # authenticated): reads recall them; --repair fetches them back now.
     in_archive: dict[str, list[int]] = field(default_factory=dict)
     archive_error: str | None = None
+    # Evicted blocks (tiering): only in the archive by design; with an archive configured,
+    # each is looked up there (a missing one is damage).
+    evicted_blocks: int = 0
     # Damage: what neither the hot store nor the archive can give back.
     damaged_records: list[str] = field(default_factory=list)
     missing_blocks: dict[str, list[int]] = field(default_factory=dict)
@@ -74,7 +85,9 @@ class Report:
                                                        "leftovers": self.leftovers}
 
     def summary(self) -> str:
-        lines = [f"checked {self.checked_inodes} inodes and {self.checked_blocks} blocks"]
+        lines = [f"checked {self.checked_inodes} inodes and {self.checked_blocks} blocks"
+                 + (f" ({self.evicted_blocks} evicted to the archive)"
+                    if self.evicted_blocks else "")]
         removed = "removed" if self.repaired else (
             "harmless; the next mount or fsck --repair removes them")
         for label, n in (
@@ -167,8 +180,10 @@ def check(store: Store, *, repair: bool = False, verify_data: bool = True,
         for key, body in _safe_scan(rep, db, txn, "refs"):
             stored_refs[key] = RefCount.unpack(body)
         orphan_set = {read_u64(k) for k, _ in _safe_scan(rep, db, txn, "orphans")}
-        # Counters are only authenticated here; their values are checked by use.
-        sum(1 for _ in _safe_scan(rep, db, txn, "counters"))
+        # Every other record (counters, xattrs, the DICOM index, snapshots, pins, tombstones,
+        # replication state, and the older versions of inodes and dirents that snapshots
+        # read) is only authenticated here; its meaning is checked by use.
+        _authenticate_rest(rep, db, txn)
 
     rep.checked_inodes = len(inodes)
     rep.dangling_entries = len(dangling)
@@ -204,10 +219,22 @@ def check(store: Store, *, repair: bool = False, verify_data: bool = True,
                        and rc.state == STATE_HOT}
     rep.orphan_blocks = sorted(b.hex() for b in on_disk - set(ref_counts) - awaiting_upload)
     bar = _progress(len(ref_counts), progress and verify_data, "verifying blocks")
+    evicted = {b for b, rc in stored_refs.items() if rc.state == STATE_EVICTED}
+    in_archive: set[str] | None = None
+    if archive is not None and evicted - on_disk:
+        try:
+            in_archive = {name for name, _ in archive.list("blocks/")}
+        except ArchiveError as exc:
+            rep.archive_error = str(exc)
     for block_id in ref_counts:
         rep.checked_blocks += 1
         users = block_users.get(block_id, [])
-        if block_id not in on_disk:
+        if block_id in evicted and block_id not in on_disk:
+            # Evicted: the archive holds the only copy; reads recall it.
+            rep.evicted_blocks += 1
+            if in_archive is not None and block_name(block_id) not in in_archive:
+                rep.missing_blocks[block_id.hex()] = users
+        elif block_id not in on_disk:
             rep.missing_blocks[block_id.hex()] = users
         elif verify_data:
             try:
@@ -250,6 +277,26 @@ def _check_archive(store: Store, archive: Backend, rep: Report,
             rep.in_archive[hexid] = found.pop(hexid)
             if repair:
                 store.hot.put_envelope(block_id, envelope)
+
+
+# Tables whose every record the checks above already opened.
+_FULLY_SCANNED = frozenset({"blockmap", "refs", "orphans"})
+# Tables whose values are not sealed (docs/format.md 5.3): nothing to authenticate.
+_UNSEALED = frozenset({"repl_dirty", "repl_blocks"})
+
+
+def _authenticate_rest(rep: Report, db: Any, txn: Any) -> None:
+    seen = set(rep.damaged_records)
+    for table in TABLES:
+        if table in _FULLY_SCANNED or table in _UNSEALED:
+            continue
+        for key, value in records(txn.cursor(db=db.dbs[table])):
+            try:
+                db.open_record(table, key, value)
+            except IntegrityError as exc:
+                if str(exc) not in seen:  # a live inode or dirent is reported once
+                    seen.add(str(exc))
+                    rep.damaged_records.append(str(exc))
 
 
 def _safe_scan(rep: Report, db: Any, txn: Any, table: str) -> Any:

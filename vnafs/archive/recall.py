@@ -1,55 +1,136 @@
 """Fetching blocks from the archive when the hot store does not have them.
 
-Two callers: the hot mount, when a block file is missing or damaged but the archive holds the
-block (the read succeeds and the hot copy is repaired), and the read-only archive mount, whose
-hot store is only a metadata cache, so every block comes from here. Recalls have their own
-limiter and timeout: a slow archive must not take the worker threads
-that hot reads need, and a reader gets EIO rather than hanging forever.
+Three callers: a read of an evicted block (tiering), a read of a block whose hot file is missing
+or damaged but which the archive holds (the hot copy is repaired), and the read-only archive
+mount, whose hot store is only a metadata cache with a bounded block cache. Background recalls
+(`vnafs recall`, prior-study prefetch) fetch without decrypting (`fetch_only`).
+
+Recalls have their own limiter and timeout: a slow or unreachable archive must not take the
+worker threads that hot reads need, and a reader gets EIO after `timeout` seconds rather than
+hanging forever. Every fetched object is authenticated against its block id before it is used
+or stored. Whether a fetched block is kept in the hot store is the caller's budget (`keep`):
+above it, the data is served and not kept.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections import deque
+from collections.abc import Callable
 
 import trio
 
 from vnafs.archive.backend import ArchiveError, Backend
 from vnafs.archive.log import block_name
 from vnafs.errors import IntegrityError
+from vnafs.meta.blocks import Blocks
+from vnafs.meta.records import STATE_EVICTED
 from vnafs.seal import KIND_BLOCK
 from vnafs.store.hot import HotStore
 
 log = logging.getLogger("vnafs.recall")
 
+LATENCY_SAMPLES = 1024
+
+
+def percentile(samples: deque[float] | list[float], p: float) -> float | None:
+    if not samples:
+        return None
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(p * len(ordered)) - 1))]
+
 
 class Recall:
-    def __init__(self, backend: Backend, store: HotStore, *, repair: bool, timeout: float,
-                 concurrency: int = 4) -> None:
+    """`blocks` tells evicted blocks (quietly recalled, and reported on `kept` when their file
+    is written back) from damaged ones (logged, always repaired); None on a read-only archive
+    mount, whose cache files are not metadata. Runs on the trio loop; fetches in threads."""
+
+    def __init__(self, backend: Backend, store: HotStore, *, timeout: float,
+                 concurrency: int = 8, blocks: Blocks | None = None,
+                 keep: Callable[[int], bool] = lambda size: True,
+                 kept: trio.MemorySendChannel[bytes] | None = None) -> None:
         self.backend = backend
         self.store = store
-        self.repair = repair
+        self.blocks = blocks
         self.timeout = timeout
+        self.keep = keep
+        self._kept = kept
         self.limiter = trio.CapacityLimiter(concurrency)
+        # Blocks being fetched now (for `user.vnafs.state` = recalling), and the queue depth.
+        self.active: set[bytes] = set()
+        self.waiting = 0
+        # Seconds per recall (fetch, authenticate, store), newest last.
+        self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self.stats = {"recalls": 0, "recalled_bytes": 0, "kept": 0, "not_kept": 0,
+                      "failures": 0}
 
     async def __call__(self, block_id: bytes) -> bytes:
-        name = block_name(block_id)
-        with trio.move_on_after(self.timeout):
-            try:
-                return await trio.to_thread.run_sync(self._fetch, block_id, name,
-                                                     limiter=self.limiter,
-                                                     abandon_on_cancel=True)
-            except ArchiveError as exc:
-                raise IntegrityError(f"block {block_id.hex()} could not be recalled from the "
-                                     f"archive: {exc}") from None
-        raise IntegrityError(f"block {block_id.hex()} could not be recalled from the archive "
-                             f"within {self.timeout:g} s")
+        """The plaintext of a block from the archive; IntegrityError (EIO) if it cannot be
+        fetched, authenticated, or in time."""
+        envelope, _ = await self._fetch(block_id)
+        return self.store.sealer.open(KIND_BLOCK, block_id, envelope,
+                                      name=f"archive block {block_id.hex()}")
 
-    def _fetch(self, block_id: bytes, name: str) -> bytes:
+    async def fetch_only(self, block_id: bytes) -> int:
+        """Fetch, authenticate and store a block without opening it (background recalls);
+        the bytes kept (0 if the budget did not allow it)."""
+        envelope, kept = await self._fetch(block_id)
+        return len(envelope) if kept else 0
+
+    async def _fetch(self, block_id: bytes) -> tuple[bytes | memoryview, bool]:
+        """(envelope, whether it is now stored in the hot store)."""
+        name = block_name(block_id)
+        start = trio.current_time()
+        self.waiting += 1
+        self.active.add(block_id)
+        try:
+            with trio.move_on_after(self.timeout):
+                try:
+                    envelope, kept, evicted = await trio.to_thread.run_sync(
+                        self._fetch_thread, block_id, name, limiter=self.limiter,
+                        abandon_on_cancel=True)
+                except ArchiveError as exc:
+                    self.stats["failures"] += 1
+                    raise IntegrityError(f"block {block_id.hex()} could not be recalled from "
+                                         f"the archive: {exc}") from None
+                except IntegrityError:
+                    self.stats["failures"] += 1
+                    raise
+                self.latencies.append(trio.current_time() - start)
+                self.stats["recalls"] += 1
+                self.stats["recalled_bytes"] += len(envelope)
+                self.stats["kept" if kept else "not_kept"] += 1
+                # A cache file of the archive mount, or an evicted block made resident again.
+                if kept and (evicted or self.blocks is None) and self._kept is not None:
+                    self._kept.send_nowait(block_id)
+                return envelope, kept
+            self.stats["failures"] += 1
+            raise IntegrityError(f"block {block_id.hex()} could not be recalled from the "
+                                 f"archive within {self.timeout:g} s")
+        finally:
+            self.waiting -= 1
+            self.active.discard(block_id)
+
+    def _fetch_thread(self, block_id: bytes, name: str
+                      ) -> tuple[bytes | memoryview, bool, bool]:
+        """(envelope, kept, was evicted); runs in a worker thread."""
         envelope = self.backend.get(name)
-        plaintext = self.store.sealer.open(KIND_BLOCK, block_id, envelope,
-                                           name=f"archive block {block_id.hex()}")
-        if self.repair:
+        self.store.sealer.check(KIND_BLOCK, block_id, envelope,
+                                name=f"archive block {block_id.hex()}")
+        evicted = self.blocks is not None and self.blocks.state(block_id) == STATE_EVICTED
+        if self.blocks is not None and not evicted:
+            # Its hot file was lost or damaged behind our back: always repaired.
             self.store.put_envelope(block_id, envelope)
             log.warning("block %s was missing or damaged in the hot store; restored it from "
                         "the archive", block_id.hex())
-        return plaintext
+            return envelope, True, False
+        kept = self.keep(len(envelope))
+        if kept:
+            self.store.put_envelope(block_id, envelope)
+        return envelope, kept, evicted
+
+    def status(self) -> dict[str, object]:
+        return {"queue": self.waiting, "active": len(self.active),
+                "latency_p50_s": percentile(self.latencies, 0.5),
+                "latency_p99_s": percentile(self.latencies, 0.99), **self.stats}

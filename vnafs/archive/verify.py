@@ -27,7 +27,7 @@ from vnafs.archive import log as alog
 from vnafs.archive.backend import ArchiveMissing, Backend
 from vnafs.errors import IntegrityError
 from vnafs.meta.db import MetaDB, read_u64, records
-from vnafs.meta.records import STATE_REPLICATED, RefCount
+from vnafs.meta.records import STATE_EVICTED, STATE_REPLICATED, RefCount
 from vnafs.seal import KIND_BLOCK, Sealer
 from vnafs.store.hot import HotStore
 
@@ -69,9 +69,10 @@ class Verifier:
         # The hot store's view first: a block replicated after the listing is then never
         # mistaken for a missing one.
         with self.db.begin() as txn:
+            # Evicted blocks are archived too (and the archive is their only copy).
             replicated = {key for key, value in records(txn.cursor(db=self.db.dbs["refs"]))
                           if RefCount.unpack(self.db.open_record("refs", key, value)).state
-                          == STATE_REPLICATED}
+                          in (STATE_REPLICATED, STATE_EVICTED)}
         listing = dict(self.backend.list(""))
         rep.total_bytes = sum(listing.values())
         head = self._check_head(listing)

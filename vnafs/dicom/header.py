@@ -46,7 +46,9 @@ the structure, with every value skipped by its declared length (`defer_size=0`):
   allowed, as pydicom allows them; only a cut gzip-style CRC/length trailer counts);
 - an image storage SOP class (`needs_pixel_data`) must have pixel data. This also catches
   most cuts that fall exactly on an element boundary before the pixel data, which no
-  structural check can see.
+  structural check can see. Unlike the other INCOMPLETE verdicts it is no proof of a cut
+  (stripped copies of images exist, and other archives show them), so `viewable` lets such an
+  instance into the views, flagged, when its three UIDs are valid.
 
 What `pydicom.config` is and is not used for. DICOM.md's check ran with
 `settings.reading_validation_mode = RAISE`. That setting is global to the process (no reading
@@ -74,6 +76,11 @@ messages contain values (PHI), so:
   the middle of a parse). It also silences pydicom's `UserWarning`s for the rest of vnafs,
   which is what the no-PHI-in-logs rule wants anyway (pydicom puts values in some of them).
 
+Besides `parse`, two functions read a whole file, for the index's comparison of two files with
+one SOP Instance UID (docs/architecture.md section 8): `dataset_digest` (a keyed digest of the
+data set bytes, everything after group 0002) and `dataset_diff` (the tags of the top-level
+elements in which two data sets differ). They are called only when such copies exist.
+
 Problems (`Parsed.problem`) never contain a DICOM value: only element keywords, byte offsets and
 exception class names (exception messages can contain values). I/O errors raised by `fp` are
 not DICOM problems: they propagate unchanged, even when pydicom caught and wrapped them.
@@ -83,6 +90,8 @@ from __future__ import annotations
 
 import datetime
 import enum
+import hashlib
+import hmac
 import io
 import logging
 import re
@@ -94,10 +103,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO, cast
 
-from pydicom.charset import decode_bytes
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
+from pydicom.filereader import data_element_generator, read_dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -106,7 +115,10 @@ from pydicom.values import TEXT_VR_DELIMS, convert_SQ, converters
 
 from vnafs.dicom.names import text_of, valid_uid
 
-__all__ = ["MAX_HEADER", "Instance", "Parsed", "Status", "needs_pixel_data", "parse"]
+__all__ = [
+    "MAX_HEADER", "NO_PIXEL_DATA", "Instance", "Parsed", "Status", "dataset_diff",
+    "dataset_digest", "needs_pixel_data", "parse", "viewable",
+]  # fmt: skip
 
 # Header bytes longer than this are not kept in the index (the p90 header is 3.4 KB).
 MAX_HEADER = 256 * 1024
@@ -117,6 +129,25 @@ class Status(enum.Enum):
     NOT_DICOM = "not_dicom"
     INCOMPLETE = "incomplete"
     INVALID = "invalid"
+
+
+# The one INCOMPLETE verdict that need not be a truncation: an image storage instance without
+# pixel data. Such instances exist (stripped copies, test corpora): Orthanc and dcm4chee store
+# and show them, so the views show them too, flagged (see `viewable`). It stays INCOMPLETE
+# because it is also what a cut exactly between two elements before the pixel data looks like.
+NO_PIXEL_DATA = "image storage SOP class without pixel data"
+
+
+def viewable(status: Status, problem: str, sop_uid: str, study_uid: str,
+             series_uid: str) -> bool:
+    """Whether an instance with this verdict and these UIDs belongs in the DICOM views:
+    complete ones, and those whose only fault is missing pixel data while their three UIDs
+    are valid (a file cut before its UIDs lacks its pixel data too, and stays out). Truncated
+    and invalid files stay out: a viewer reading a half-written file would show garbage."""
+    if status is Status.OK:
+        return True
+    return (status is Status.INCOMPLETE and problem == NO_PIXEL_DATA
+            and all(valid_uid(u) for u in (sop_uid, study_uid, series_uid)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -926,7 +957,7 @@ class _File:
                 self.meta, _MEDIA_STORAGE_SOP_CLASS_UID, src
             )
             if sop_class and needs_pixel_data(sop_class):
-                raise _Problem(Status.INCOMPLETE, "image storage SOP class without pixel data")
+                raise _Problem(Status.INCOMPLETE, NO_PIXEL_DATA)
 
 
 def parse(fp: BinaryIO, size: int, *, check_complete: bool = True) -> Parsed:
@@ -980,3 +1011,199 @@ def _parse(src: _Source, check_complete: bool) -> Parsed:
     if identity.problem:
         return Parsed(Status.INVALID, identity.instance, header, identity.problem)
     return Parsed(Status.OK, identity.instance, header, "")
+
+
+# --- data sets: digest and element-by-element comparison --------------------------------------
+#
+# Two files with one SOP Instance UID are the same instance when their data sets (everything
+# after the file meta information) are equal: every sender writes its own group 0002 (Orthanc,
+# storescp and a copied original differ only there), so the file as a whole is no measure.
+# The DICOM index asks for these only when a second copy of an instance appears, and reads the
+# whole file for them (pixel data included): see docs/architecture.md section 8.
+
+# Data set values up to this size are decoded and compared by value; larger ones (pixel data,
+# big private blobs) are compared by a digest of their bytes, read in chunks.
+_COMPARE_INLINE = 64 * 1024
+_HASH_CHUNK = 1 << 20
+_DATASET_DOMAIN = b"vnafs.dicom.dataset.v1\0"
+
+
+class _Quiet:
+    """While inside: pydicom's log records from this thread are dropped (see the module
+    docstring), and its UserWarnings are ignored process-wide."""
+
+    def __enter__(self) -> None:
+        _ensure_warning_filter()
+        _QUIET.depth = getattr(_QUIET, "depth", 0) + 1
+
+    def __exit__(self, *exc: object) -> None:
+        _QUIET.depth -= 1
+
+
+def _dataset_start(src: _Source) -> int:
+    """Where the data set begins: after the preamble, the DICM marker and every group 0002
+    element actually present (not where (0002,0000) says: some writers get it wrong)."""
+    has_dicm = src.pread(128, 4) == b"DICM"
+    start = 132 if has_dicm else 0
+    src.seek(start)
+    try:
+        read_dataset(_file(src), False, True, stop_when=_not_group(0x0002), defer_size=0)
+    except Exception:
+        return start  # an unreadable file meta group: the data set is all that follows
+    return src.tell()
+
+
+def dataset_digest(fp: BinaryIO, size: int, key: bytes) -> str:
+    """HMAC-SHA256 (hex) under `key` of the file's data set bytes: from the end of the file
+    meta information (group 0002) to the end of the file. Two copies of one instance that
+    differ only in their file meta information get the same digest.
+
+    Reads the whole file (at about 1 GB/s of hashing); I/O errors of `fp` propagate. Keyed,
+    because the digest of a data set would let anyone holding it confirm a guessed file."""
+    with _Quiet():
+        src = _Source(fp, size, cache_limit=_FIRST_READ)
+        start = _dataset_start(src)
+    if src.error is not None:
+        raise src.error
+    h = hmac.new(key, _DATASET_DOMAIN, "sha256")
+    pos = start
+    while pos < size:
+        fp.seek(pos)
+        chunk = fp.read(min(_HASH_CHUNK, size - pos))
+        if not chunk:
+            break  # the file shrank: the content digest check of the caller notices
+        h.update(chunk)
+        pos += len(chunk)
+    return h.hexdigest()
+
+
+def tag_name(tag: int) -> str:
+    """"(gggg,eeee)": how a data element is named to users. Never its value: values are PHI."""
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+@dataclass(frozen=True, slots=True)
+class _Large:
+    """A value compared by digest: its length and the SHA-256 of its bytes."""
+
+    length: int
+    digest: bytes
+
+
+class _Elements:
+    """The top-level data elements of one file, outside group 0002, read for comparison."""
+
+    def __init__(self) -> None:
+        self.small: dict[int, RawDataElement | DataElement] = {}
+        self.large: dict[int, _Large] = {}
+        self.ds = Dataset()
+
+    def tags(self) -> set[int]:
+        return set(self.small) | set(self.large)
+
+
+def _digest_span(src: _Source, start: int, end: int) -> _Large:
+    h = hashlib.sha256()
+    pos = start
+    while pos < end:
+        chunk = src.pread(pos, min(_HASH_CHUNK, end - pos))
+        if not chunk:
+            raise _Problem(Status.INCOMPLETE, "truncated")
+        h.update(chunk)
+        pos += len(chunk)
+    return _Large(end - start, h.digest())
+
+
+def _read_elements(fp: BinaryIO, size: int) -> _Elements | None:
+    """Every top-level element of the data set (None when it cannot be read in full)."""
+    src = _Source(fp, size)
+    try:
+        return _walk_elements(src)
+    except Exception:
+        if src.error is not None:
+            raise src.error from None  # an I/O error is not a DICOM problem
+        return None
+
+
+def _walk_elements(src: _Source) -> _Elements | None:
+    file = _File(src, src.pread(128, 4) == b"DICM", check_complete=False)
+    file.read_header()
+    if not file.inflated_all:
+        return None  # a deflated data set too large to inflate in memory
+    body, implicit, little = file.body, file.implicit, file.little
+    out = _Elements()
+    encoding: str | list[str] = "iso8859"
+    pos = 0 if file.deflated else file.body_start  # offsets in the inflated data, if deflated
+    while pos < body.size:
+        body.seek(pos)
+        elements = data_element_generator(_file(body), implicit, little, stop_when=_at_pixels,
+                                          defer_size=_COMPARE_INLINE, encoding=encoding)
+        for elem in elements:
+            tag = int(elem.tag)
+            if tag >> 16 == 0x0002:
+                continue  # file meta information written into the data set: not compared
+            if isinstance(elem, RawDataElement) and elem.value is None and elem.length:
+                # deferred: a large value, compared by the digest of its bytes; an
+                # undefined-length one ends where the reader stopped (after its delimiter)
+                end = (body.tell() if elem.length == _UNDEFINED_LENGTH
+                       else elem.value_tell + elem.length)
+                out.large[tag] = _digest_span(body, elem.value_tell, end)
+                continue
+            out.small[tag] = elem
+            if tag == _SPECIFIC_CHARACTER_SET and isinstance(elem, RawDataElement):
+                encoding = convert_encodings(convert_raw_data_element(elem).value)
+        pos = body.tell()
+        if not _pixel_tag_at(body, pos, little):
+            break
+        # Pixel data: walked item by item (as the completeness check does) and compared as
+        # bytes. The value starts after the element header, whose form differs between
+        # implicit and explicit VR, so two encodings of the same pixels compare equal.
+        head = body.pread(pos, 6)
+        group, elem_no = struct.unpack("<HH" if little else ">HH", head[:4])
+        long_header = not implicit and head[4:6].decode("latin-1") in EXPLICIT_VR_LENGTH_32
+        _skip_pixel_data(body, implicit, little)
+        out.large[group << 16 | elem_no] = _digest_span(
+            body, pos + (12 if long_header else 8), body.tell())
+        pos = body.tell()
+    out.ds = Dataset({BaseTag(t): e for t, e in out.small.items()})
+    out.ds.set_original_encoding(implicit, little, encoding)
+    return out
+
+
+def _same_value(a: _Elements, b: _Elements, tag: int) -> bool:
+    ea, eb = a.small[tag], b.small[tag]
+    if (isinstance(ea, RawDataElement) and isinstance(eb, RawDataElement)
+            and ea.VR == eb.VR and ea.is_little_endian == eb.is_little_endian
+            and ea.value == eb.value):
+        return True  # the same bytes: no need to decode
+    try:
+        return bool(a.ds[tag].value == b.ds[tag].value)
+    except Exception:
+        # A value pydicom cannot decode in one of them: only equal bytes are equal.
+        va = ea.value if isinstance(ea, RawDataElement) else None
+        vb = eb.value if isinstance(eb, RawDataElement) else None
+        return va is not None and va == vb
+
+
+def dataset_diff(a: BinaryIO, a_size: int, b: BinaryIO, b_size: int) -> list[str] | None:
+    """The top-level data elements (as `tag_name`s, in tag order) in which the data sets of two
+    files differ: present in one only, or with other values. Values are compared decoded (so
+    implicit and explicit VR encodings of one value are equal), pixel data and values over
+    64 KiB as bytes. Group 0002 is not compared. None when a file cannot be read in full
+    (unparseable, or a deflated data set over 64 MiB). Never returns or logs a value."""
+    with _Quiet():
+        ea = _read_elements(a, a_size)
+        eb = _read_elements(b, b_size) if ea is not None else None
+        if ea is None or eb is None:
+            return None
+        differ = []
+        for tag in sorted(ea.tags() | eb.tags()):
+            if tag in ea.large or tag in eb.large:
+                same = tag in ea.large and ea.large[tag] == eb.large.get(tag)
+            elif tag in ea.small and tag in eb.small:
+                same = _same_value(ea, eb, tag)
+            else:
+                same = False
+            if not same:
+                differ.append(tag_name(tag))
+        return differ

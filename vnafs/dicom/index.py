@@ -6,40 +6,61 @@ study-shaped description of the same files, exact under every namespace change, 
 LMDB environment (so one transaction changes a file and its index entries together).
 
 Everything here runs inside a caller's transaction and knows nothing of FUSE or trio: `apply`
-and `forget` run on the engine's writer thread, the queries on any thread. The record layouts
-are in docs/format.md section 5.5; the design in docs/architecture.md section 8.
+and `last_unlink` run on the engine's writer thread, the queries on any thread. The record
+layouts are in docs/format.md section 5.5; the design in docs/architecture.md section 8.
 
-Keys are HMACs (`_h`), never values: LMDB holds no UID, name or ID in plaintext. View names of
+The records are typed (`InstanceRecord`, `StudyRecord`, `SeriesRecord`, the lookups,
+`ProblemRecord`): each has `to_json`/`from_json` giving and taking exactly the JSON field names
+of format.md 5.5, so what an older vnafs wrote still reads, and what this one writes reads in
+an older one (readers ignore fields they do not know; new optional fields are left out while
+they are empty, which keeps records without them byte-identical to before).
+
+Keys are HMACs (`h`), never values: LMDB holds no UID, name or ID in plaintext. View names of
 free-text values come from `names.value_name` under the name key, and the lookup keys are built
 from those names, so a view lookup and a `vnafs find` for the same value meet at one key.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
+import dataclasses
 import hashlib
+import itertools
 import json
 import stat
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import lmdb
 import zstandard
 
-from vnafs.dicom.header import MAX_HEADER, Instance, Parsed, Status
+from vnafs.dicom.header import MAX_HEADER, Instance, Parsed, Status, viewable
 from vnafs.dicom.names import value_name
 from vnafs.meta.db import MetaDB, read_u64, u64
 from vnafs.meta.namespace import Namespace
 from vnafs.meta.records import FLAG_DICOM_ACCESSION, FLAG_DICOM_VIEWS, Inode
 from vnafs.meta.tx import Tx
 
+T = TypeVar("T")
 _U32 = struct.Struct(">I")
 # Not thread-safe: only `FileEntry.pack` uses it, and that runs on the writer thread alone.
 _ZSTD = zstandard.ZstdCompressor(level=3)
 KEY_LEN = 16
 SCHEMA = 1
+
+# Problem kinds (`ProblemRecord.kind`); the first two are also instance statuses.
+INCOMPLETE = Status.INCOMPLETE.value
+INVALID = Status.INVALID.value
+SOP_CONFLICT = "sop_conflict"
+_CONFLICT = "another file has the same SOP Instance UID and a different data set"
+_CONFLICT_UNCOMPARED = ("another file has the same SOP Instance UID and a different data set "
+                        "(its elements could not be compared)")
+_CONFLICT_PENDING = ("another file has the same SOP Instance UID; the data sets are being "
+                     "compared")
 
 
 def _dump(obj: Any) -> bytes:
@@ -50,6 +71,241 @@ def _load(body: bytes) -> dict[str, Any]:
     value = json.loads(body)
     assert isinstance(value, dict)
     return value
+
+
+# -- records (docs/format.md section 5.5) ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """The `dicom_files` record of one indexed file. Every field from `sop` to `charset` is a
+    DICOM value (PHI): never log one."""
+
+    status: Status  # OK, INCOMPLETE or INVALID (NOT_DICOM files get no record)
+    problem: str  # "" for OK; a reason that contains no DICOM value
+    sop: str
+    sop_class: str
+    study: str
+    series: str
+    transfer_syntax: str
+    modality: str
+    date: str
+    time: str
+    accession: str
+    accession_issuer: str
+    patient_id: str
+    issuer: str
+    series_number: int | None
+    instance_number: int | None
+    charset: str
+    size: int
+    # Hex SHA-256 over the file's block ids and valid lengths: equal content, equal digest.
+    digest: str
+    # Whether the file has view names: a viewable instance that is not a duplicate of another
+    # copy (see `DicomIndex._settle`).
+    in_views: bool
+    gen: int  # the index generation it was made in
+    # Set only once another file with the same SOP Instance UID appeared: an HMAC of the data
+    # set bytes (`header.dataset_digest`), equal for copies whose data sets are equal.
+    ds_digest: str = ""
+    # For a copy in a SOP conflict: the elements its data set differs in from each other
+    # version, by that version's `ds_digest` (an empty tuple: not comparable).
+    ds_diff: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def viewable(self) -> bool:
+        return viewable(self.status, self.problem, self.sop, self.study, self.series)
+
+    def own_problem(self) -> ProblemRecord | None:
+        """The problem its own verdict gives (conflicts with other copies aside)."""
+        if self.status is Status.OK:
+            return None
+        return ProblemRecord(self.status.value, self.problem)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "status": self.status.value, "problem": self.problem, "sop": self.sop,
+            "class": self.sop_class, "study": self.study, "series": self.series,
+            "ts": self.transfer_syntax, "modality": self.modality, "date": self.date,
+            "time": self.time, "acc": self.accession, "acc_issuer": self.accession_issuer,
+            "pid": self.patient_id, "issuer": self.issuer, "series_no": self.series_number,
+            "inst_no": self.instance_number, "charset": self.charset, "size": self.size,
+            "digest": self.digest, "in_views": self.in_views, "gen": self.gen,
+        }
+        if self.ds_digest:
+            out["ds_digest"] = self.ds_digest
+        if self.ds_diff:
+            out["ds_diff"] = {k: list(v) for k, v in self.ds_diff.items()}
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> InstanceRecord:
+        return cls(
+            status=Status(obj["status"]), problem=obj["problem"], sop=obj["sop"],
+            sop_class=obj["class"], study=obj["study"], series=obj["series"],
+            transfer_syntax=obj["ts"], modality=obj["modality"], date=obj["date"],
+            time=obj["time"], accession=obj["acc"], accession_issuer=obj["acc_issuer"],
+            patient_id=obj["pid"], issuer=obj["issuer"], series_number=obj["series_no"],
+            instance_number=obj["inst_no"], charset=obj["charset"], size=obj["size"],
+            digest=obj["digest"], in_views=bool(obj.get("in_views", False)),
+            gen=int(obj.get("gen", 0)), ds_digest=obj.get("ds_digest") or "",
+            ds_diff={k: tuple(v) for k, v in (obj.get("ds_diff") or {}).items()},
+        )
+
+
+@dataclass(slots=True)
+class PatientCount:
+    """One patient key of a study and how many of its instances carry it."""
+
+    issuer: str
+    patient_id: str
+    instances: int
+
+    def to_json(self) -> list[Any]:
+        return [self.issuer, self.patient_id, self.instances]
+
+    @classmethod
+    def from_json(cls, item: list[Any]) -> PatientCount:
+        issuer, pid, instances = item
+        return cls(issuer, pid, instances)
+
+
+@dataclass(slots=True)
+class StudyRecord:
+    """A `dicom_study` record. Mutable: it is a set of counters, updated in place per instance.
+    Identity fields come from the first instance; every value is PHI."""
+
+    uid: str
+    date: str
+    time: str
+    accession: str
+    accession_issuer: str
+    # More than one entry is a patient conflict.
+    patients: list[PatientCount] = field(default_factory=list)
+    modalities: dict[str, int] = field(default_factory=dict)  # modality -> instances
+    instances: int = 0
+    size: int = 0  # bytes of its instances
+    series: int = 0
+    incomplete: int = 0  # instances shown although flagged incomplete (no pixel data)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "uid": self.uid, "date": self.date, "time": self.time, "acc": self.accession,
+            "acc_issuer": self.accession_issuer,
+            "patients": [p.to_json() for p in self.patients],
+            "modalities": dict(self.modalities), "instances": self.instances,
+            "bytes": self.size, "series": self.series,
+        }
+        if self.incomplete:
+            out["incomplete"] = self.incomplete
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> StudyRecord:
+        return cls(
+            uid=obj["uid"], date=obj["date"], time=obj["time"], accession=obj["acc"],
+            accession_issuer=obj["acc_issuer"],
+            patients=[PatientCount.from_json(p) for p in obj["patients"]],
+            modalities=dict(obj["modalities"]), instances=obj["instances"],
+            size=obj["bytes"], series=obj.get("series", 0),
+            incomplete=obj.get("incomplete", 0),
+        )
+
+
+@dataclass(slots=True)
+class SeriesRecord:
+    """A `dicom_series` record (mutable: `instances` is a counter)."""
+
+    uid: str
+    modality: str
+    number: int | None
+    instances: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"uid": self.uid, "modality": self.modality, "number": self.number,
+                "instances": self.instances}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> SeriesRecord:
+        return cls(obj["uid"], obj["modality"], obj["number"], obj["instances"])
+
+
+@dataclass(frozen=True, slots=True)
+class PatientLookup:
+    """`dicom_lookup` "p": a study of one patient key."""
+
+    issuer: str
+    patient_id: str
+    study: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"issuer": self.issuer, "pid": self.patient_id, "study": self.study}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> PatientLookup:
+        return cls(obj["issuer"], obj["pid"], obj["study"])
+
+
+@dataclass(frozen=True, slots=True)
+class AccessionLookup:
+    """`dicom_lookup` "a": a study of one (accession issuer, accession number)."""
+
+    issuer: str
+    accession: str
+    study: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"issuer": self.issuer, "acc": self.accession, "study": self.study}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> AccessionLookup:
+        return cls(obj["issuer"], obj["acc"], obj["study"])
+
+
+@dataclass(frozen=True, slots=True)
+class DateLookup:
+    """`dicom_lookup` "d": a study of one study date."""
+
+    date: str
+    study: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"date": self.date, "study": self.study}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> DateLookup:
+        return cls(obj["date"], obj["study"])
+
+
+LookupRecord = PatientLookup | AccessionLookup | DateLookup
+# The record type behind each lookup kind (the first byte of its key).
+_LOOKUPS: dict[bytes, type[PatientLookup] | type[AccessionLookup] | type[DateLookup]] = {
+    b"p": PatientLookup, b"a": AccessionLookup, b"d": DateLookup}
+
+
+@dataclass(frozen=True, slots=True)
+class ProblemRecord:
+    """`dicom_lookup` "!": why a file is listed by `vnafs find --problems`. Never a DICOM value:
+    `problem` is a fixed reason, `tags` name data elements ("(0010,0010)") by tag only."""
+
+    kind: str  # INCOMPLETE, INVALID or SOP_CONFLICT
+    problem: str
+    tags: tuple[str, ...] = ()
+
+    def text(self) -> str:
+        """One line for users (the view entry's `user.vnafs.dicom.problem` attribute)."""
+        tags = f" in {', '.join(self.tags)}" if self.tags else ""
+        return f"{self.kind}: {self.problem}{tags}"
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "problem": self.problem}
+        if self.tags:
+            out["tags"] = list(self.tags)
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> ProblemRecord:
+        return cls(obj["kind"], obj["problem"], tuple(obj.get("tags") or ()))
 
 
 _NO_IDENTITY = Instance(
@@ -64,8 +320,18 @@ class RemovedInstance:
     when those view directories disappeared with it."""
 
     ino: int
-    record: dict[str, Any]
+    record: InstanceRecord
     gone: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NewStudy:
+    """A study the index had no record of until now, and the patient key of its first
+    instance (tiering prefetches that patient's prior studies)."""
+
+    issuer: str
+    patient_id: str
+    study: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,24 +339,63 @@ class FileEntry:
     """One indexed file: its instance record and the header bytes kept for reindexing."""
 
     ino: int
-    record: dict[str, Any]
+    record: InstanceRecord
     header: bytes
 
     def pack(self) -> bytes:
         # Headers are zstd-compressed (about 3x): LMDB moves values over ~2 KiB to overflow
         # pages of their own, which doubled the size of this table.
         header = _ZSTD.compress(self.header) if self.header else b""
-        body = _dump({**self.record, "hz": bool(header)})
+        body = _dump({**self.record.to_json(), "hz": bool(header)})
         return _U32.pack(len(body)) + body + header
 
     @classmethod
     def unpack(cls, ino: int, plain: bytes) -> FileEntry:
         (n,) = _U32.unpack_from(plain)
-        record = _load(plain[4 : 4 + n])
+        obj = _load(plain[4 : 4 + n])
         header = plain[4 + n :]
-        if record.pop("hz", False):
+        if obj.pop("hz", False):
             header = zstandard.ZstdDecompressor().decompress(header, max_output_size=MAX_HEADER)
-        return cls(ino, record, header)
+        return cls(ino, InstanceRecord.from_json(obj), header)
+
+
+Pair = tuple[str, str]
+
+
+def pair(a: str, b: str) -> Pair:
+    """The key of two data set digests, in either order."""
+    return (a, b) if a <= b else (b, a)
+
+
+@dataclass(frozen=True, slots=True)
+class CopyCheck:
+    """What the indexer found, off the writer thread, about the copies of one SOP Instance
+    UID: the content digest of each copy when it looked (`copies`, so the writer can tell
+    whether the group changed since), their data set digests (`ds`: equal for copies whose
+    data sets are equal, also when their bytes differ) and, for every two versions, the
+    elements they differ in (`diffs`; an empty tuple: not comparable)."""
+
+    copies: dict[int, str]
+    ds: dict[int, str] = field(default_factory=dict)
+    diffs: dict[Pair, tuple[str, ...]] = field(default_factory=dict)
+
+    def diff_for(self, ds: str) -> dict[str, tuple[str, ...]]:
+        """`InstanceRecord.ds_diff` of a copy whose data set digest is `ds`."""
+        if not ds:
+            return {}
+        return {(b if a == ds else a): tags for (a, b), tags in self.diffs.items()
+                if ds in (a, b)}
+
+
+@dataclass(frozen=True, slots=True)
+class IndexResult:
+    """What `apply` commits for one file: the parse (None: not DICOM, or gone), the change
+    mark read before the file was (the mark is cleared only if unchanged), and the copy check."""
+
+    ino: int
+    parsed: Parsed | None
+    mark: int | None
+    copies: CopyCheck | None = None
 
 
 class DicomIndex:
@@ -109,11 +414,20 @@ class DicomIndex:
             # Index generation: bumped by `reset`; records of older generations have no
             # derived entries left (see `_remove`).
             self.gen = self.db.counter(txn, "dicom_gen", 0)
-        # Instances that left the views in a write transaction, oldest first; appended on the
-        # writer thread, taken on the event loop by `take_removed` (the kernel may still cache
-        # their view names). A transaction that aborts after appending leaves an entry behind,
-        # which only costs the kernel one needless cache drop.
-        self._removed: list[RemovedInstance] = []
+        # Appended on the writer thread, taken on the event loop (deques: appends and pops are
+        # thread-safe). A transaction that aborts after appending leaves an entry behind,
+        # which only costs needless work later.
+        # Instances that left the views, oldest first (`take_removed`: the kernel may still
+        # cache their view names).
+        self._removed: collections.deque[RemovedInstance] = collections.deque()
+        # Files whose view names came or went because of another file (a duplicate shown in
+        # place of a copy that went away): the kernel caches their link counts.
+        self._relinked: collections.deque[int] = collections.deque()
+        # Studies that got their first instance (`take_new_studies`); bounded, since nothing
+        # takes them on a mount without tiering.
+        self._new_studies: collections.deque[NewStudy] = collections.deque(maxlen=10_000)
+        # Files whose SOP group needs the indexer to compare data sets (`take_recheck`).
+        self._recheck: collections.deque[int] = collections.deque()
 
     # -- keys and names ---------------------------------------------------------------------------
 
@@ -168,6 +482,14 @@ class DicomIndex:
         else:
             self.db.vdelete(tx.txn, table, key, self.ns.epoch)
 
+    def _study_at(self, txn: lmdb.Transaction, skey: bytes) -> StudyRecord | None:
+        obj = self._get(txn, "dicom_study", skey)
+        return None if obj is None else StudyRecord.from_json(obj)
+
+    def _series_at(self, txn: lmdb.Transaction, sekey: bytes) -> SeriesRecord | None:
+        obj = self._get(txn, "dicom_series", sekey)
+        return None if obj is None else SeriesRecord.from_json(obj)
+
     def _facet_add(self, tx: Tx, facet: str, field: str, delta: int) -> None:
         key = b"F" + facet.encode()
         data = self._get(tx.txn, "dicom_lookup", key) or {}
@@ -190,8 +512,19 @@ class DicomIndex:
 
     def take_removed(self) -> list[RemovedInstance]:
         """The instances removed from the views since the last call (see `_removed`)."""
-        out, self._removed = self._removed, []
-        return out
+        return _drain(self._removed)
+
+    def take_new_studies(self) -> list[NewStudy]:
+        """The studies that got their first instance since the last call."""
+        return _drain(self._new_studies)
+
+    def take_relinked(self) -> list[int]:
+        """Files whose view link count changed since the last call (see `_relinked`)."""
+        return _drain(self._relinked)
+
+    def take_recheck(self) -> list[int]:
+        """Files to index again so that the indexer compares their copies (see `_settle`)."""
+        return _drain(self._recheck)
 
     def mark(self, txn: lmdb.Transaction, ino: int) -> int | None:
         body = self.db.get(txn, "dicom_todo", u64(ino))
@@ -214,6 +547,9 @@ class DicomIndex:
         body = self.db.vget(txn, "dicom_files", u64(ino), self.read_epoch)
         return None if body is None else FileEntry.unpack(ino, body)
 
+    def _write_entry(self, tx: Tx, entry: FileEntry) -> None:
+        self.db.vput(tx.txn, "dicom_files", u64(entry.ino), entry.pack(), self.ns.epoch)
+
     def digest(self, txn: lmdb.Transaction, ino: int) -> str:
         """A digest of the file's content: block ids are keyed hashes of the plaintext."""
         h = hashlib.sha256()
@@ -221,9 +557,9 @@ class DicomIndex:
             h.update(u64(index) + ref.block_id + _U32.pack(ref.length))
         return h.hexdigest()
 
-    # -- the two mutations ------------------------------------------------------------------------
+    # -- the mutations ----------------------------------------------------------------------------
 
-    def apply_many(self, tx: Tx, results: list[tuple[int, Parsed | None, int | None]]) -> None:
+    def apply_many(self, tx: Tx, results: list[IndexResult]) -> None:
         """`apply` for several files in one transaction.
 
         Study, series, lookup and facet records touched by several files of the batch (all the
@@ -232,8 +568,8 @@ class DicomIndex:
         """
         self._batch, self._batch_txn = {}, tx.txn
         try:
-            for ino, parsed, mark in results:
-                self.apply(tx, ino, parsed, mark)
+            for r in results:
+                self.apply(tx, r.ino, r.parsed, r.mark, r.copies)
             batch = self._batch
         finally:
             self._batch, self._batch_txn = None, None
@@ -243,11 +579,13 @@ class DicomIndex:
             else:
                 self.db.vput(tx.txn, table, key, body, self.ns.epoch)
 
-    def apply(self, tx: Tx, ino: int, parsed: Parsed | None, mark: int | None) -> None:
+    def apply(self, tx: Tx, ino: int, parsed: Parsed | None, mark: int | None,
+              copies: CopyCheck | None = None) -> None:
         """Replace the entries of `ino` by what `parsed` says (None: not DICOM, or gone).
 
         The change mark is cleared only if it is still `mark`, the one seen before the file was
         read: a write that raced the parse left a newer mark, and the file is indexed again.
+        `copies` is the indexer's comparison with the other files of its SOP Instance UID.
         """
         txn = tx.txn
         current = self.mark(txn, ino)
@@ -255,44 +593,83 @@ class DicomIndex:
             self.db.delete(txn, "dicom_todo", u64(ino))
         node = self.ns.inode(txn, ino)
         old = self.entry(txn, ino)
+        old_sop = ""
         if old is not None:
-            self._remove(tx, old)
+            self._remove(tx, old, settle=False)
+            if old.record.gen == self.gen:
+                old_sop = old.record.sop
         if (node is None or node.nlink == 0 or not stat.S_ISREG(node.mode) or parsed is None
                 or parsed.status is Status.NOT_DICOM
                 or (parsed.instance is None and parsed.status is Status.OK)):
             if node is not None and node.nlink:
                 self._set_flags(tx, node, 0)
+            if old_sop:
+                self._settle(tx, old_sop, None)
             return
         # A file pydicom cannot parse at all still gets a record, so it is listed as a problem.
         inst = parsed.instance or _NO_IDENTITY
-        record: dict[str, Any] = {
-            "status": parsed.status.value, "problem": parsed.problem,
-            "sop": inst.sop_uid, "class": inst.sop_class, "study": inst.study_uid,
-            "series": inst.series_uid, "ts": inst.transfer_syntax, "modality": inst.modality,
-            "date": inst.study_date, "time": inst.study_time, "acc": inst.accession,
-            "acc_issuer": inst.accession_issuer, "pid": inst.patient_id,
-            "issuer": inst.patient_issuer, "series_no": inst.series_number,
-            "inst_no": inst.instance_number, "charset": inst.charset, "size": node.size,
-            "digest": self.digest(txn, ino), "in_views": parsed.status is Status.OK,
-            "gen": self.gen,
-        }
+        digest = self.digest(txn, ino)
+        ds_digest, ds_diff = "", {}
+        if old is not None and old.record.digest == digest:
+            # Same content as when it was last indexed (a reindex, a recheck, an identical
+            # resend): what was learnt about its data set still holds.
+            ds_digest, ds_diff = old.record.ds_digest, dict(old.record.ds_diff)
+        if copies is not None and copies.copies.get(ino) == digest and copies.ds.get(ino):
+            ds_digest = copies.ds[ino]
+            ds_diff.update(copies.diff_for(ds_digest))
+        record = InstanceRecord(
+            status=parsed.status, problem=parsed.problem, sop=inst.sop_uid,
+            sop_class=inst.sop_class, study=inst.study_uid, series=inst.series_uid,
+            transfer_syntax=inst.transfer_syntax, modality=inst.modality,
+            date=inst.study_date, time=inst.study_time, accession=inst.accession,
+            accession_issuer=inst.accession_issuer, patient_id=inst.patient_id,
+            issuer=inst.patient_issuer, series_number=inst.series_number,
+            instance_number=inst.instance_number, charset=inst.charset, size=node.size,
+            digest=digest, in_views=False, gen=self.gen, ds_digest=ds_digest, ds_diff=ds_diff)
+        # The common case: the only file of its SOP Instance UID, shown at once.
+        alone = record.viewable and all(i == ino for i in self.sop_inos(txn, inst.sop_uid))
+        if alone:
+            record = dataclasses.replace(record, in_views=True)
         entry = FileEntry(ino, record, parsed.header)
-        self.db.vput(txn, "dicom_files", u64(ino), entry.pack(), self.ns.epoch)
+        self._write_entry(tx, entry)
         if inst.sop_uid:
             self.db.vput(txn, "dicom_sop", self._sop_prefix(inst.sop_uid) + u64(ino), b"",
                          self.ns.epoch)
-            self._check_sop_conflicts(tx, inst.sop_uid)
-        if parsed.status is not Status.OK:
-            self._put(tx, "dicom_lookup", b"!" + u64(ino),
-                      {"kind": parsed.status.value, "problem": parsed.problem})
+        if copies is not None:
+            self._learn(tx, copies, skip=ino)
+        problem = record.own_problem()
+        if alone:
+            self._add_to_views(tx, entry)
+            self._set_flags(tx, node, _view_flags(record))
+            if problem is not None:
+                self._put(tx, "dicom_lookup", b"!" + u64(ino), problem.to_json())
+        elif not record.viewable:
+            assert problem is not None  # every status but OK is a problem
+            self._put(tx, "dicom_lookup", b"!" + u64(ino), problem.to_json())
             self._set_flags(tx, node, 0)
-            return
-        self._add_to_views(tx, entry)
-        self._set_flags(tx, node, FLAG_DICOM_VIEWS | (FLAG_DICOM_ACCESSION if inst.accession
-                                                      else 0))
+        else:
+            # Shown or not, flagged or not: decided together with the other copies.
+            self._settle(tx, inst.sop_uid, copies, node)
+        if old_sop and old_sop != (inst.sop_uid if record.viewable else ""):
+            self._settle(tx, old_sop, None)
+
+    def _learn(self, tx: Tx, check: CopyCheck, skip: int) -> None:
+        """Store the data set digests and differences the indexer found in the records of the
+        other copies, as long as their content is still what it compared."""
+        for ino, digest in check.copies.items():
+            if ino == skip:
+                continue
+            entry = self.entry(tx.txn, ino)
+            if entry is None or entry.record.digest != digest or entry.record.gen != self.gen:
+                continue
+            rec = entry.record
+            ds = check.ds.get(ino) or rec.ds_digest
+            new = dataclasses.replace(rec, ds_digest=ds,
+                                      ds_diff={**rec.ds_diff, **check.diff_for(ds)})
+            if new != rec:
+                self._write_entry(tx, FileEntry(ino, new, entry.header))
 
     def _set_flags(self, tx: Tx, node: Inode, flags: int) -> None:
-        # `node` is the record `apply` read: nothing in between writes the inode.
         mask = FLAG_DICOM_VIEWS | FLAG_DICOM_ACCESSION
         if node.flags & mask != flags:
             node.flags = (node.flags & ~mask) | flags
@@ -335,146 +712,186 @@ class DicomIndex:
         self.set_schema(tx)
         return sorted(inos)
 
-    def _remove(self, tx: Tx, old: FileEntry) -> None:
+    def _remove(self, tx: Tx, old: FileEntry, *, settle: bool = True) -> None:
         rec, ino = old.record, old.ino
         self.db.vdelete(tx.txn, "dicom_files", u64(ino), self.ns.epoch)
-        if rec.get("gen", 0) != self.gen:
+        if rec.gen != self.gen:
             return  # made before a reindex, which already dropped everything derived from it
         self._del(tx, "dicom_lookup", b"!" + u64(ino))
-        if rec.get("sop"):
-            self.db.vdelete(tx.txn, "dicom_sop", self._sop_prefix(rec["sop"]) + u64(ino),
+        if rec.sop:
+            self.db.vdelete(tx.txn, "dicom_sop", self._sop_prefix(rec.sop) + u64(ino),
                             self.ns.epoch)
-            self._check_sop_conflicts(tx, rec["sop"])
-        if rec.get("in_views"):
+        if rec.in_views:
             gone = self._remove_from_views(tx, old)
             self._removed.append(RemovedInstance(ino, rec, gone))
+        if settle and rec.sop:
+            self._settle(tx, rec.sop, None)
 
-    # -- SOP Instance UID conflicts ---------------------------------------------------------------
+    # -- copies of one SOP Instance UID -----------------------------------------------------------
 
     def sop_inos(self, txn: lmdb.Transaction, uid: str) -> list[int]:
         return [read_u64(ident) for ident, _ in
                 self.db.vscan(txn, "dicom_sop", self._sop_prefix(uid),
                               epoch=self.read_epoch)]
 
-    def _check_sop_conflicts(self, tx: Tx, uid: str) -> None:
-        """Flag every copy of `uid` when the copies differ; unflag them when they agree again."""
-        # Only complete copies count: a truncated copy is already reported as incomplete, and
-        # must not cast doubt on the good one.
-        entries = [e for e in (self.entry(tx.txn, i) for i in self.sop_inos(tx.txn, uid))
-                   if e is not None and e.record["status"] == "ok"]
-        conflict = len({e.record["digest"] for e in entries}) > 1
-        for e in entries:
-            key = b"!" + u64(e.ino)
-            problem = self._get(tx.txn, "dicom_lookup", key)
-            if conflict and problem is None:
-                self._put(tx, "dicom_lookup", key, {
-                    "kind": "sop_conflict",
-                    "problem": "another file has the same SOP Instance UID and other content"})
-            elif not conflict and problem is not None and problem["kind"] == "sop_conflict":
+    def _settle(self, tx: Tx, uid: str, check: CopyCheck | None,
+                node: Inode | None = None) -> None:
+        """Decide, for the viewable files of SOP Instance UID `uid`, which are shown and which
+        are flagged as conflicting (docs/architecture.md section 8).
+
+        Copies whose data sets are equal are one *version* of the instance; the first-stored
+        copy (lowest inode) of each version is shown, later ones are duplicates and have no
+        view names. Two or more versions are a conflict: every copy is flagged, with the
+        elements the versions differ in. Truncated and invalid copies take no part.
+        """
+        txn = tx.txn
+        copies: dict[int, FileEntry] = {}
+        for ino in self.sop_inos(txn, uid):
+            entry = self.entry(txn, ino)
+            if entry is not None and entry.record.viewable:
+                copies[ino] = entry
+        if not copies:
+            return
+        covered = check is not None and check.copies == {
+            i: e.record.digest for i, e in copies.items()}
+        versions, tags, pending = _versions(copies)
+        if pending and not covered:
+            self._recheck.append(min(copies))  # the indexer compares them, then settles again
+        conflict: ProblemRecord | None = None
+        if len(versions) > 1:
+            reason = (_CONFLICT_PENDING if pending and not covered
+                      else _CONFLICT if tags else _CONFLICT_UNCOMPARED)
+            conflict = ProblemRecord(SOP_CONFLICT, reason, tags)
+        shown = {min(v) for v in versions}
+        for ino, entry in sorted(copies.items()):
+            rec = entry.record
+            want = ino in shown
+            if want != rec.in_views:
+                if want:
+                    self._add_to_views(tx, entry)
+                else:
+                    gone = self._remove_from_views(tx, entry)
+                    self._removed.append(RemovedInstance(ino, rec, gone))
+                rec = dataclasses.replace(rec, in_views=want)
+                self._write_entry(tx, FileEntry(ino, rec, entry.header))
+                self._relinked.append(ino)
+            inode = node if node is not None and node.ino == ino else self.ns.inode(txn, ino)
+            if inode is not None and inode.nlink:
+                self._set_flags(tx, inode, _view_flags(rec) if want else 0)
+            self._set_problem(tx, ino, conflict or rec.own_problem())
+
+    def _set_problem(self, tx: Tx, ino: int, problem: ProblemRecord | None) -> None:
+        key = b"!" + u64(ino)
+        have = self._get(tx.txn, "dicom_lookup", key)
+        if problem is None:
+            if have is not None:
                 self._del(tx, "dicom_lookup", key)
+        elif have is None or ProblemRecord.from_json(have) != problem:
+            self._put(tx, "dicom_lookup", key, problem.to_json())
 
     # -- studies, series and lookups --------------------------------------------------------------
 
     def _add_to_views(self, tx: Tx, entry: FileEntry) -> None:
         rec, txn = entry.record, tx.txn
-        skey = self.study_key(rec["study"])
-        sekey = self.series_key(rec["study"], rec["series"])
-        self.db.vput(txn, "dicom_member", sekey + u64(entry.ino), rec["sop"].encode(),
+        skey = self.study_key(rec.study)
+        sekey = self.series_key(rec.study, rec.series)
+        self.db.vput(txn, "dicom_member", sekey + u64(entry.ino), rec.sop.encode(),
                      self.ns.epoch)
-        series = self._get(txn, "dicom_series", sekey)
-        study = self._get(txn, "dicom_study", skey)
+        series = self._series_at(txn, sekey)
+        study = self._study_at(txn, skey)
         if study is None:
-            study = {"uid": rec["study"], "date": rec["date"], "time": rec["time"],
-                     "acc": rec["acc"], "acc_issuer": rec["acc_issuer"], "patients": [],
-                     "modalities": {}, "instances": 0, "bytes": 0, "series": 0}
+            study = StudyRecord(rec.study, rec.date, rec.time, rec.accession,
+                                rec.accession_issuer)
+            self._new_studies.append(NewStudy(rec.issuer, rec.patient_id, rec.study))
             self._facet_add(tx, "counts", "studies", 1)
-            if rec["date"]:
-                self._put(tx, "dicom_lookup", self.date_prefix(rec["date"]) + skey,
-                          {"date": rec["date"], "study": rec["study"]})
-                self._facet_add(tx, "dates", rec["date"], 1)
-            if rec["acc"]:
+            if rec.date:
+                self._put(tx, "dicom_lookup", self.date_prefix(rec.date) + skey,
+                          DateLookup(rec.date, rec.study).to_json())
+                self._facet_add(tx, "dates", rec.date, 1)
+            if rec.accession:
                 self._put(tx, "dicom_lookup",
-                          self.accession_prefix(rec["acc_issuer"], rec["acc"]) + skey,
-                          {"issuer": rec["acc_issuer"], "acc": rec["acc"], "study": rec["study"]})
-                self._facet_add(tx, "aissuers", rec["acc_issuer"], 1)
+                          self.accession_prefix(rec.accession_issuer, rec.accession) + skey,
+                          AccessionLookup(rec.accession_issuer, rec.accession,
+                                          rec.study).to_json())
+                self._facet_add(tx, "aissuers", rec.accession_issuer, 1)
         if series is None:
-            series = {"uid": rec["series"], "modality": rec["modality"],
-                      "number": rec["series_no"], "instances": 0}
-            study["series"] += 1
+            series = SeriesRecord(rec.series, rec.modality, rec.series_number)
+            study.series += 1
             self._facet_add(tx, "counts", "series", 1)
-        series["instances"] += 1
-        self._put(tx, "dicom_series", sekey, series)
-        study["instances"] += 1
-        study["bytes"] += rec["size"]
-        mods = study["modalities"]
-        mods[rec["modality"]] = mods.get(rec["modality"], 0) + 1
-        patients: list[list[Any]] = study["patients"]
-        for p in patients:
-            if p[0] == rec["issuer"] and p[1] == rec["pid"]:
-                p[2] += 1
+        series.instances += 1
+        self._put(tx, "dicom_series", sekey, series.to_json())
+        study.instances += 1
+        study.size += rec.size
+        if rec.status is Status.INCOMPLETE:
+            study.incomplete += 1
+        study.modalities[rec.modality] = study.modalities.get(rec.modality, 0) + 1
+        for p in study.patients:
+            if p.issuer == rec.issuer and p.patient_id == rec.patient_id:
+                p.instances += 1
                 break
         else:
-            patients.append([rec["issuer"], rec["pid"], 1])
+            study.patients.append(PatientCount(rec.issuer, rec.patient_id, 1))
             self._put(tx, "dicom_lookup",
-                      self.patient_prefix(rec["issuer"], rec["pid"]) + skey,
-                      {"issuer": rec["issuer"], "pid": rec["pid"], "study": rec["study"]})
-            self._facet_add(tx, "pissuers", rec["issuer"], 1)
-            if len(patients) == 2:
+                      self.patient_prefix(rec.issuer, rec.patient_id) + skey,
+                      PatientLookup(rec.issuer, rec.patient_id, rec.study).to_json())
+            self._facet_add(tx, "pissuers", rec.issuer, 1)
+            if len(study.patients) == 2:
                 self._facet_add(tx, "counts", "patient_conflicts", 1)
-        self._put(tx, "dicom_study", skey, study)
+        self._put(tx, "dicom_study", skey, study.to_json())
         self._facet_add(tx, "counts", "instances", 1)
-        self._facet_add(tx, "counts", "bytes", rec["size"])
+        self._facet_add(tx, "counts", "bytes", rec.size)
 
     def _remove_from_views(self, tx: Tx, entry: FileEntry) -> tuple[str, ...]:
         rec, txn = entry.record, tx.txn
-        skey = self.study_key(rec["study"])
-        sekey = self.series_key(rec["study"], rec["series"])
+        skey = self.study_key(rec.study)
+        sekey = self.series_key(rec.study, rec.series)
         self.db.vdelete(txn, "dicom_member", sekey + u64(entry.ino), self.ns.epoch)
         self._facet_add(tx, "counts", "instances", -1)
-        self._facet_add(tx, "counts", "bytes", -rec["size"])
-        series = self._get(txn, "dicom_series", sekey)
-        study = self._get(txn, "dicom_study", skey)
+        self._facet_add(tx, "counts", "bytes", -rec.size)
+        series = self._series_at(txn, sekey)
+        study = self._study_at(txn, skey)
         if series is None or study is None:
             return ()  # already inconsistent; a reindex rebuilds it
         gone: tuple[str, ...] = ()
-        series["instances"] -= 1
-        if series["instances"] <= 0:
+        series.instances -= 1
+        if series.instances <= 0:
             gone = ("series",)
             self._del(tx, "dicom_series", sekey)
-            study["series"] -= 1
+            study.series -= 1
             self._facet_add(tx, "counts", "series", -1)
         else:
-            self._put(tx, "dicom_series", sekey, series)
-        study["instances"] -= 1
-        study["bytes"] -= rec["size"]
-        mods = study["modalities"]
-        mods[rec["modality"]] = mods.get(rec["modality"], 1) - 1
-        if mods[rec["modality"]] <= 0:
-            del mods[rec["modality"]]
-        patients: list[list[Any]] = study["patients"]
-        for p in patients:
-            if p[0] == rec["issuer"] and p[1] == rec["pid"]:
-                p[2] -= 1
-                if p[2] <= 0:
-                    patients.remove(p)
-                    self._drop_patient(tx, skey, p[0], p[1])
-                    if len(patients) == 1:
+            self._put(tx, "dicom_series", sekey, series.to_json())
+        study.instances -= 1
+        study.size -= rec.size
+        if rec.status is Status.INCOMPLETE:
+            study.incomplete = max(0, study.incomplete - 1)
+        mods = study.modalities
+        mods[rec.modality] = mods.get(rec.modality, 1) - 1
+        if mods[rec.modality] <= 0:
+            del mods[rec.modality]
+        for p in study.patients:
+            if p.issuer == rec.issuer and p.patient_id == rec.patient_id:
+                p.instances -= 1
+                if p.instances <= 0:
+                    study.patients.remove(p)
+                    self._drop_patient(tx, skey, p.issuer, p.patient_id)
+                    if len(study.patients) == 1:
                         self._facet_add(tx, "counts", "patient_conflicts", -1)
                 break
-        if study["instances"] > 0:
-            self._put(tx, "dicom_study", skey, study)
+        if study.instances > 0:
+            self._put(tx, "dicom_study", skey, study.to_json())
             return gone
-        for p in patients:
-            self._drop_patient(tx, skey, p[0], p[1])
+        for p in study.patients:
+            self._drop_patient(tx, skey, p.issuer, p.patient_id)
         self._del(tx, "dicom_study", skey)
         self._facet_add(tx, "counts", "studies", -1)
-        if study["date"]:
-            self._del(tx, "dicom_lookup", self.date_prefix(study["date"]) + skey)
-            self._facet_add(tx, "dates", study["date"], -1)
-        if study["acc"]:
+        if study.date:
+            self._del(tx, "dicom_lookup", self.date_prefix(study.date) + skey)
+            self._facet_add(tx, "dates", study.date, -1)
+        if study.accession:
             self._del(tx, "dicom_lookup",
-                      self.accession_prefix(study["acc_issuer"], study["acc"]) + skey)
-            self._facet_add(tx, "aissuers", study["acc_issuer"], -1)
+                      self.accession_prefix(study.accession_issuer, study.accession) + skey)
+            self._facet_add(tx, "aissuers", study.accession_issuer, -1)
         return (*gone, "study")
 
     def _drop_patient(self, tx: Tx, skey: bytes, issuer: str, pid: str) -> None:
@@ -483,21 +900,21 @@ class DicomIndex:
 
     # -- queries (any thread, inside the caller's read transaction) -------------------------------
 
-    def study(self, txn: lmdb.Transaction, uid: str) -> dict[str, Any] | None:
-        return self._get(txn, "dicom_study", self.study_key(uid))
+    def study(self, txn: lmdb.Transaction, uid: str) -> StudyRecord | None:
+        return self._study_at(txn, self.study_key(uid))
 
-    def studies(self, txn: lmdb.Transaction) -> Iterator[dict[str, Any]]:
+    def studies(self, txn: lmdb.Transaction) -> Iterator[StudyRecord]:
         for _, body in self.db.vscan(txn, "dicom_study", b"", epoch=self.read_epoch):
-            yield _load(body)
+            yield StudyRecord.from_json(_load(body))
 
-    def series_of(self, txn: lmdb.Transaction, study_uid: str) -> Iterator[dict[str, Any]]:
+    def series_of(self, txn: lmdb.Transaction, study_uid: str) -> Iterator[SeriesRecord]:
         for _, body in self.db.vscan(txn, "dicom_series", self.study_key(study_uid),
                                      epoch=self.read_epoch):
-            yield _load(body)
+            yield SeriesRecord.from_json(_load(body))
 
     def series(self, txn: lmdb.Transaction, study_uid: str, series_uid: str
-               ) -> dict[str, Any] | None:
-        return self._get(txn, "dicom_series", self.series_key(study_uid, series_uid))
+               ) -> SeriesRecord | None:
+        return self._series_at(txn, self.series_key(study_uid, series_uid))
 
     def members(self, txn: lmdb.Transaction, study_uid: str, series_uid: str
                 ) -> Iterator[tuple[int, str]]:
@@ -507,20 +924,26 @@ class DicomIndex:
                                          epoch=self.read_epoch):
             yield read_u64(ident), body.decode()
 
-    def lookup(self, txn: lmdb.Transaction, prefix: bytes) -> Iterator[dict[str, Any]]:
+    def lookup(self, txn: lmdb.Transaction, prefix: bytes) -> Iterator[LookupRecord]:
+        """The study lookups under `prefix`, which starts with their kind (b"p", b"a", b"d")."""
+        kind = _LOOKUPS[prefix[:1]]
         for _, body in self.db.vscan(txn, "dicom_lookup", prefix, epoch=self.read_epoch):
-            yield _load(body)
+            yield kind.from_json(_load(body))
 
-    def problems(self, txn: lmdb.Transaction) -> Iterator[tuple[int, dict[str, Any]]]:
+    def problems(self, txn: lmdb.Transaction) -> Iterator[tuple[int, ProblemRecord]]:
         for ident, body in self.db.vscan(txn, "dicom_lookup", b"!", epoch=self.read_epoch):
-            yield read_u64(ident), _load(body)
+            yield read_u64(ident), ProblemRecord.from_json(_load(body))
+
+    def problem(self, txn: lmdb.Transaction, ino: int) -> ProblemRecord | None:
+        obj = self._get(txn, "dicom_lookup", b"!" + u64(ino))
+        return None if obj is None else ProblemRecord.from_json(obj)
 
     def counts(self, txn: lmdb.Transaction) -> dict[str, int]:
         out = {"instances": 0, "studies": 0, "series": 0, "bytes": 0, "patient_conflicts": 0,
-               "incomplete": 0, "invalid": 0, "sop_conflict": 0}
+               INCOMPLETE: 0, INVALID: 0, SOP_CONFLICT: 0}
         out.update(self.facet(txn, "counts"))
         for _, problem in self.problems(txn):
-            out[problem["kind"]] = out.get(problem["kind"], 0) + 1
+            out[problem.kind] = out.get(problem.kind, 0) + 1
         return out
 
     def at(self, epoch: int) -> DicomIndex:
@@ -536,4 +959,59 @@ class DicomIndex:
         return 2 + bool(flags & FLAG_DICOM_ACCESSION) + self.by_patient
 
 
-__all__ = ["SCHEMA", "DicomIndex", "FileEntry"]
+def _drain(queue: collections.deque[T]) -> list[T]:
+    out = []
+    with contextlib.suppress(IndexError):
+        while True:
+            out.append(queue.popleft())
+    return out
+
+
+def _view_flags(rec: InstanceRecord) -> int:
+    """The inode flags of a file shown in the views (they give its view names' link count)."""
+    return FLAG_DICOM_VIEWS | (FLAG_DICOM_ACCESSION if rec.accession else 0)
+
+
+def _versions(copies: dict[int, FileEntry]
+              ) -> tuple[list[list[int]], tuple[str, ...], bool]:
+    """The versions among the viewable copies of one instance (lists of inodes, each in inode
+    order), the elements they differ in, and whether that is still to be found out (a copy
+    whose data set was never digested, or two versions never compared)."""
+    if len(copies) == 1 or len({e.record.digest for e in copies.values()}) == 1:
+        return [sorted(copies)], (), False  # one file, or identical files
+    by_content = {e.record.digest: e.record.ds_digest for e in copies.values()
+                  if e.record.ds_digest}
+    groups: dict[str, list[int]] = {}
+    pending = False
+    for ino, entry in sorted(copies.items()):
+        key = entry.record.ds_digest or by_content.get(entry.record.digest, "")
+        if not key:
+            # Not digested yet: a version of its own until the indexer has compared it.
+            key, pending = "content:" + entry.record.digest, True
+        groups.setdefault(key, []).append(ino)
+    tags: set[str] = set()
+    for a, b in itertools.combinations(groups, 2):
+        if a.startswith("content:") or b.startswith("content:"):
+            continue
+        found = _diff_of(copies, groups[a], b)
+        if found is None:
+            found = _diff_of(copies, groups[b], a)
+        if found is None:
+            pending = True
+        else:
+            tags.update(found)
+    return list(groups.values()), tuple(sorted(tags)), pending
+
+
+def _diff_of(copies: dict[int, FileEntry], inos: list[int], other: str
+             ) -> tuple[str, ...] | None:
+    for ino in inos:
+        found = copies[ino].record.ds_diff.get(other)
+        if found is not None:
+            return found
+    return None
+
+
+__all__ = ["SCHEMA", "AccessionLookup", "CopyCheck", "DateLookup", "DicomIndex", "FileEntry",
+           "IndexResult", "InstanceRecord", "LookupRecord", "PatientCount", "PatientLookup",
+           "ProblemRecord", "RemovedInstance", "SeriesRecord", "StudyRecord", "pair"]

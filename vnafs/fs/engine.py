@@ -19,10 +19,11 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import math
 import os
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -30,12 +31,15 @@ import lmdb
 import trio
 
 from vnafs.errors import IntegrityError
+from vnafs.meta.blocks import BlockUsage
 from vnafs.meta.namespace import Namespace
+from vnafs.meta.records import STATE_EVICTED
 from vnafs.meta.tx import NO_HOOKS, Tx, TxHooks
 from vnafs.seal import Buffer
 from vnafs.store.hot import HotStore
 
 log = logging.getLogger("vnafs.engine")
+FAILED_LOAD_QUIET = 60.0
 T = TypeVar("T")
 
 
@@ -60,7 +64,8 @@ class Health:
     """
 
     DECAY_SECONDS = 600.0
-    CLEARED_BY_SUCCESS = frozenset({"block_write", "metadata_write", "archive", "index"})
+    CLEARED_BY_SUCCESS = frozenset({"block_write", "metadata_write", "archive", "index",
+                                    "recall", "tiering"})
 
     def __init__(self) -> None:
         # Reports and clears come from the loop and from the writer thread: every field is
@@ -151,6 +156,7 @@ class Engine:
         hooks: TxHooks = NO_HOOKS,
         recall: Callable[[bytes], Awaitable[bytes]] | None = None,
         orphans: trio.MemorySendChannel[int] | None = None,
+        usage: BlockUsage | None = None,
     ) -> None:
         self.ns = ns
         self.store = store
@@ -188,6 +194,12 @@ class Engine:
         self._unsynced = False
         self.stats: Counter[str] = Counter()
         self.health = Health()
+        # Block bytes in the hot store and in the archive only (loop); see `count_usage`.
+        self.usage = usage if usage is not None else BlockUsage()
+        # Block id -> time.monotonic() of its last failed load, for one log line per minute.
+        self._failed_loads: dict[bytes, float] = {}
+        # Seconds a read request waited for a block recalled from the archive (loop).
+        self.ttfb: deque[float] = deque(maxlen=1024)
         # trio.current_time() of the newest write request (the indexer stands back).
         self.last_write = 0.0
 
@@ -221,11 +233,27 @@ class Engine:
         result, tx = await trio.to_thread.run_sync(self._run_tx, call, args,
                                                    limiter=self.writer)
         self.stats["commits"] += 1
+        self.usage.apply(tx)
         self._unsynced = True
         if self._orphans is not None:
             for ino in tx.orphaned:
                 self._orphans.send_nowait(ino)  # unbounded: never blocks a commit
         return result, tx
+
+    async def count_usage(self) -> BlockUsage:
+        """Count the bytes the hot store and the archive hold (once, at mount): one scan of
+        `refs` in a worker thread from a read transaction opened while no commit runs, so the
+        deltas of every later commit, already added by `commit_tx`, complete it exactly."""
+        async with self.writer:
+            txn = self.ns.db.begin()
+        try:
+            totals = await trio.to_thread.run_sync(self.ns.blocks.usage, txn, limiter=self.io)
+        finally:
+            txn.abort()
+        self.usage.resident += totals["resident_bytes"]
+        self.usage.evicted += totals["evicted_bytes"]
+        self.usage.known = True
+        return self.usage
 
     # -- durability -----------------------------------------------------------------------------
 
@@ -268,9 +296,11 @@ class Engine:
         # reference keeps the file (see docs/architecture.md, "Data path").
         with self._pending_lock:
             self._pending[block_id] += 1
-        if self.ns.blocks.has(block_id):
+        state = self.ns.blocks.state(block_id)
+        if state is not None and state != STATE_EVICTED:
             self.stats["dedup_hits"] += 1
             return block_id, 0
+        # New, or evicted: then its file is stored again and the commit makes it resident.
         stored = self.store.put(block_id, data, compress=self.compress and compress)
         return block_id, stored
 
@@ -319,42 +349,79 @@ class Engine:
         if removed:
             log.info("recovery: removed %d block files of writes that were never committed",
                      removed)
+        # A crash between an eviction's commit and its deletes, or between a recall's write
+        # and its commit, leaves files of evicted blocks: they count as resident again.
+        evicted = await trio.to_thread.run_sync(
+            lambda: [b for b in ids if self.ns.blocks.state(b) == STATE_EVICTED],
+            limiter=self.io)
+        if evicted:
+            await self.commit(self.ns.blocks.make_resident, evicted)
+            log.info("recovery: %d evicted blocks still had their files; resident again",
+                     len(evicted))
         return removed
 
-    async def load_block(self, block_id: bytes) -> Buffer:
+    async def load_block(self, block_id: bytes, *, reader: bool = True) -> Buffer:
+        """The plaintext of a block: from the cache, the hot store, or the archive (recall).
+        `reader`: a read request waits for it (counted for the hit ratio and time to first
+        byte); readahead and background work pass False."""
         while True:
             data = self.cache.get(block_id)
             if data is not None:
+                self.stats["cache_hits"] += 1
                 return data
             event = self._loading.get(block_id)
             if event is None:
                 break
             await event.wait()
         event = self._loading[block_id] = trio.Event()
+        start = trio.current_time()
         try:
             try:
                 data = await trio.to_thread.run_sync(self.store.get, block_id, limiter=self.io)
+                self.stats["blocks_loaded"] += 1
             except IntegrityError as exc:
                 data = await self._recall(block_id, exc)
+                if reader:
+                    self.stats["reader_recalls"] += 1
+                    self.ttfb.append(trio.current_time() - start)
             self.cache.put(block_id, data)
-            self.stats["blocks_loaded"] += 1
             return data
         finally:
             del self._loading[block_id]
             event.set()
 
     async def _recall(self, block_id: bytes, exc: IntegrityError) -> bytes:
-        """The hot copy is missing or damaged: fetch the archive's, or answer EIO."""
+        """The hot copy is missing, evicted or damaged: fetch the archive's, or answer EIO."""
         if self.recall is not None:
             try:
                 data = await self.recall(block_id)
                 self.stats["blocks_recalled"] += 1
+                self.health.clear("recall")
                 return data
             except IntegrityError as recall_exc:
                 exc = recall_exc
-        log.error("%s", exc)
-        self.health.report("integrity", str(exc))
+        # The kernel retries a failed read (and readahead asks too): one line per block and
+        # minute is enough.
+        now = time.monotonic()
+        if now - self._failed_loads.get(block_id, -math.inf) > FAILED_LOAD_QUIET:
+            log.error("%s", exc)
+        self._failed_loads[block_id] = now
+        if len(self._failed_loads) > 10_000:
+            self._failed_loads.clear()
+        if self.ns.blocks.state(block_id) == STATE_EVICTED:
+            # The archive did not answer (in time): an outage, not damage.
+            self.health.report("recall", str(exc))
+        else:
+            self.health.report("integrity", str(exc))
         raise OSError(errno.EIO, os.strerror(errno.EIO)) from None
+
+    def delete_evicted(self, ids: list[bytes]) -> None:
+        """Delete the files of blocks just marked evicted (worker thread). A block a writer
+        holds pending keeps its file: the writer is storing it again right now."""
+        with self._pending_lock:
+            for block_id in ids:
+                if not self._pending[block_id]:
+                    self.store.delete(block_id)
 
     def loading(self, block_id: bytes) -> bool:
         return block_id in self._loading or self.cache.get(block_id) is not None

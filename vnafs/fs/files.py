@@ -494,7 +494,7 @@ class Files:
     async def _prefetch(self, block_id: bytes) -> None:
         async with self._readahead:
             with contextlib.suppress(OSError):  # the read that needs the block reports it
-                await self.engine.load_block(block_id)
+                await self.engine.load_block(block_id, reader=False)
 
     def _touch_atime(self, of: OpenFile) -> None:
         # relatime: only when atime is older than mtime/ctime or a day old, so reads rarely cost

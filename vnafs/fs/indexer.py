@@ -10,22 +10,37 @@ crash-safe: marks left by a crash are queued again at mount.
 The parser reads through `_FileReader`, a seekable file object over the inode: the first bytes
 come from one read done on the event loop, anything else from `trio.from_thread.run`, so a
 50 MiB multi-frame costs two small reads, not 50 MiB.
+
+The one exception is a second file with the SOP Instance UID of one already indexed (the same
+instance from another sender, or a conflicting one): then the files whose content differs are
+read in full, through the same reader and limiter, to digest and compare their data sets
+(`_compare_copies`; docs/architecture.md section 8). The index remembers the outcome, so that
+happens once per content, and asks for a file to be indexed again (`take_recheck`) when copies
+indexed at the same time could not see each other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import io
 import logging
 import stat
-from collections.abc import Awaitable, Callable
-from typing import Any, BinaryIO, cast
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import BinaryIO, cast
 
 import trio
 
-from vnafs.dicom.header import Parsed, Status, parse
-from vnafs.dicom.index import DicomIndex
+from vnafs.dicom.header import Parsed, Status, dataset_diff, dataset_digest, parse, viewable
+from vnafs.dicom.index import (
+    CopyCheck,
+    DicomIndex,
+    IndexResult,
+    InstanceRecord,
+    NewStudy,
+    pair,
+)
 from vnafs.errors import IntegrityError
 from vnafs.fs.engine import Engine
 from vnafs.fs.files import ClosedFile, Files
@@ -49,11 +64,14 @@ DEFAULT_MAX_LAG = 10
 MAX_QUEUE_BEFORE_RUN = 10_000
 
 
+# How often the indexer takes the rechecks the index asked for in transactions other than its
+# own (an unlink's); its own commits' rechecks are taken at once.
+RECHECK_POLL_SECONDS = 1.0
+
+
 @dataclasses.dataclass(eq=False)
 class _Result:
-    ino: int
-    parsed: Parsed | None
-    mark: int | None
+    result: IndexResult
     done: trio.Event = dataclasses.field(default_factory=trio.Event)
     error: BaseException | None = None
 
@@ -68,6 +86,8 @@ class _FileReader(io.RawIOBase):
     """
 
     WINDOW = 64 << 10
+    # Whole-file reads (comparing copies of an instance) fetch up to this much at once.
+    MAX_FETCH = 4 << 20
 
     def __init__(self, size: int, pieces: list[tuple[int, bytes]],
                  fetch: Callable[[int, int], bytes]) -> None:
@@ -76,6 +96,15 @@ class _FileReader(io.RawIOBase):
         self._fetch = fetch
         self._window: tuple[int, bytes] = (0, b"")
         self._pos = 0
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def add(self, start: int, data: bytes) -> None:
+        """Serve reads of `data` at `start` from memory (bytes the caller already has)."""
+        if data:
+            self._pieces.append((start, data))
 
     def readable(self) -> bool:
         return True
@@ -91,11 +120,11 @@ class _FileReader(io.RawIOBase):
         self._pos = max(0, base + offset)
         return self._pos
 
-    def _piece_at(self, pos: int) -> tuple[int, bytes]:
+    def _piece_at(self, pos: int, wanted: int) -> tuple[int, bytes]:
         for start, data in (*self._pieces, self._window):
             if start <= pos < start + len(data):
                 return start, data
-        want = min(self.WINDOW, self._size - pos)
+        want = min(max(self.WINDOW, min(wanted, self.MAX_FETCH)), self._size - pos)
         self._window = (pos, self._fetch(pos, want))
         if not self._window[1]:
             raise OSError(errno.EIO, "file shorter than its size while indexing")
@@ -105,7 +134,7 @@ class _FileReader(io.RawIOBase):
         want = min(len(buffer), max(0, self._size - self._pos))
         done = 0
         while done < want:
-            start, data = self._piece_at(self._pos)
+            start, data = self._piece_at(self._pos, want - done)
             chunk = data[self._pos - start : self._pos - start + want - done]
             buffer[done : done + len(chunk)] = chunk
             done += len(chunk)
@@ -130,6 +159,7 @@ class Indexer:
     def __init__(self, engine: Engine, files: Files, index: DicomIndex, *,
                  closed: trio.MemoryReceiveChannel[ClosedFile],
                  invalidate: Callable[[list[int]], Awaitable[None]] = _nothing,
+                 new_studies: trio.MemorySendChannel[NewStudy] | None = None,
                  max_lag: float = DEFAULT_MAX_LAG) -> None:
         self.engine = engine
         self.files = files
@@ -137,7 +167,13 @@ class Indexer:
         self.ns = engine.ns
         self.max_lag = max_lag
         self._closed = closed
+        # `_intake` is (or is about to be) blocked receiving from `closed`; see `pending`.
+        self._intake_waiting = False
         self._invalidate = invalidate
+        # Hears of each study that got its first instance (tiering: prior-study prefetch),
+        # except while a reindex rebuilds the index, when every study is "new".
+        self._new_studies = new_studies
+        self._reindexing = False
         # Inodes waiting to be indexed (a set: a file closed 100 times is parsed once), and
         # trio.current_time() when the oldest of them arrived.
         self._queue: set[int] = set()
@@ -155,13 +191,24 @@ class Indexer:
         self._busy = 0
         self._idle = trio.Event()
         self.stats = {"indexed": 0, "not_dicom": 0, "problems": 0, "errors": 0,
-                      "from_header": 0}
+                      "from_header": 0, "rechecks": 0, "dataset_digests": 0,
+                      "dataset_diffs": 0}
+        # Queued files whose copies are to be compared again although their content did not
+        # change (asked for by the index: `DicomIndex.take_recheck`).
+        self._rechecks: set[int] = set()
         self.reindex_total = 0
 
     # -- what the open-file layer tells us --------------------------------------------------------
 
     async def _intake(self) -> None:
-        async for closed in self._closed:
+        while True:
+            self._intake_waiting = True
+            try:
+                closed = await self._closed.receive()
+            except trio.EndOfChannel:
+                return
+            finally:
+                self._intake_waiting = False
             self._keep_edges(closed)
             self.enqueue(closed.ino)
 
@@ -191,7 +238,14 @@ class Indexer:
 
     @property
     def pending(self) -> int:
-        return len(self._queue) + self._busy
+        # Files still in the `closed` channel count: a file released a moment ago must hold
+        # `wait_idle` as much as one already queued. A send to a waiting receiver skips the
+        # buffer: trio hands the file to `_intake` and wakes it, so the one file in its hand
+        # shows only as a receiver that stopped waiting before its task ran. (`_intake`
+        # enqueues without awaiting in between, so no file is in neither place.)
+        channel = self._closed.statistics()
+        in_hand = self._intake_waiting and channel.tasks_waiting_receive == 0
+        return channel.current_buffer_used + in_hand + len(self._queue) + self._busy
 
     async def wait_idle(self) -> None:
         """Return once nothing is queued or being indexed (`vnafs find --wait`, tests).
@@ -200,6 +254,7 @@ class Indexer:
         self._urgent += 1
         self._wakeup.set()
         try:
+            self._take_rechecks()
             while self.pending:
                 # Shared by every waiter; replaced only once it has fired (see `_sleep`).
                 if self._idle.is_set():
@@ -231,6 +286,7 @@ class Indexer:
         """Empty the index and index every regular file again; returns how many are queued."""
         inos = await self.engine.commit(self.index.reset)
         self.reindex_total = len(inos)
+        self._reindexing = bool(inos)
         for ino in inos:
             self.enqueue(ino)
         log.info("reindex started: %d files", len(inos))
@@ -254,12 +310,14 @@ class Indexer:
             for _ in range(TASKS):
                 nursery.start_soon(self._worker)
             nursery.start_soon(self._committer)
+            nursery.start_soon(self._poll_rechecks)
             task_status.started()
 
     async def _worker(self) -> None:
         while True:
             if not self._queue:
-                if not self._busy:
+                if not self.pending:
+                    self._reindexing = False
                     self._idle.set()
                 await self._sleep()
                 continue
@@ -288,7 +346,7 @@ class Indexer:
                 self.engine.health.report("index", f"indexing inode {ino} failed; see the log")
             finally:
                 self._busy -= 1
-                if not self._queue and not self._busy:
+                if not self.pending:
                     self._idle.set()
 
     async def _sleep(self) -> None:
@@ -300,28 +358,33 @@ class Indexer:
 
     async def index_one(self, ino: int) -> None:
         edges = self._take_edges(ino)
+        recheck = ino in self._rechecks
+        self._rechecks.discard(ino)
         with self.ns.db.begin() as txn:
             mark = self.index.mark(txn, ino)
             node = self.ns.inode(txn, ino)
             entry = self.index.entry(txn, ino)
             digest = self.index.digest(txn, ino) if entry is not None else ""
         parsed: Parsed | None = None
-        if (entry is not None and entry.header and entry.record.get("gen", 0) != self.index.gen
-                and entry.record["digest"] == digest):
-            # A reindex of an unchanged file: its stored header bytes are enough.
+        if (entry is not None and entry.header and entry.record.digest == digest
+                and (entry.record.gen != self.index.gen or recheck)):
+            # A reindex, or a recheck, of an unchanged file: its stored header bytes are enough.
             parsed = await trio.to_thread.run_sync(_reparse, entry.record, entry.header,
                                                    limiter=self.engine.cpu)
             self.stats["from_header"] += 1
         if parsed is None and node is not None and node.nlink and stat.S_ISREG(node.mode) \
                 and node.size:
             parsed = await self._parse(node, edges)
-        item = _Result(ino, parsed, mark)
+        copies = await self._compare_copies(ino, parsed) if parsed is not None else None
+        item = _Result(IndexResult(ino, parsed, mark, copies))
         self._results.append(item)
         self._results_ready.set()
         await item.done.wait()
         if item.error is not None:
             raise item.error
-        if parsed is None or parsed.status is Status.NOT_DICOM:
+        if recheck:
+            self.stats["rechecks"] += 1
+        elif parsed is None or parsed.status is Status.NOT_DICOM:
             self.stats["not_dicom"] += 1
         elif parsed.status is Status.OK:
             self.stats["indexed"] += 1
@@ -330,6 +393,101 @@ class Indexer:
             # One line, no PHI: the inode number and a reason without values.
             log.warning("DICOM file inode %d is %s: %s", ino, parsed.status.value,
                         parsed.problem)
+
+    async def _compare_copies(self, ino: int, parsed: Parsed) -> CopyCheck | None:
+        """Compare a file with the other files of its SOP Instance UID (None: there are none).
+
+        Copies with identical content need nothing read. Otherwise every copy whose data set
+        was never digested is read in full (`header.dataset_digest`, in a worker thread on the
+        CPU limiter), and two versions never compared before are compared element by element
+        (`header.dataset_diff`). What was learnt is kept in the instance records, so each file
+        is read for this at most once per content, and each two versions compared once.
+        """
+        inst = parsed.instance
+        if inst is None or not viewable(parsed.status, parsed.problem, inst.sop_uid,
+                                        inst.study_uid, inst.series_uid):
+            return None
+        with self.ns.db.begin() as txn:
+            records: dict[int, InstanceRecord] = {}
+            nodes: dict[int, Inode] = {}
+            for other in self.index.sop_inos(txn, inst.sop_uid):
+                entry = self.index.entry(txn, other) if other != ino else None
+                node = self.ns.inode(txn, other) if entry is not None else None
+                if entry is not None and node is not None and node.nlink \
+                        and entry.record.viewable:
+                    records[other], nodes[other] = entry.record, node
+            if not records:
+                return None
+            mine = self.index.digest(txn, ino)
+            own = self.index.entry(txn, ino)
+            node = self.ns.inode(txn, ino)
+        if node is None:
+            return None
+        nodes[ino] = node
+        copies = {ino: mine} | {other: rec.digest for other, rec in records.items()}
+        if len(set(copies.values())) == 1:
+            return CopyCheck(copies)  # identical files: one version, nothing to read
+        known = list(records.values())
+        if own is not None and own.record.digest == mine:
+            known.append(own.record)  # unchanged since it was last compared (a recheck)
+        by_content = {rec.digest: rec.ds_digest for rec in known if rec.ds_digest}
+        diffs = {pair(rec.ds_digest, other): tags for rec in known if rec.ds_digest
+                 for other, tags in rec.ds_diff.items()}
+        ds: dict[int, str] = {}
+        for i in sorted(copies):
+            if copies[i] not in by_content:
+                try:
+                    by_content[copies[i]] = await self._dataset_digest(nodes[i])
+                except (IntegrityError, OSError) as exc:
+                    log.error("comparing copies of a DICOM instance: reading inode %d failed: "
+                              "%s", i, exc)
+                    continue
+            ds[i] = by_content[copies[i]]
+        first: dict[str, int] = {}  # data set digest -> its first-stored copy
+        for i in sorted(ds):
+            first.setdefault(ds[i], i)
+        versions = list(first)  # in the order of their first-stored copies
+        merged: dict[str, str] = {}
+        for n, a in enumerate(versions):
+            for b in versions[n + 1 :]:
+                if a in merged or b in merged or pair(a, b) in diffs:
+                    continue
+                try:
+                    tags = await self._dataset_diff(nodes[first[a]], nodes[first[b]])
+                except (IntegrityError, OSError) as exc:
+                    log.error("comparing copies of a DICOM instance: reading inode %d or %d "
+                              "failed: %s", first[a], first[b], exc)
+                    continue  # not recorded: compared again when the copies change
+                if tags == []:
+                    merged[b] = a  # equal elements in other bytes (another VR encoding, say)
+                else:
+                    diffs[pair(a, b)] = tuple(tags or ())
+        return CopyCheck(copies, {i: merged.get(d, d) for i, d in ds.items()}, diffs)
+
+    async def _dataset_digest(self, node: Inode) -> str:
+        self.stats["dataset_digests"] += 1
+        async with self._reader(node) as reader:
+            return await trio.to_thread.run_sync(dataset_digest, cast(BinaryIO, reader),
+                                                 reader.size, self.index.name_key,
+                                                 limiter=self.engine.cpu)
+
+    async def _dataset_diff(self, a: Inode, b: Inode) -> list[str] | None:
+        self.stats["dataset_diffs"] += 1
+        async with self._reader(a) as ra, self._reader(b) as rb:
+            return await trio.to_thread.run_sync(dataset_diff, cast(BinaryIO, ra), ra.size,
+                                                 cast(BinaryIO, rb), rb.size,
+                                                 limiter=self.engine.cpu)
+
+    def _take_rechecks(self) -> None:
+        for ino in self.index.take_recheck():
+            self._rechecks.add(ino)
+            self.enqueue(ino)
+
+    async def _poll_rechecks(self) -> None:
+        """Rechecks asked for in transactions other than the indexer's (an unlink's)."""
+        while True:
+            await trio.sleep(RECHECK_POLL_SECONDS)
+            self._take_rechecks()
 
     async def _committer(self) -> None:
         """Commit parse results in batches: while one transaction waits for the writer
@@ -358,9 +516,14 @@ class Indexer:
                 item.done.set()
 
     async def _commit(self, batch: list[_Result]) -> None:
-        await self.engine.commit(self.index.apply_many,
-                                 [(r.ino, r.parsed, r.mark) for r in batch])
-        await self._invalidate([r.ino for r in batch])
+        await self.engine.commit(self.index.apply_many, [r.result for r in batch])
+        # Before the batch counts as done, so `wait_idle` also waits for the rechecks.
+        self._take_rechecks()
+        await self._invalidate([r.result.ino for r in batch])
+        new = self.index.take_new_studies()
+        if self._new_studies is not None and not self._reindexing:
+            for study in new:
+                self._new_studies.send_nowait(study)
 
     def _take_edges(self, ino: int) -> tuple[int, bytes, bytes] | None:
         edges = self._edges.pop(ino, None)
@@ -375,23 +538,30 @@ class Indexer:
             edges = None  # changed since it was closed
         if edges is not None and not _may_be_dicom(edges[1]):
             return None  # decided from memory: no block load for most non-DICOM files
-        of = self.files.attach(node)
-        try:
-            size = of.size
+        async with self._reader(node) as reader:
+            size = reader.size
             if edges is None:
                 head = await self.files.read(ino, 0, min(size, HEAD_BYTES), touch_atime=False)
                 if not _may_be_dicom(head):
                     return None
-                pieces = [(0, head)]
+                reader.add(0, head)
             else:
-                pieces = [(0, edges[1]), (size - len(edges[2]), edges[2])]
+                reader.add(0, edges[1])
+                reader.add(size - len(edges[2]), edges[2])
+            return await trio.to_thread.run_sync(parse, cast(BinaryIO, reader), size,
+                                                 limiter=self.engine.cpu)
+
+    @contextlib.asynccontextmanager
+    async def _reader(self, node: Inode) -> AsyncIterator[_FileReader]:
+        """A `_FileReader` over the file, for a worker thread; holds it open meanwhile."""
+        ino = node.ino
+        of = self.files.attach(node)
+        try:
 
             def fetch(offset: int, length: int) -> bytes:
                 return trio.from_thread.run(self._read_plain, ino, offset, length)
 
-            reader = _FileReader(size, pieces, fetch)
-            return await trio.to_thread.run_sync(parse, cast(BinaryIO, reader), size,
-                                                 limiter=self.engine.cpu)
+            yield _FileReader(of.size, [], fetch)
         finally:
             await self.files.release(ino)
 
@@ -399,15 +569,15 @@ class Indexer:
         return await self.files.read(ino, offset, length, touch_atime=False)
 
 
-def _reparse(record: dict[str, Any], header: bytes) -> Parsed | None:
+def _reparse(record: InstanceRecord, header: bytes) -> Parsed | None:
     """Identity from stored header bytes; the completeness verdict of the full file is kept."""
     parsed = parse(io.BytesIO(header), len(header), check_complete=False)
     if parsed.instance is None or parsed.status is Status.NOT_DICOM:
         return None  # cannot happen for a header we stored; read the file instead
-    status = Status(record["status"])
+    status = record.status
     if status is Status.OK and parsed.status is not Status.OK:
         return None
-    return dataclasses.replace(parsed, status=status, problem=record["problem"], header=header)
+    return dataclasses.replace(parsed, status=status, problem=record.problem, header=header)
 
 
 def _may_be_dicom(head: bytes) -> bool:

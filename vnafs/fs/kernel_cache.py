@@ -53,10 +53,12 @@ class KernelCache:
 
     async def drop(self, inos: Sequence[int] = ()) -> None:
         """Make the kernel forget the view names the index removed since the last call, and
-        the cached attributes of `inos` (their link counts count view names)."""
+        the cached attributes of `inos` and of the files the index showed or hid in place of
+        another copy of their instance (their link counts count view names)."""
         if self.index is None or self.views is None:
             return
         stale = [name for removed in self.index.take_removed()
                  for name in self.views.stale_names(removed)]
+        inos = [*inos, *self.index.take_relinked()]
         if stale or inos:
             await trio.to_thread.run_sync(_invalidate, stale, list(inos), limiter=self.limiter)

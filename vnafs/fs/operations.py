@@ -32,7 +32,7 @@ from vnafs.fs.files import Files
 from vnafs.fs.inodes import Inodes, Live, SnapshotsDir, Snapshotted, Stored, ViewDir
 from vnafs.fs.kernel_cache import KernelCache
 from vnafs.fs.snapshot_service import SnapshotService
-from vnafs.fs.views import Child, dir_mode
+from vnafs.fs.views import PROBLEM_XATTR, Child, dir_mode
 from vnafs.meta.namespace import NAME_MAX, fail
 from vnafs.meta.records import ROOT_INO, Inode
 from vnafs.meta.snapshots import SNAPDIR_INO, SNAPDIR_NAME, SnapshotError
@@ -81,6 +81,9 @@ def _live(node: object) -> Live:
     return node
 
 
+# Extended attributes under this prefix are answered by vnafs (tiering state), never stored.
+VNAFS_XATTR = b"user.vnafs."
+
 # Handles of virtual directories (views, /.snapshots): above every inode number, so they never
 # meet a real handle.
 _VIRTUAL_FH = 1 << 63
@@ -94,7 +97,8 @@ class Operations(pyfuse3.Operations):
     def __init__(self, engine: Engine, files: Files, inodes: Inodes, kernel: KernelCache, *,
                  block_size: int, views_name: str = ".dicom",
                  snapshots: SnapshotService | None = None, snapshot_mkdir: bool = False,
-                 snapshots_visible: bool = False) -> None:
+                 snapshots_visible: bool = False,
+                 file_state: Callable[[int], str] | None = None) -> None:
         super().__init__()
         self.engine = engine
         self.ns = engine.ns
@@ -113,6 +117,8 @@ class Operations(pyfuse3.Operations):
         # stay stable between calls.
         self._virtual: dict[int, list[tuple[bytes, Callable[[], pyfuse3.EntryAttributes]]]] = {}
         self._next_fh = _VIRTUAL_FH
+        # `user.vnafs.state` of a live file (tiering), None without an archive.
+        self.file_state = file_state
         # (inode, name) pairs known to have no such xattr. The kernel asks for
         # security.capability before every write; all xattr changes pass through here, so this
         # negative cache is exact.
@@ -626,6 +632,8 @@ class Operations(pyfuse3.Operations):
         if len(name) > NAME_MAX:
             raise OSError(errno.ERANGE, os.strerror(errno.ERANGE))
         at = _live(self.inodes.resolve(inode))
+        if name.startswith(VNAFS_XATTR):
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))  # answered, never stored
         if name.startswith(b"system.posix_acl_"):
             # The kernel would not enforce a stored ACL (no FUSE_POSIX_ACL): refuse cleanly.
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
@@ -638,6 +646,8 @@ class Operations(pyfuse3.Operations):
     ) -> bytes:
         if (inode, name) in self._no_xattr:
             raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
+        if name.startswith(VNAFS_XATTR):
+            return await self._vnafs_xattr(self.inodes.resolve(inode), name)
         match self.inodes.resolve(inode):
             case ViewDir() | SnapshotsDir():
                 raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
@@ -653,6 +663,29 @@ class Operations(pyfuse3.Operations):
                     self._no_xattr.clear()
                 self._no_xattr.add((at.ino, name))
             raise
+
+    async def _vnafs_xattr(self, node: Live | Snapshotted | SnapshotsDir | ViewDir,
+                           name: bytes) -> bytes:
+        """Attributes vnafs answers about a file and never stores (`getfattr -n`):
+        `user.vnafs.state` (tiering) and `user.vnafs.dicom.problem` (why `vnafs find
+        --problems` lists the file). They are not listed, so `cp -a` and `rsync -X` do not
+        copy a stale verdict along with the file."""
+        if name == VNAFS_XATTR + b"state" and isinstance(node, Live) \
+                and self.file_state is not None:
+            if not stat.S_ISREG(self.ns.get_inode(node.ino).mode):
+                raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
+            # One record per block of the file: a worker thread, not the loop.
+            found = await trio.to_thread.run_sync(self.file_state, node.ino,
+                                                  limiter=self.engine.io)
+            return found.encode()
+        views = self.inodes.views
+        if name == PROBLEM_XATTR and views is not None \
+                and isinstance(node, (Live, Snapshotted)):
+            value = await trio.to_thread.run_sync(views.derived_xattr, node.ino, node.epoch,
+                                                  name, limiter=self.engine.io)
+            if value is not None:
+                return value
+        raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
 
     @translated
     async def listxattr(

@@ -29,9 +29,21 @@ from dataclasses import dataclass
 
 import lmdb
 
-from vnafs.dicom.index import DicomIndex, RemovedInstance
+from vnafs.dicom.index import (
+    AccessionLookup,
+    DicomIndex,
+    LookupRecord,
+    PatientLookup,
+    RemovedInstance,
+)
 from vnafs.dicom.names import valid_uid
 from vnafs.meta.namespace import fail
+
+# The attribute vnafs answers, read-only and never stored, on a stored file the index flags (a
+# view leaf is the stored file's own inode, so it answers through the views and the PACS's path
+# alike). fs/operations.py serves `user.vnafs.*` names, refuses to set them, and does not list
+# them, so `cp -a` and `rsync -X` do not copy a stale verdict along with the file.
+PROBLEM_XATTR = b"user.vnafs.dicom.problem"
 
 VIEW_BIT = 1 << 62
 _MASK = (1 << 61) - 1
@@ -184,8 +196,8 @@ class Views:
         candidates = []
         for ino in self.index.sop_inos(txn, sop):
             entry = self.index.entry(txn, ino)
-            if (entry is not None and entry.record.get("in_views")
-                    and entry.record["study"] == study and entry.record["series"] == series):
+            if (entry is not None and entry.record.in_views
+                    and entry.record.study == study and entry.record.series == series):
                 candidates.append(ino)
         if not candidates:
             raise fail(errno.ENOENT)
@@ -196,26 +208,38 @@ class Views:
             return int(suffix)
         raise fail(errno.ENOENT)
 
+    def derived_xattr(self, ino: int, epoch: int | None, name: bytes) -> bytes | None:
+        """The value of derived attribute `name` of stored file `ino` as seen at `epoch` (None
+        for the live tree), or None when it has none. `user.vnafs.dicom.problem` says why the
+        file is listed by `vnafs find --problems` ("incomplete: ...", "sop_conflict: ... in
+        (0008,103E)"): a reason and tags, never a DICOM value."""
+        if name != PROBLEM_XATTR:
+            return None
+        index = self.index if epoch is None else self.index.at(epoch)
+        with self.db.begin() as txn:
+            problem = index.problem(txn, ino)
+        return None if problem is None else problem.text().encode()
+
     def stale_names(self, removed: RemovedInstance) -> list[tuple[int, str]]:
         """(view directory inode, name) of every view name the kernel may still cache for a
         file that just left the index, plus its series and study directories if they went
         too."""
         ino, rec, gone = removed.ino, removed.record, removed.gone
-        study, series, date = rec["study"], rec["series"], rec["date"]
+        study, series, date = rec.study, rec.series, rec.date
         bases: list[Path] = [("by-study",)]
         if len(date) == 8 and date.isdigit():
             bases.append(("by-date", date[:4], date[4:6], date[6:]))
-        if rec["acc"]:
-            bases.append(("by-accession", self.index.name(rec["acc_issuer"]),
-                          self.index.name(rec["acc"])))
+        if rec.accession:
+            bases.append(("by-accession", self.index.name(rec.accession_issuer),
+                          self.index.name(rec.accession)))
         if self.index.by_patient:
-            bases.append(("by-patient", self.index.name(rec["issuer"]),
-                          self.index.name(rec["pid"])))
+            bases.append(("by-patient", self.index.name(rec.issuer),
+                          self.index.name(rec.patient_id)))
         out = []
         for base in bases:
             series_dir = (*base, study, series)
-            out += [(view_ino(series_dir), f"{rec['sop']}{LEAF_SUFFIX}"),
-                    (view_ino(series_dir), f"{rec['sop']}~{ino}{LEAF_SUFFIX}")]
+            out += [(view_ino(series_dir), f"{rec.sop}{LEAF_SUFFIX}"),
+                    (view_ino(series_dir), f"{rec.sop}~{ino}{LEAF_SUFFIX}")]
             if "series" in gone:
                 out.append((view_ino((*base, study)), series))
             if "study" in gone:
@@ -238,8 +262,8 @@ class Views:
                 yield Child(uid, (*path, uid))
         elif depth == at + 1:
             for series in self.index.series_of(txn, path[at]):
-                if valid_uid(series["uid"]):
-                    yield Child(series["uid"], (*path, series["uid"]))
+                if valid_uid(series.uid):
+                    yield Child(series.uid, (*path, series.uid))
         elif depth == at + 2:
             seen: set[str] = set()
             for ino, sop in self.index.members(txn, path[at], path[at + 1]):
@@ -252,12 +276,12 @@ class Views:
     def _studies_under(self, txn: lmdb.Transaction, path: Path) -> Iterator[str]:
         if path[0] == "by-study":
             for study in self.index.studies(txn):
-                if valid_uid(study["uid"]):
-                    yield study["uid"]
+                if valid_uid(study.uid):
+                    yield study.uid
             return
         for item in self.index.lookup(txn, self._studies_prefix(path)):
-            if valid_uid(item["study"]):
-                yield item["study"]
+            if valid_uid(item.study):
+                yield item.study
 
     def _list_upper(self, txn: lmdb.Transaction, path: Path) -> Iterator[Child]:
         """Directories above the study level: dates, issuers, accessions, patient IDs."""
@@ -276,12 +300,19 @@ class Views:
             for name in names:
                 yield Child(name, (*path, name))
             return
-        field = "acc" if top == "by-accession" else "pid"
-        names = sorted({self.index.name(item[field])
+        names = sorted({self.index.name(_free_text(item))
                         for item in self.index.lookup(txn, self.index.name_prefix(_KINDS[top],
                                                                                   path[1]))})
         for name in names:
             yield Child(name, (*path, name))
+
+
+def _free_text(item: LookupRecord) -> str:
+    """The value a by-accession or by-patient directory is named after."""
+    if isinstance(item, AccessionLookup):
+        return item.accession
+    assert isinstance(item, PatientLookup)
+    return item.patient_id
 
 
 def _is_date(value: str) -> bool:

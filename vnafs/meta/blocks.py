@@ -14,7 +14,13 @@ retention), `repl_blocks` (referenced, not yet in the archive). The rules:
   (count 0) and file until the replicator has uploaded it: a replication cycle that read the
   metadata before the deletion may still name it;
 - a replicated block that loses its last reference is deleted from the hot store and gets a
-  tombstone; referencing it again before archive gc removes the tombstone.
+  tombstone; referencing it again before archive gc removes the tombstone;
+- only an archived block may be evicted (state 3: its file is gone from the hot store, the
+  archive holds it); a writer that produces an evicted block again stores its file and makes
+  it archived (resident) again, and so does a recall that keeps what it fetched.
+
+Every change of the bytes the hot store holds is added to the transaction's
+`resident_delta` / `evicted_delta`, so the tiering accounts stay exact without a scan.
 
 Every function that changes state takes the `Tx` of the caller's write transaction.
 """
@@ -22,12 +28,29 @@ Every function that changes state takes the `Tx` of the caller's write transacti
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import lmdb
 
 from vnafs.meta.db import MetaDB, records, u64
-from vnafs.meta.records import STATE_HOT, STATE_REPLICATED, RefCount
+from vnafs.meta.records import STATE_EVICTED, STATE_HOT, STATE_REPLICATED, RefCount
 from vnafs.meta.tx import Tx
+
+
+@dataclass
+class BlockUsage:
+    """Sealed block bytes held by the hot store (`resident`: pending or archived) and by the
+    archive alone (`evicted`). Kept by the engine on the trio loop: every commit adds its
+    deltas; `count` adds the totals of one consistent scan once (commits after the scan's
+    read transaction began are the deltas), after which `known` is true."""
+
+    resident: int = 0
+    evicted: int = 0
+    known: bool = False
+
+    def apply(self, tx: Tx) -> None:
+        self.resident += tx.resident_delta
+        self.evicted += tx.evicted_delta
 
 
 class Blocks:
@@ -52,12 +75,27 @@ class Blocks:
 
     def stats(self) -> dict[str, int]:
         """Counts and stored bytes; O(blocks), so only ever called from a worker thread."""
-        stored = 0
         with self.db.begin() as txn:
-            for _, rc in self.scan(txn):
-                stored += rc.stored
             return {"blocks": txn.stat(self.db.dbs["refs"])["entries"],
-                    "block_bytes_stored": stored}
+                    **self.usage(txn)}
+
+    def usage(self, txn: lmdb.Transaction) -> dict[str, int]:
+        """Sealed bytes by where they are: in the hot store (pending or archived) and only in
+        the archive (evicted). O(blocks): worker threads only."""
+        resident = evicted = 0
+        for _, rc in self.scan(txn):
+            if rc.state == STATE_EVICTED:
+                evicted += rc.stored
+            else:
+                resident += rc.stored
+        return {"block_bytes_stored": resident + evicted, "resident_bytes": resident,
+                "evicted_bytes": evicted}
+
+    def state(self, block_id: bytes) -> int | None:
+        """The block's state (STATE_*), None if no record names it."""
+        with self.db.begin() as txn:
+            rc = self.get(txn, block_id)
+        return None if rc is None else rc.state
 
     # -- changes (inside the caller's write transaction) ----------------------------------------
 
@@ -74,6 +112,12 @@ class Blocks:
                 rc = RefCount(0, STATE_HOT, stored)
                 if db.journal:
                     tx.txn.put(block_id, b"", db=db.dbs["repl_blocks"])
+            tx.resident_delta += stored
+        elif rc.state == STATE_EVICTED and stored:
+            # The writer stored the block's file again (see the module docstring).
+            rc.state = STATE_REPLICATED
+            tx.resident_delta += rc.stored
+            tx.evicted_delta -= rc.stored
         rc.count += 1
         db.put(tx.txn, "refs", block_id, rc.pack())
 
@@ -104,9 +148,41 @@ class Blocks:
                 rc.state = STATE_REPLICATED
                 self.db.put(tx.txn, "refs", block_id, rc.pack())
 
+    def evict(self, tx: Tx, block_ids: list[bytes]) -> list[bytes]:
+        """Mark archived blocks evicted (their files are deleted after the commit); the ids
+        that were still archived and are now evicted."""
+        done = []
+        for block_id in block_ids:
+            rc = self.get(tx.txn, block_id)
+            if rc is None or rc.state != STATE_REPLICATED:
+                continue  # freed, or not (or no longer) archived: it stays
+            rc.state = STATE_EVICTED
+            self.db.put(tx.txn, "refs", block_id, rc.pack())
+            tx.resident_delta -= rc.stored
+            tx.evicted_delta += rc.stored
+            done.append(block_id)
+        return done
+
+    def make_resident(self, tx: Tx, block_ids: list[bytes]) -> None:
+        """A recall wrote these evicted blocks' files back into the hot store."""
+        for block_id in block_ids:
+            rc = self.get(tx.txn, block_id)
+            if rc is None or rc.state != STATE_EVICTED:
+                continue
+            rc.state = STATE_REPLICATED
+            self.db.put(tx.txn, "refs", block_id, rc.pack())
+            tx.resident_delta += rc.stored
+            tx.evicted_delta -= rc.stored
+
     def _free(self, tx: Tx, block_id: bytes, *, archived: bool) -> None:
         """Nothing references the block: its hot file goes after the commit, and an archived
         copy gets a tombstone for `vnafs gc --archive`."""
+        rc = self.get(tx.txn, block_id)
+        if rc is not None:
+            if rc.state == STATE_EVICTED:
+                tx.evicted_delta -= rc.stored
+            else:
+                tx.resident_delta -= rc.stored
         self.db.delete(tx.txn, "refs", block_id)
         tx.freed_blocks.append(block_id)
         if self.db.journal and archived:

@@ -47,6 +47,8 @@ TABLES: dict[str, bytes] = {
     "dicom_todo": b"q",
     # Snapshots (vnafs/meta/snapshots.py, docs/architecture.md section 10).
     "snapshots": b"n",
+    # Tiering: pinned studies and files (vnafs/tier/, docs/format.md 5.6).
+    "tier_pins": b"P",
     # Archive replication (vnafs/archive/, docs/format.md sections 5.3 and 6).
     "tombstones": b"t",
     "repl_state": b"z",

@@ -61,3 +61,8 @@ class Tx:
     # Linked regular files whose content or size changed (the DICOM indexer parses them when
     # their last handle closes).
     changed: list[int] = field(default_factory=list)
+    # Change of the sealed bytes held in the hot store (blocks pending or archived) and of
+    # those held only by the archive (evicted); the tiering accounts add them after the
+    # commit (vnafs/tier/).
+    resident_delta: int = 0
+    evicted_delta: int = 0
