@@ -26,12 +26,28 @@ SERVICE_UNITS := samba:smbd.service samba:nmbd.service samba:samba-ad-dc.service
 # package: it is installed only when no npm command exists (Debian's own nodejs).
 AZURITE := .cache/azurite/node_modules/azurite/dist/src/blob/main.js
 
+# The tests that need no root, no /dev/fuse and no mount: tests/unit/ (the file, engine and index
+# code over a temporary hot store, see tests/unit/harness.py) and the other in-process tests.
+# Of test_dicom_sniff.py and test_format1.py only the tests that mount nothing. `make test`
+# runs all of them too.
+UNIT_TESTS := tests/unit tests/test_meta.py tests/test_keys_seal.py tests/test_dicom_header.py \
+              tests/test_dicom_names.py tests/test_heap.py tests/test_layers.py \
+              tests/test_mountinfo.py tests/test_requires.py tests/test_gen_studies.py \
+              tests/test_dicom_sniff.py::test_transfer_syntax_matches_pydicom_on_the_corpus \
+              tests/test_dicom_sniff.py::test_bad_heads_give_none \
+              tests/test_format1.py::test_vectors_in_format_md_match_an_independent_implementation \
+              tests/test_format1.py::test_vnafs_opens_the_vectors \
+              tests/test_format1.py::test_vnafs_records_and_log_part_agree_with_the_vectors \
+              tests/test_format1.py::test_vnafs_seals_the_raw_block_as_the_vector_says \
+              tests/test_format1.py::test_frozen_manifest_is_what_the_tests_expect
+
 .DEFAULT_GOAL := help
-.PHONY: help sysdeps venv test lint demo bench clean
+.PHONY: help sysdeps venv test unit lint demo bench clean
 
 help:
 	@echo "make demo    install everything, create and mount a demo filesystem with sample DICOM"
 	@echo "make test    install everything, run ruff and the whole test suite"
+	@echo "make unit    the in-process tests only (no root, no mount; under a minute)"
 	@echo "make lint    ruff check and mypy"
 	@echo "make bench   run tools/bench"
 	@echo "make venv    Debian packages + $(VENV) with vnafs installed editable"
@@ -81,6 +97,9 @@ test: venv $(AZURITE)
 	$(VENV)/bin/ruff check vnafs tools tests
 	$(VENV)/bin/mypy vnafs
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+
+unit: venv
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) $(UNIT_TESTS)
 
 lint: venv
 	$(VENV)/bin/ruff check vnafs tools tests
