@@ -9,16 +9,21 @@ PYTEST_ARGS ?=
 # Debian packages needed to build pyfuse3 and to run the tests
 # (gocryptfs only as a reference point for tools/bench; dcmtk, orthanc, curl and iproute2
 # for the tests with real DICOM writers; nodejs for Azurite; samba and smbclient for the SMB
-# re-export and Previous Versions tests).
+# re-export and Previous Versions tests; nfs-ganesha, its FSAL_VFS, the libnfs client commands
+# and rpcbind for the NFS re-export tests, which run rpcbind themselves (NFSv3). nfs-common
+# comes with nfs-ganesha anyway; it is listed so that the unit it enables is disabled below).
 SYSDEPS := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv gocryptfs attr acl rsync \
-           dcmtk orthanc curl iproute2 nodejs samba samba-vfs-modules smbclient
+           dcmtk orthanc curl iproute2 nodejs samba samba-vfs-modules smbclient \
+           nfs-ganesha nfs-ganesha-vfs libnfs-utils rpcbind nfs-common
 
 # package:unit for the services that installing a package enables. `make sysdeps` disables (and,
 # under a running systemd, stops) them right after installing that package: the tests start
 # their own servers on free ports, and nothing should run at boot because `make test` ran once.
 # Only packages installed in that run: an administrator's own services are never touched.
 SERVICE_UNITS := samba:smbd.service samba:nmbd.service samba:samba-ad-dc.service \
-                 orthanc:orthanc.service nfs-ganesha:nfs-ganesha.service
+                 orthanc:orthanc.service nfs-ganesha:nfs-ganesha.service \
+                 nfs-ganesha:nfs-ganesha-lock.service rpcbind:rpcbind.service \
+                 rpcbind:rpcbind.socket nfs-common:nfs-client.target
 
 # Azurite (Azure Blob emulator) for the archive backend tests. 3.35.0 is the newest release that
 # runs on node 20. Installed once into .cache/; the file target makes reruns silent. npm is not
@@ -41,8 +46,18 @@ UNIT_TESTS := tests/unit tests/test_meta.py tests/test_keys_seal.py tests/test_d
               tests/test_format1.py::test_vnafs_seals_the_raw_block_as_the_vector_says \
               tests/test_format1.py::test_frozen_manifest_is_what_the_tests_expect
 
+# `make install`: vnafs in its own venv under PREFIX (never pip into the system Python), the
+# command on the system path, the mount helpers mount(8) looks for (for fstab entries of type
+# fuse.vnafs; /sbin is on its fixed search path) and the systemd units. `make uninstall` removes
+# exactly these. All four can be moved, e.g. for a test: make install PREFIX=/tmp/x/opt ...
+PREFIX  ?= /opt/vnafs
+BINDIR  ?= /usr/local/bin
+SBINDIR ?= /sbin
+UNITDIR ?= /etc/systemd/system
+UNITS   := $(wildcard systemd/*.service systemd/*.timer)
+
 .DEFAULT_GOAL := help
-.PHONY: help sysdeps venv test unit lint demo bench clean
+.PHONY: help sysdeps venv test unit lint demo bench clean install uninstall
 
 help:
 	@echo "make demo    install everything, create and mount a demo filesystem with sample DICOM"
@@ -51,6 +66,7 @@ help:
 	@echo "make lint    ruff check and mypy"
 	@echo "make bench   run tools/bench"
 	@echo "make venv    Debian packages + $(VENV) with vnafs installed editable"
+	@echo "make install vnafs under $(PREFIX), the command, mount helpers and systemd units (root)"
 	@echo "make clean   remove $(VENV) and build artifacts"
 
 # Installs only when a package is missing, so reruns are silent and need no network.
@@ -110,6 +126,29 @@ demo: venv
 
 bench: venv
 	$(VENV)/bin/python -m tools.bench
+
+install: | sysdeps
+	@[ "$$(id -u)" -eq 0 ] || { echo "make install: run as root" >&2; exit 1; }
+	$(PYTHON) -m venv $(PREFIX)
+	$(PREFIX)/bin/pip install -q --disable-pip-version-check --upgrade pip
+	$(PREFIX)/bin/pip install -q --disable-pip-version-check .
+	install -d $(BINDIR) $(SBINDIR) $(UNITDIR)
+	ln -sfn $(PREFIX)/bin/vnafs $(BINDIR)/vnafs
+	ln -sfn $(PREFIX)/bin/vnafs $(SBINDIR)/mount.fuse.vnafs
+	ln -sfn $(PREFIX)/bin/vnafs $(SBINDIR)/umount.fuse.vnafs
+	for u in $(UNITS); do \
+		sed 's|@BINDIR@|$(BINDIR)|g' $$u > $(UNITDIR)/$${u##*/} && chmod 644 $(UNITDIR)/$${u##*/} || exit 1; \
+	done
+	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed vnafs in $(PREFIX), $(BINDIR)/vnafs, $(SBINDIR)/mount.fuse.vnafs and the units in $(UNITDIR)"
+
+uninstall:
+	@[ "$$(id -u)" -eq 0 ] || { echo "make uninstall: run as root" >&2; exit 1; }
+	rm -f $(BINDIR)/vnafs $(SBINDIR)/mount.fuse.vnafs $(SBINDIR)/umount.fuse.vnafs
+	for u in $(UNITS); do rm -f $(UNITDIR)/$${u##*/}; done
+	@# Only a directory holding our venv is removed: PREFIX=/usr by mistake stays.
+	if [ -x $(PREFIX)/bin/vnafs ] && [ -f $(PREFIX)/pyvenv.cfg ]; then rm -rf $(PREFIX); fi
+	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache

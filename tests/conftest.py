@@ -196,6 +196,20 @@ class Fs:
             _wait_gone(pid)
 
 
+def set_config(fs: Fs, section: str, **values: object) -> None:
+    """Set keys of one section of `<hot>/vnafs.toml` (written by mkfs with every section);
+    values are written as JSON, which is TOML for strings, numbers and booleans."""
+    cfg = fs.hot / "vnafs.toml"
+    lines = cfg.read_text().splitlines()
+    for key, value in values.items():
+        at = lines.index(f"[{section}]") + 1
+        end = next((i for i in range(at, len(lines)) if lines[i].startswith("[")), len(lines))
+        lines = [ln for i, ln in enumerate(lines)
+                 if not (at <= i < end and ln.startswith(f"{key} ="))]
+        lines.insert(at, f"{key} = {json.dumps(value)}")
+    cfg.write_text("\n".join(lines) + "\n")
+
+
 def alive(pid: int) -> bool:
     """Whether a process with this PID exists (for fixtures that stop what they started)."""
     try:

@@ -20,7 +20,7 @@ PACKAGE = Path(vnafs.__file__).parent
 # Lowest first. A module may import modules of its own layer and of any layer below it.
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["vnafs", "vnafs.errors", "vnafs.heap", "vnafs.mountinfo", "vnafs.timespec",
-                     "vnafs.archive.url"]),
+                     "vnafs.archive.url", "vnafs.logs", "vnafs.service"]),
     ("configuration and keys", ["vnafs.config", "vnafs.keys", "vnafs.control"]),
     ("sealing", ["vnafs.seal"]),
     ("records", ["vnafs.meta.records", "vnafs.meta.tx", "vnafs.meta.db"]),
@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("tasks", ["vnafs.fs.indexer", "vnafs.fs.inodes", "vnafs.fs.kernel_cache",
                "vnafs.archive.maintenance", "vnafs.tier.tierer", "vnafs.tier.cache"]),
     ("FUSE", ["vnafs.fs.operations"]),
-    ("daemon", ["vnafs.control_server", "vnafs.daemon"]),
+    ("daemon", ["vnafs.control_server", "vnafs.metrics", "vnafs.daemon"]),
     ("commands", ["vnafs.demo", "vnafs.cli"]),
 ]
 RANK = {module: rank for rank, (_, modules) in enumerate(LAYERS) for module in modules}

@@ -29,7 +29,7 @@ import pydicom.data
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.conftest import BUCKET, Fs, run_vnafs
+from tests.conftest import BUCKET, Fs, run_vnafs, set_config
 from tools.servers import SeaweedFS
 
 MIB = 1 << 20
@@ -74,18 +74,6 @@ def drop_caches(fs: Fs) -> None:
     """Make reads come from the daemon, not the kernel's page cache or the block cache."""
     fs.umount()
     fs.mount()
-
-
-def set_config(fs: Fs, section: str, **values: object) -> None:
-    cfg = fs.hot / "vnafs.toml"
-    lines = cfg.read_text().splitlines()
-    for key, value in values.items():
-        at = lines.index(f"[{section}]") + 1
-        end = next((i for i in range(at, len(lines)) if lines[i].startswith("[")), len(lines))
-        lines = [ln for i, ln in enumerate(lines)
-                 if not (at <= i < end and ln.startswith(f"{key} ="))]
-        lines.insert(at, f"{key} = {json.dumps(value)}")
-    cfg.write_text("\n".join(lines) + "\n")
 
 
 def tiering(fs: Fs) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Real servers for tests and benchmarks: SeaweedFS (S3), Azurite (Azure Blob) and Samba (SMB).
+"""Real servers for tests and benchmarks: SeaweedFS (S3), Azurite (Azure Blob), Samba (SMB)
+and nfs-ganesha (NFS).
 
 The archive backends and the SMB re-export are only worth testing against real servers:
 request signing, conditional puts, error bodies, connection failures and Samba's VFS modules are
@@ -24,6 +25,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import ctypes
+import fcntl
 import glob
 import hashlib
 import hmac
@@ -386,11 +388,23 @@ class Samba(_Server):
     """smbd re-exporting one directory (a vnafs mount) as share `vna`, with shadow_copy2.
 
     Everything Samba keeps (lock, state, cache, pid, private and ncalrpc dirs, the tdbsam
-    passdb) lives under the workdir, so it never reads or changes the system's Samba state; only
-    the unix account `user` is created once (useradd --system) if missing, because a Samba user
-    must be a unix user. The share runs as root (`force user`): the mount uses allow_other with
-    default_permissions and the tests' files belong to root. Snapshots under `.snapshots/` named
-    `@GMT-YYYY.MM.DD-hh.mm.ss` (UTC) are Windows "Previous Versions" through vfs_shadow_copy2.
+    passdb) lives under the workdir, so it never reads or changes the system's Samba state.
+    A Samba user must be a unix user: each instance creates its own accounts (`useradd
+    --system`, names `vnafs-smb-XXXXXX[-ROLE]` unique to the instance) when it first starts, and
+    close() (`with` exit, also after a failed start) removes them from its passdb (`pdbedit -x`)
+    and from the system (`userdel`, which also drops the account's own group).
+
+    Two kinds of share:
+    - default: one account (`user`) and the share runs as root (`force user`): the mount uses
+      allow_other with default_permissions and the tests' files belong to root.
+    - `users=("a", "b")`: one account per role and no `force user`: smbd works as the connected
+      user's uid and gid, so the kernel (default_permissions) checks the vnafs modes against
+      that user, as for a Windows user of a real site. `account(role)` gives the unix name, uid
+      and gid; `smbclient(..., user=role)` connects as that role.
+    `share_options` sets share parameters (`create mask`, `vfs objects`, ...), or removes one
+    with the value None. Every module in `vfs objects` is checked to be installed.
+    Snapshots under `.snapshots/` named `@GMT-YYYY.MM.DD-hh.mm.ss` (UTC) are Windows "Previous
+    Versions" through vfs_shadow_copy2.
 
     smbd forks helpers (smbd-notifyd, smbd-cleanupd) and one child per client connection; they
     exit when the parent does. stop() signals the parent by PID, reaps the children it saw (as
@@ -399,24 +413,58 @@ class Samba(_Server):
     """
 
     name = "samba"
-    user = "vnafs-smb"
     share = "vna"
 
-    def __init__(self, workdir: Path, path: Path) -> None:
+    class Account:
+        """A unix account of this server that is also a user in its passdb."""
+
+        def __init__(self, name: str, auth: Path) -> None:
+            self.name = name
+            self.password = secrets.token_urlsafe(18)
+            self.auth = auth  # smbclient's credentials, a 0600 file
+            self.uid = self.gid = -1  # known once created
+            self.sid = ""  # the Windows SID of the user, once in the passdb
+            self.created = self.in_passdb = False
+
+    def __init__(self, workdir: Path, path: Path, *, users: tuple[str, ...] = (),
+                 share_options: dict[str, str | None] | None = None) -> None:
         # Checked before anything starts: without samba-vfs-modules smbd starts fine and fails
         # only the first tree connect (cannot load vfs/shadow_copy2.so), and smbpasswd and
         # smbclient come from other packages than smbd.
         self.smbd = require_program("smbd", "samba")
+        self.pdbedit = require_program("pdbedit", "samba")
         self.smbpasswd = require_program("smbpasswd", "samba-common-bin")
         self.smbclient_path = require_program("smbclient", "smbclient")
-        require_file(_samba_module(self.smbd, "vfs", "shadow_copy2"), "samba-vfs-modules")
+        self.useradd = require_program("useradd", "passwd")
+        self.userdel = require_program("userdel", "passwd")
+        for role in users:
+            if not re.fullmatch(r"[a-z][a-z0-9]{0,9}", role) or users.count(role) > 1:
+                raise ValueError(f"Samba role {role!r}: distinct, [a-z][a-z0-9]{{0,9}}")
         super().__init__(workdir)
         (self.port,) = free_ports(1)
         self.path = path
-        self.password = secrets.token_urlsafe(18)
         self.conf = workdir / "smb.conf"
-        self.auth = workdir / "auth"
         self._children: set[int] = set()
+        tag = f"vnafs-smb-{secrets.token_hex(3)}"
+        self.accounts = {role: self.Account(f"{tag}-{role}" if role else tag,
+                                            workdir / f"auth-{role or 'default'}")
+                         for role in users or ("",)}
+        self.user = next(iter(self.accounts.values())).name
+        share: dict[str, str | None] = {
+            "path": str(path),
+            "read only": "no",
+            "valid users": " ".join(a.name for a in self.accounts.values()),
+            "force user": None if users else "root",
+            "force group": None if users else "root",
+            "vfs objects": "shadow_copy2",
+            "shadow:snapdir": ".snapshots",
+            "shadow:format": "@GMT-%Y.%m.%d-%H.%M.%S",
+            "shadow:sort": "desc",
+            "shadow:localtime": "no",
+        }
+        share.update(share_options or {})
+        for module in (share["vfs objects"] or "").split():
+            require_file(_samba_module(self.smbd, "vfs", module), "samba-vfs-modules")
         dirs = {d: workdir / d for d in ("lock", "state", "cache", "pid", "private", "ncalrpc",
                                          "log")}
         for d in dirs.values():
@@ -450,38 +498,68 @@ class Samba(_Server):
     usershare max shares = 0
 
 [{self.share}]
-    path = {path}
-    read only = no
-    valid users = {self.user}
-    force user = root
-    force group = root
-    vfs objects = shadow_copy2
-    shadow:snapdir = .snapshots
-    shadow:format = @GMT-%Y.%m.%d-%H.%M.%S
-    shadow:sort = desc
-    shadow:localtime = no
-""")
+""" + "".join(f"    {k} = {v}\n" for k, v in share.items() if v is not None))
         # Credentials for smbclient in a 0600 file rather than on its command line.
-        self.auth.write_text(f"username = {self.user}\npassword = {self.password}\n")
-        self.auth.chmod(0o600)
-        self._add_user()
+        for account in self.accounts.values():
+            account.auth.touch(mode=0o600)
+            account.auth.write_text(f"username = {account.name}\n"
+                                    f"password = {account.password}\n")
 
-    def _add_user(self) -> None:
-        try:
-            pwd.getpwnam(self.user)
-        except KeyError:
-            useradd = require_program("useradd", "passwd")
-            res = subprocess.run([useradd, "--system", "--no-create-home", "--user-group",
-                                  "--shell", "/usr/sbin/nologin", self.user],
-                                 capture_output=True, text=True, timeout=60)
-            if res.returncode not in (0, 9):  # 9: created meanwhile by a parallel run
-                raise RuntimeError(f"useradd {self.user} failed: {res.stderr.strip()}") from None
-        # Into the private passdb only (-c): the system's passdb is never touched.
-        res = subprocess.run([self.smbpasswd, "-c", str(self.conf), "-a", "-s", self.user],
-                             input=f"{self.password}\n{self.password}\n", capture_output=True,
-                             text=True, timeout=60)
-        if res.returncode != 0:
-            raise RuntimeError(f"smbpasswd -a {self.user} failed: {res.stdout}{res.stderr}")
+    def account(self, role: str = "") -> Samba.Account:
+        """The account of `role` (one of `users`; "" for the default share's one)."""
+        return self.accounts[role]
+
+    def _create_accounts(self) -> None:
+        for account in self.accounts.values():
+            if not account.created:
+                res = subprocess.run([self.useradd, "--system", "--no-create-home",
+                                      "--user-group", "--shell", "/usr/sbin/nologin",
+                                      account.name],
+                                     capture_output=True, text=True, timeout=60)
+                if res.returncode != 0:
+                    raise RuntimeError(f"useradd {account.name} failed: {res.stderr.strip()}")
+                account.created = True
+                entry = pwd.getpwnam(account.name)
+                account.uid, account.gid = entry.pw_uid, entry.pw_gid
+            if not account.in_passdb:
+                # Into the private passdb only (-c): the system's passdb is never touched.
+                res = subprocess.run([self.smbpasswd, "-c", str(self.conf), "-a", "-s",
+                                      account.name],
+                                     input=f"{account.password}\n{account.password}\n",
+                                     capture_output=True, text=True, timeout=60)
+                if res.returncode != 0:
+                    raise RuntimeError(f"smbpasswd -a {account.name} failed: "
+                                       f"{res.stdout}{res.stderr}")
+                account.in_passdb = True
+                res = subprocess.run([self.pdbedit, f"--configfile={self.conf}", "-L", "-v",
+                                      "-u", account.name],
+                                     capture_output=True, text=True, timeout=60)
+                sid = re.search(r"^User SID:\s*(S-1-\S+)$", res.stdout, re.M)
+                if sid is None:
+                    raise RuntimeError(f"pdbedit -L {account.name}: no SID in "
+                                       f"{res.stdout}{res.stderr}")
+                account.sid = sid.group(1)
+
+    def _remove_accounts(self) -> None:
+        """Undo _create_accounts; tries every step, then raises naming those that failed."""
+        failed: list[str] = []
+        for account in self.accounts.values():
+            if account.in_passdb:
+                res = subprocess.run([self.pdbedit, f"--configfile={self.conf}", "-x", "-u",
+                                      account.name], capture_output=True, text=True, timeout=60)
+                if res.returncode == 0:
+                    account.in_passdb = False
+                else:
+                    failed.append(f"pdbedit -x {account.name}: {res.stdout}{res.stderr}".strip())
+            if account.created:
+                res = subprocess.run([self.userdel, account.name], capture_output=True,
+                                     text=True, timeout=60)
+                if res.returncode in (0, 6):  # 6: no such user (any more)
+                    account.created = False
+                else:
+                    failed.append(f"userdel {account.name}: {res.stderr.strip()}")
+        if failed:
+            raise RuntimeError("Samba accounts not removed: " + "; ".join(failed))
 
     def command(self) -> list[str]:
         # --foreground: no daemonising, so the PID we hold is smbd's; --no-process-group: stay
@@ -510,6 +588,7 @@ class Samba(_Server):
         return found
 
     def start(self) -> None:
+        self._create_accounts()
         super().start()
         self._children = self._child_pids()
 
@@ -531,15 +610,37 @@ class Samba(_Server):
                     while not _reaped(pid) and time.monotonic() < deadline + 5:
                         time.sleep(0.02)
 
-    def smbclient(self, *commands: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        """`smbclient //127.0.0.1/vna -c "cmd; cmd"` as `user`; never raises on failure.
+    def close(self) -> None:
+        """Stop smbd and remove the accounts: what `with` does on exit."""
+        try:
+            self.stop()
+        finally:
+            self._remove_accounts()
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()  # a failed start leaves no account behind either
+            raise
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def smbclient(self, *commands: str, user: str | None = None,
+                  timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """`smbclient //127.0.0.1/vna -c "cmd; cmd"` as the account of role `user` (None: the
+        first one); never raises on failure.
 
         smbclient runs every command even after one failed, and its exit status reflects only
         some failures (a failed mkdir exits 0), so callers look for NT_STATUS_ in the output.
         It reads our smb.conf too, so its own caches stay in the workdir."""
+        account = next(iter(self.accounts.values())) if user is None else self.accounts[user]
         return subprocess.run(
             [self.smbclient_path, f"//127.0.0.1/{self.share}", "-p", str(self.port),
-             f"--configfile={self.conf}", f"--authentication-file={self.auth}",
+             f"--configfile={self.conf}", f"--authentication-file={account.auth}",
              "-c", "; ".join(commands)],
             capture_output=True, text=True, timeout=timeout, cwd=self.workdir,
             stdin=subprocess.DEVNULL)
@@ -586,6 +687,250 @@ def _child_subreaper() -> Iterator[None]:
     finally:
         libc.prctl(pr_set, 0, 0, 0, 0)
 
-__all__ = ["Azurite", "MissingDependency", "Samba", "SeaweedFS", "free_ports", "require_file",
-           "require_program"]
+
+# --- nfs-ganesha -----------------------------------------------------------------------------
+
+CLONE_NEWNET = 0x40000000  # setns(2): join a network namespace (os.setns is Python 3.12+)
+# rpcbind's files, compiled into it: no option moves them out of /run.
+RPCBIND_FILES = ("/run/rpcbind.sock", "/run/rpcbind.lock", "/run/rpcbind/rpcbind.xdr",
+                 "/run/rpcbind/portmap.xdr")
+
+
+class Ganesha(_Server):
+    """nfs-ganesha exporting one directory (a vnafs mount) through FSAL_VFS over NFSv3 and v4.
+
+    NFSv3 as well as v4, because the only userspace NFS client here, libnfs 4.0 (nfs-cp and
+    friends), fails every NFSv4 write of 4 KiB or more in its encoder: a real put needs v3. And
+    Ganesha refuses to start v3 without an rpcbind to register with, so each instance runs in a
+    network namespace of its own (`unshare --net`, only loopback, up) with its own rpcbind
+    there: ports 2049 (NFS) and 20048 (MOUNT) are fixed, and nothing listens on the host's
+    network. Clients run in that namespace too: `client()` for commands,
+    `netns()` for in-process ones (libnfs through ctypes). The mount namespace stays the host's,
+    so Ganesha sees the vnafs mount as it is (a private copy would pin other FUSE mounts).
+
+    rpcbind has no option to move its socket, lock and warm-start files out of /run, so
+    neither a system rpcbind nor a second instance (another test run) can run meanwhile:
+    start() says so instead of starting. Whichever of those files it created are removed again
+    in close().
+
+    Everything else Ganesha keeps (configuration, log, PID file, NFSv4 recovery directory,
+    Kerberos credential cache) lives in the workdir; on a machine with a system D-Bus it takes
+    a name of its own (Dbus_Name_Prefix), never org.ganesha.nfsd. Graceless: no 90 s grace
+    period after a restart. Attr_Expiration_Time = 0: the mount is written directly too (that
+    is how a PACS fills it), and with the default 60 s Ganesha serves cached attributes and
+    listings: a file added on the mount is missing from NFS listings, one rewritten on the
+    mount reads back cut to its old size.
+
+    `stop()` stops only ganesha.nfsd (rpcbind and the namespace stay, so `start()` restarts it
+    on the same ports and clients reconnect); `close()` / `__exit__` stop both, by PID.
+    """
+
+    name = "ganesha"
+    pseudo = "/vna"  # the export's NFSv4 path; NFSv3 mounts it by the same path
+    nfs_port = 2049
+    mnt_port = 20048
+    export_id = 1
+    # The fsid NFS clients see in attributes. Ganesha puts its own fsid into file handles: the
+    # FUSE mount's device number (FUSE reports no f_fsid), see docs/admin.md.
+    filesystem_id = "5748.1"
+
+    def __init__(self, workdir: Path, path: Path) -> None:
+        self.ganesha = require_program("ganesha.nfsd", "nfs-ganesha")
+        require_file("/usr/lib/*/ganesha/libfsalvfs.so", "nfs-ganesha-vfs")
+        self.rpcbind = require_program("rpcbind", "rpcbind")
+        self.rpcinfo = require_program("rpcinfo", "rpcbind")
+        self.unshare = require_program("unshare", "util-linux")
+        self.nsenter = require_program("nsenter", "util-linux")
+        self.ip = require_program("ip", "iproute2")
+        self.nfs_ls = require_program("nfs-ls", "libnfs-utils")
+        super().__init__(workdir)
+        self.path = path
+        self.conf = workdir / "ganesha.conf"
+        self.pidfile = workdir / "ganesha.pid"
+        self.rpcbind_log = workdir / "rpcbind.log"
+        self._rpcbind: subprocess.Popen[bytes] | None = None
+        self._rpcbind_created: list[str] = []
+        for d in ("recovery", "ccache"):
+            (workdir / d).mkdir(exist_ok=True)
+        self.conf.write_text(f"""\
+NFS_CORE_PARAM {{
+    Protocols = 3, 4;
+    NFS_Port = {self.nfs_port};
+    MNT_Port = {self.mnt_port};
+    Enable_NLM = false;
+    Enable_RQUOTA = false;
+    Enable_UDP = false;
+    Mount_Path_Pseudo = true;
+    Dbus_Name_Prefix = vnafstest{os.getpid()};
+}}
+NFSV4 {{
+    Graceless = true;
+    RecoveryBackend = fs;
+    RecoveryRoot = {workdir / "recovery"};
+}}
+NFS_KRB5 {{
+    Active_krb5 = false;
+    CCacheDir = {workdir / "ccache"};
+}}
+EXPORT {{
+    Export_Id = {self.export_id};
+    Path = {path};
+    Pseudo = {self.pseudo};
+    Protocols = 3, 4;
+    Transports = TCP;
+    Access_Type = RW;
+    Squash = No_Root_Squash;
+    SecType = sys;
+    Filesystem_id = {self.filesystem_id};
+    Attr_Expiration_Time = 0;
+    FSAL {{
+        Name = VFS;
+    }}
+}}
+LOG {{
+    Default_Log_Level = EVENT;
+}}
+""")
+
+    # -- the namespace and its rpcbind --
+
+    def _netns_path(self) -> str:
+        if self._rpcbind is None:
+            raise RuntimeError("ganesha: not started (no network namespace yet)")
+        return f"/proc/{self._rpcbind.pid}/ns/net"
+
+    def _start_rpcbind(self) -> None:
+        if self._rpcbind is not None:
+            return
+        lock = Path(RPCBIND_FILES[1])
+        if lock.exists():
+            with open(lock) as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise RuntimeError(
+                        f"another rpcbind is running (it holds {lock}): the system's (stop it "
+                        "while the NFS tests run: systemctl stop rpcbind.socket "
+                        "rpcbind.service) or another NFS test run's (run them one at a "
+                        "time)") from None
+                fcntl.flock(f, fcntl.LOCK_UN)
+        self._rpcbind_created = [p for p in RPCBIND_FILES if not os.path.lexists(p)]
+        with open(self.rpcbind_log, "ab") as log:
+            # unshare execs sh in the new namespace, sh execs rpcbind: the PID is rpcbind's.
+            self._rpcbind = subprocess.Popen(
+                [self.unshare, "--net", "sh", "-c",
+                 '"$0" link set lo up && exec "$1" -f', self.ip, self.rpcbind],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=self.workdir, start_new_session=True)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            res = self.client(self.rpcinfo, "-T", "tcp", "127.0.0.1", "100000", "2",
+                              timeout=10, check=False)
+            if res.returncode == 0:
+                return
+            if self._rpcbind.poll() is not None or time.monotonic() > deadline:
+                tail = self.rpcbind_log.read_text(errors="replace")[-2000:]
+                self.close()
+                raise RuntimeError(f"rpcbind did not come up in its network namespace: {tail}")
+            time.sleep(0.05)
+
+    def _stop_rpcbind(self) -> None:
+        proc, self._rpcbind = self._rpcbind, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=15)
+        created, self._rpcbind_created = self._rpcbind_created, []
+        for p in created:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+
+    # -- ganesha.nfsd --
+
+    def command(self) -> list[str]:
+        # nsenter joins the namespace and execs Ganesha (no fork): the PID is ganesha.nfsd's.
+        # -F: foreground; its log goes to self.log, as does anything it prints.
+        return [self.nsenter, f"--net={self._netns_path()}", self.ganesha, "-F",
+                "-f", str(self.conf), "-L", str(self.log), "-p", str(self.pidfile)]
+
+    def ready(self) -> bool:
+        # One real NFSv3 MOUNT and READDIRPLUS of the export: the export is there, not only
+        # the ports (Ganesha answers before its exports are loaded, and skips an export whose
+        # path it cannot claim with only a log line).
+        return self.client(self.nfs_ls, self.url(), timeout=20, check=False).returncode == 0
+
+    def start(self) -> None:
+        self._start_rpcbind()
+        super().start()
+
+    def close(self) -> None:
+        """Stop Ganesha and rpcbind (the namespace goes with them)."""
+        try:
+            self.stop()
+        finally:
+            self._stop_rpcbind()
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- clients --
+
+    def url(self, path: str = "", version: int = 3) -> str:
+        """libnfs URL of `path` (relative to the export's root) over NFS `version`."""
+        url = f"nfs://127.0.0.1{self.pseudo}/{path.lstrip('/')}".rstrip("/")
+        if version == 4:
+            url += f"?version=4&nfsport={self.nfs_port}"
+        return url
+
+    def client(self, *argv: str, timeout: float = 120,
+               check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        """Run a client command (nfs-ls, nfs-cp, nfs-cat, rpcinfo) in the server's network
+        namespace; with check, a non-zero exit raises with its output."""
+        res = subprocess.run([self.nsenter, f"--net={self._netns_path()}", *argv],
+                             capture_output=True, timeout=timeout, cwd=self.workdir,
+                             stdin=subprocess.DEVNULL)
+        if check and res.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed ({res.returncode}): "
+                               f"{res.stdout.decode(errors='replace')[-2000:]}"
+                               f"{res.stderr.decode(errors='replace')[-2000:]}")
+        return res
+
+    @contextlib.contextmanager
+    def netns(self) -> Iterator[None]:
+        """Move the calling thread into the server's network namespace for the duration, for
+        in-process clients: sockets opened meanwhile reach its 127.0.0.1 (and stay there)."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            target = os.open(self._netns_path(), os.O_RDONLY)
+            try:
+                if libc.setns(target, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns into ganesha's namespace: {os.strerror(err)}")
+            finally:
+                os.close(target)
+            try:
+                yield
+            finally:
+                if libc.setns(own, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns back: {os.strerror(err)}")
+        finally:
+            os.close(own)
+
+
+__all__ = ["Azurite", "Ganesha", "MissingDependency", "Samba", "SeaweedFS", "free_ports",
+           "require_file", "require_program"]
 

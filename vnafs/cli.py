@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vnafs import __version__
+from vnafs import __version__, logs
 from vnafs.errors import VnafsError
 
 if TYPE_CHECKING:
@@ -39,28 +39,38 @@ def _key_args(p: argparse.ArgumentParser) -> None:
                    help="environment variable holding a passphrase (stretched with scrypt)")
 
 
+def _json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true",
+                   help='report as one JSON object (docs/admin.md, "JSON output")')
+
+
 def _source(args: argparse.Namespace) -> KekSource:
     from vnafs.keys import resolve_kek_source
 
     return resolve_kek_source(args.key_file, args.passphrase_env)
 
 
-def setup_logging(hot: Path | None, *, stderr: bool, level: int = logging.INFO) -> None:
-    root = logging.getLogger()
-    root.setLevel(level)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if hot is not None:
-        fh = logging.handlers.RotatingFileHandler(hot / "vnafs.log", maxBytes=16 << 20,
-                                                  backupCount=4)
-        fh.setFormatter(fmt)
-        root.addHandler(fh)
-    if stderr:
-        sh = logging.StreamHandler()
-        sh.setFormatter(fmt)
-        root.addHandler(sh)
+def _close_fd(fd: int | None) -> None:
+    import contextlib
+
+    if fd is not None and fd > 2:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 # -- subcommands ----------------------------------------------------------------------------------
+
+# The version of every `--json` output (docs/admin.md, "JSON output"): fields are only ever
+# added within a version; a change that removes or renames one bumps it.
+JSON_SCHEMA = 1
+
+
+def _report(args: argparse.Namespace, text: str, data: dict[str, Any]) -> None:
+    """One line for people, or with --json one object for programs."""
+    if getattr(args, "json", False):
+        print(json.dumps({"schema": JSON_SCHEMA, **data}, indent=2, sort_keys=True))
+    else:
+        print(text)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -90,10 +100,10 @@ def cmd_mkfs(args: argparse.Namespace) -> int:
             if not existed:
                 hot.rmdir()
             raise VnafsError(f"{exc} (nothing was created)") from None
-        print(f"created vnafs hot store {hot}; its keyring and first checkpoint are in the "
-              f"archive {args.archive}")
+        _report(args, f"created vnafs hot store {hot}; its keyring and first checkpoint are "
+                f"in the archive {args.archive}", {"hot": str(hot), "archive": args.archive})
         return 0
-    print(f"created vnafs hot store {hot}")
+    _report(args, f"created vnafs hot store {hot}", {"hot": str(hot), "archive": None})
     return 0
 
 
@@ -143,8 +153,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise VnafsError("the hot store path must not contain a comma: move or rename it")
     if args.foreground:
         hot.mkdir(mode=0o700, parents=True, exist_ok=True)
-        setup_logging(hot, stderr=True)
-        return _run_daemon(hot, mnt, opener, lambda msg: None)
+        logs.setup(hot, stderr=True)
+        return _run_daemon(hot, mnt, opener, lambda msg: None, args.options)
 
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -157,12 +167,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
         code = 1
         try:
             hot.mkdir(mode=0o700, parents=True, exist_ok=True)
-            setup_logging(hot, stderr=False)
+            logs.setup(hot, stderr=False)
 
             def report(msg: str | None) -> None:
                 os.write(write_fd, b"OK\n" if msg is None else b"ERR " + msg.encode() + b"\n")
 
-            code = _run_daemon(hot, mnt, opener, report)
+            code = _run_daemon(hot, mnt, opener, report, args.options)
         finally:
             os._exit(code)
     os.close(write_fd)
@@ -170,7 +180,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         line = pipe.readline().decode(errors="replace").strip()
     if line == "OK":
         what = f"archive {args.hot} (read-only)" if args.archive_only else str(hot)
-        print(f"mounted {what} at {mnt}")
+        _report(args, f"mounted {what} at {mnt}",
+                {"mountpoint": str(mnt), "hot": str(hot), "read_only": args.archive_only,
+                 "archive": args.hot if args.archive_only else None})
         return 0
     if line.startswith("ERR "):
         raise VnafsError(line[4:])
@@ -198,7 +210,7 @@ def _open_archive(url: str, source: KekSource, cache: Path, credentials: Path | 
 
 def _run_daemon(hot: Path, mnt: Path,
                 opener: Callable[[], tuple[Store, ArchiveFollower | None]],
-                report: Callable[[str | None], None]) -> int:
+                report: Callable[[str | None], None], options: list[str]) -> int:
     import trio
 
     from vnafs import daemon, heap
@@ -218,8 +230,21 @@ def _run_daemon(hot: Path, mnt: Path,
         if report is not None:
             print(f"vnafs: {exc}", file=sys.stderr)
         return 1
+    logs.set_level(store.config.log.level)
     try:
-        trio.run(partial(daemon.serve, follower=follower), store, mnt, ready)
+        try:
+            trio.run(partial(daemon.serve, follower=follower, options=options), store, mnt,
+                     ready)
+        except BaseExceptionGroup as group:
+            # trio's nurseries wrap what their tasks raise: a VnafsError from one of them is
+            # still the one line for the admin, not an internal error.
+            matched, _ = group.split(VnafsError)
+            first: BaseException | None = matched
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            if first is None:
+                raise
+            raise first from None
         return 0
     except VnafsError as exc:
         log.error("%s", exc)
@@ -256,7 +281,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
             time.sleep(0.05)
             continue
         os.close(fd)
-        print(f"unmounted {mnt}")
+        _report(args, f"unmounted {mnt}", {"mountpoint": str(mnt), "hot": str(hot)})
         return 0
     raise VnafsError(f"{mnt} is unmounted but the daemon has not finished after "
                      f"{args.timeout:.0f} s: see {hot}/vnafs.log")
@@ -268,7 +293,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     hot = control.hot_store_of(Path(args.mountpoint))
     st = control.control_request(hot, {"op": "status"})
     if args.json:
-        print(json.dumps(st, indent=2, sort_keys=True))
+        print(json.dumps({"schema": JSON_SCHEMA, **st}, indent=2, sort_keys=True))
         return 0
     gib = 1 << 30
     print(f"vnafs {st['version']} (format {st['format']})  health: {st['health']}")
@@ -443,8 +468,8 @@ def cmd_reindex(args: argparse.Namespace) -> int:
 
     hot = control.hot_store_of(Path(args.mountpoint))
     total = control.control_request(hot, {"op": "reindex"})["queued"]
-    with tqdm(total=total, unit="file", disable=not sys.stderr.isatty() and not args.progress,
-              desc="reindex") as bar:
+    with tqdm(total=total, unit="file", desc="reindex",
+              disable=args.json or (not sys.stderr.isatty() and not args.progress)) as bar:
         while True:
             pending = control.control_request(hot, {"op": "index_progress"})["pending"]
             bar.update(max(0, total - pending - bar.n))
@@ -452,8 +477,11 @@ def cmd_reindex(args: argparse.Namespace) -> int:
                 break
             time.sleep(0.2)
     st = control.control_request(hot, {"op": "status"})["dicom"]
-    print(f"indexed {total} files: {st['instances']} instances in {st['studies']} studies; "
-          f"{st['incomplete'] + st['invalid'] + st['sop_conflict']} problem files")
+    problems = st["incomplete"] + st["invalid"] + st["sop_conflict"]
+    _report(args, f"indexed {total} files: {st['instances']} instances in {st['studies']} "
+            f"studies; {problems} problem files",
+            {"files": total, "instances": st["instances"], "studies": st["studies"],
+             "problem_files": problems})
     return 0
 
 
@@ -468,7 +496,8 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     finally:
         store.close()
     if args.json:
-        print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+        print(json.dumps({"schema": JSON_SCHEMA, **report.as_dict()}, indent=2,
+                         sort_keys=True))
     else:
         print(report.summary())
     return 0 if report.clean or (args.repair and not report.damage) else 2
@@ -486,13 +515,19 @@ def cmd_restore(args: argparse.Namespace) -> int:
     backend = open_backend(url, credentials_file=credentials)
     # A bar only on a terminal: under systemd or in a script it would fill the log.
     report = restore(backend, Path(args.hot), _source(args),
-                     progress=not args.no_progress and sys.stderr.isatty(),
+                     progress=not args.no_progress and not args.json and sys.stderr.isatty(),
                      credentials=credentials)
     mib = report.bytes_downloaded / (1 << 20)
     rp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(report.recovery_point_ns / 1e9)) \
         if report.recovery_point_ns else "this run's earlier pass"
-    print(f"restored {Path(args.hot).resolve()} as of {rp}: {report.blocks} blocks "
-          f"({report.blocks_downloaded} downloaded now, {mib:.1f} MiB) in {report.seconds:.1f} s")
+    _report(args, f"restored {Path(args.hot).resolve()} as of {rp}: {report.blocks} blocks "
+            f"({report.blocks_downloaded} downloaded now, {mib:.1f} MiB) in "
+            f"{report.seconds:.1f} s",
+            {"hot": str(Path(args.hot).resolve()), "archive": url,
+             "recovery_point_ns": report.recovery_point_ns or None, "blocks": report.blocks,
+             "blocks_downloaded": report.blocks_downloaded,
+             "bytes_downloaded": report.bytes_downloaded, "seconds": round(report.seconds, 3),
+             "missing_blocks": len(report.missing), "damaged_blocks": len(report.corrupt)})
     if report.missing or report.corrupt:
         print(f"vnafs: {len(report.missing)} blocks are missing and {len(report.corrupt)} "
               "damaged in the archive; the files that use them read EIO (vnafs fsck names "
@@ -516,7 +551,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             bar.total = rep["total_bytes"] or bar.total
             bar.update(rep["done_bytes"] - bar.n)
     if args.json:
-        print(json.dumps(rep, indent=2, sort_keys=True))
+        print(json.dumps({"schema": JSON_SCHEMA, **rep}, indent=2, sort_keys=True))
     else:
         print(f"checked {rep['objects']} archive objects ({rep['bytes'] / (1 << 20):.1f} MiB) "
               f"in {rep['seconds']:.1f} s")
@@ -565,7 +600,7 @@ def cmd_evict(args: argparse.Namespace) -> int:
     rep = control.control_request(hot, {"op": "evict", **_tier_request(args, mnt)},
                                   timeout=3600)
     if args.json:
-        print(json.dumps(rep, indent=2, sort_keys=True))
+        print(json.dumps({"schema": JSON_SCHEMA, **rep}, indent=2, sort_keys=True))
     else:
         print(f"evicted {rep['blocks']} blocks of {rep['units']} "
               f"{'study' if args.study or args.patient else 'item'}(s): {_mib(rep['bytes_freed'])}"
@@ -591,7 +626,7 @@ def cmd_recall(args: argparse.Namespace) -> int:
                 bar.total = rep["total_blocks"] or bar.total
                 bar.update(rep["fetched_blocks"] + rep["skipped_blocks"] - bar.n)
     if args.json:
-        print(json.dumps(rep, indent=2, sort_keys=True))
+        print(json.dumps({"schema": JSON_SCHEMA, **rep}, indent=2, sort_keys=True))
     elif args.wait:
         print(f"recalled {rep['fetched_blocks']} of {rep['total_blocks']} evicted blocks"
               + (f"; {rep['skipped_blocks']} not kept (the hot store is at capacity)"
@@ -612,9 +647,24 @@ def cmd_pin(args: argparse.Namespace) -> int:
     rep = control.control_request(hot, {"op": "pin" if pinned else "unpin",
                                         **_tier_request(args, mnt)})
     if args.json:
-        print(json.dumps(rep, indent=2, sort_keys=True))
+        print(json.dumps({"schema": JSON_SCHEMA, **rep}, indent=2, sort_keys=True))
     else:
         print(f"{'pinned' if pinned else 'unpinned'} {rep['changed']} item(s)")
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from vnafs import config
+
+    hot = Path(args.hot)
+    cfg = config.load(hot)  # every check of a mount, without mounting; VnafsError -> 1 line
+    if args.json:
+        print(json.dumps({"schema": JSON_SCHEMA, "ok": True, "path": str(hot / config.CONFIG_NAME),
+                          "config": dataclasses.asdict(cfg)}, indent=2, sort_keys=True))
+    else:
+        print(f"{hot / config.CONFIG_NAME}: ok")
     return 0
 
 
@@ -623,9 +673,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
     hot = control.hot_store_of(Path(args.mountpoint))
     rep = control.control_request(hot, {"op": "archive_gc"}, timeout=3600)
-    print(f"archive gc: deleted {rep['blocks_deleted']} blocks and {rep['parts_deleted']} "
-          f"metadata parts ({rep['bytes_freed'] / (1 << 20):.1f} MiB); "
-          f"{rep['tombstones_kept']} deleted blocks are still within the retention period")
+    _report(args, f"archive gc: deleted {rep['blocks_deleted']} blocks and "
+            f"{rep['parts_deleted']} metadata parts ({rep['bytes_freed'] / (1 << 20):.1f} MiB); "
+            f"{rep['tombstones_kept']} deleted blocks are still within the retention period",
+            dict(rep))
     return 0
 
 
@@ -641,14 +692,16 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     if op == "create":
         snap = control.control_request(hot, {"op": "snapshot_create", "name": args.name,
                                              "lock_until": args.lock_until})
-        print(f"created snapshot {snap['name']}")
+        _report(args, f"created snapshot {snap['name']}", {"snapshot": snap})
     elif op == "delete":
         control.control_request(hot, {"op": "snapshot_delete", "name": args.name})
-        print(f"deleted snapshot {args.name}; its space is freed in the background")
+        _report(args, f"deleted snapshot {args.name}; its space is freed in the background",
+                {"deleted": args.name})
     elif op == "lock":
         snap = control.control_request(hot, {"op": "snapshot_lock", "name": args.name,
                                              "until": args.until})
-        print(f"snapshot {snap['name']} is locked until {_when(snap['lock_until_ns'])} UTC")
+        _report(args, f"snapshot {snap['name']} is locked until "
+                f"{_when(snap['lock_until_ns'])} UTC", {"snapshot": snap})
     elif op == "list":
         rows = control.control_request(hot, {"op": "snapshot_list"}, timeout=600)
         if args.json:
@@ -662,6 +715,11 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     elif op == "diff":
         rows = control.control_request(hot, {"op": "snapshot_diff", "old": args.old,
                                              "new": args.new}, timeout=3600)
+        if args.json:
+            changes = [{"change": kind, "path": path, "new_path": new_path or None}
+                       for kind, path, new_path in rows]
+            _report(args, "", {"old": args.old, "new": args.new, "changes": changes})
+            return 0
         for kind, path, new_path in rows:
             print(f"{kind}\t{path}" + (f"\t{new_path}" if new_path else ""))
     return 0
@@ -701,6 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_keygen)
 
     s = sub.add_parser("mkfs", help="create a hot store")
+    _json_arg(s)
     _key_args(s)
     s.add_argument("--archive", metavar="URL", help="archive URL (file://, s3://, azure://)")
     s.add_argument("--credentials", metavar="FILE",
@@ -709,6 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_mkfs)
 
     s = sub.add_parser("mount", help="mount a hot store (or an archive, read-only)")
+    _json_arg(s)
     _key_args(s)
     s.add_argument("-o", dest="options", action="append", default=[],
                    help="mount options: allow_other, sync_on_close, cache_mib=N, poll=SECONDS")
@@ -724,6 +784,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_mount)
 
     s = sub.add_parser("umount", help="unmount (waits until everything is committed)")
+    _json_arg(s)
     s.add_argument("--timeout", type=float, default=120.0)
     s.add_argument("mountpoint")
     s.set_defaults(fn=cmd_umount)
@@ -759,6 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_find)
 
     s = sub.add_parser("reindex", help="rebuild the DICOM index of a mounted file system")
+    _json_arg(s)
     s.add_argument("--progress", action="store_true", help="show the bar even when not a tty")
     s.add_argument("mountpoint")
     s.set_defaults(fn=cmd_reindex)
@@ -774,6 +836,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("snapshot", help="create, list, delete, lock and compare snapshots")
     snap = s.add_subparsers(dest="snap_command", required=True, metavar="ACTION")
     t = snap.add_parser("create", help="take a snapshot (name: @GMT-YYYY.MM.DD-hh.mm.ss)")
+    _json_arg(t)
     t.add_argument("mountpoint")
     t.add_argument("name", nargs="?")
     t.add_argument("--lock-until", metavar="WHEN",
@@ -782,14 +845,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("mountpoint")
     t.add_argument("--json", action="store_true")
     t = snap.add_parser("delete", help="delete a snapshot (not a locked one)")
+    _json_arg(t)
     t.add_argument("mountpoint")
     t.add_argument("name")
     t = snap.add_parser("lock", help="lock a snapshot until a date (only ever later)")
+    _json_arg(t)
     t.add_argument("mountpoint")
     t.add_argument("name")
     t.add_argument("--until", required=True, metavar="WHEN",
                    help="a duration from now (30d, 10y) or a UTC date YYYY-MM-DD[Thh:mm:ss]")
     t = snap.add_parser("diff", help="what changed between two snapshots, or one and now")
+    _json_arg(t)
     t.add_argument("mountpoint")
     t.add_argument("old")
     t.add_argument("new", help="a snapshot name, or live")
@@ -818,13 +884,23 @@ def build_parser() -> argparse.ArgumentParser:
         _tier_args(s, accession=False, patient=False)
         s.set_defaults(fn=cmd_pin)
 
+    s = sub.add_parser("config", help="check a hot store's configuration")
+    csub = s.add_subparsers(dest="config_command", required=True, metavar="check")
+    c = csub.add_parser("check", help="validate HOT/vnafs.toml without mounting (exit 1 and "
+                        "one line naming the setting if it is wrong)")
+    c.add_argument("--json", action="store_true")
+    c.add_argument("hot", metavar="HOT")
+    c.set_defaults(fn=cmd_config_check)
+
     s = sub.add_parser("gc", help="delete archived data whose retention has expired (logged)")
+    _json_arg(s)
     s.add_argument("--archive", action="store_true", required=True,
                    help="collect in the archive (the only kind of collection)")
     s.add_argument("mountpoint")
     s.set_defaults(fn=cmd_gc)
 
     s = sub.add_parser("restore", help="rebuild a hot store from the archive")
+    _json_arg(s)
     _key_args(s)
     s.add_argument("--credentials", metavar="FILE", help="archive credentials file (TOML, 0600)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -838,8 +914,83 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# fstab options mount(8) and mount.fuse3 hand to the helper that are about the mount table or
+# the kernel's generic flags, not vnafs: accepted and ignored.
+_FSTAB_IGNORED = {"defaults", "rw", "auto", "noauto", "user", "users", "nouser", "owner",
+                  "group", "nofail", "_netdev", "suid", "nosuid", "dev", "nodev", "exec",
+                  "noexec", "async", "atime", "noatime", "relatime", "strictatime", "nodiratime"}
+# fstab options that become command-line options of `vnafs mount`.
+_FSTAB_ARGS = {"key_file": "--key-file", "passphrase_env": "--passphrase-env",
+               "cache": "--cache", "credentials": "--credentials"}
+
+
+def mount_helper_argv(prog: str, argv: list[str], commands: set[str]) -> list[str] | None:
+    """The `vnafs` arguments for a call in the form mount(8) uses for /etc/fstab entries of
+    type `fuse.vnafs`, or None for an ordinary call. Two forms arrive: `mount.fuse.vnafs
+    SOURCE DIR [-o OPTS] [-n -s -v -f]` (the helper installed by `make install`, also
+    `umount.fuse.vnafs DIR`), and `vnafs SOURCE DIR -o OPTS`, which is what mount.fuse3 runs
+    when no helper of our own is installed."""
+    name = os.path.basename(prog)
+    if name.startswith("umount."):
+        dirs = [a for a in argv if not a.startswith("-")]
+        return ["umount", *dirs[:1]]
+    helper = name.startswith("mount.")
+    if not helper and (len(argv) < 2 or argv[0] in commands or argv[0].startswith("-")
+                       or not ("/" in argv[0] or "://" in argv[0])):
+        return None
+    positional: list[str] = []
+    options: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "-o":
+            options += next(it, "").split(",")
+        elif arg.startswith("-o") and len(arg) > 2:
+            options += arg[2:].split(",")
+        elif arg == "-t":
+            next(it, None)  # the type: fuse.vnafs
+        elif arg.startswith("-"):
+            continue  # -n (no mtab), -s (sloppy), -v (verbose), -f (fake): nothing to do
+        else:
+            positional.append(arg)
+    if len(positional) != 2:
+        raise VnafsError("a mount helper call needs SOURCE and DIRECTORY, as in /etc/fstab: "
+                         "/srv/vnafs/hot /mnt/vna fuse.vnafs key_file=/etc/vnafs/site.key 0 0")
+    out = ["mount"]
+    passed: list[str] = []
+    read_only = False
+    for opt in filter(None, options):
+        key, eq, value = opt.partition("=")
+        if key in _FSTAB_IGNORED or key.startswith(("x-", "comment")):
+            continue
+        if key in _FSTAB_ARGS and eq:
+            out += [_FSTAB_ARGS[key], value]
+        elif key == "archive_only":
+            out.append("--archive-only")
+        elif key == "ro" and not eq:
+            read_only = True
+        else:
+            passed.append(opt)
+    if read_only and "--archive-only" not in out:
+        raise VnafsError("a hot store is always mounted read-write: remove ro, or mount the "
+                         "archive read-only with archive_only")
+    if passed:
+        out += ["-o", ",".join(passed)]
+    return out + positional
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    commands = set()
+    for action in parser._subparsers._group_actions if parser._subparsers else []:
+        commands |= set(getattr(action, "choices", None) or {})
+    try:
+        translated = mount_helper_argv(sys.argv[0], sys.argv[1:] if argv is None else argv,
+                                       commands)
+    except VnafsError as exc:
+        print(f"vnafs: {exc}", file=sys.stderr)
+        return 1
+    if translated is not None:
+        argv = translated
     args = parser.parse_args(argv)
     try:
         return int(args.fn(args))

@@ -90,6 +90,20 @@ class TieringConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """`[metrics]`: the Prometheus/OpenMetrics endpoint (docs/admin.md, "Metrics"). `listen`
+    is "address:port" (an IP address; IPv6 in brackets); empty means off."""
+
+    listen: str = ""
+
+
+@dataclass
+class LogConfig:
+    # debug | info | warning | error; reloaded by SIGHUP.
+    level: str = "info"
+
+
+@dataclass
 class Config:
     format: int = 1
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -98,6 +112,8 @@ class Config:
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     snapshots: SnapshotConfig = field(default_factory=SnapshotConfig)
     tiering: TieringConfig = field(default_factory=TieringConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def archive_url(self) -> str | None:
@@ -172,6 +188,17 @@ class Config:
             "# Concurrent block fetches from the archive, and their timeout (0: the archive's).",
             f"recalls = {self.tiering.recalls}",
             f"recall_timeout = \"{_duration_text(self.tiering.recall_timeout)}\"",
+            "",
+            "[metrics]",
+            "# Serve Prometheus/OpenMetrics figures at http://ADDRESS:PORT/metrics, such as",
+            "# \"127.0.0.1:9471\" (no authentication: bind to loopback or a management network).",
+            "# Empty: off.",
+            f"listen = {_toml_str(self.metrics.listen)}",
+            "",
+            "[log]",
+            "# debug | info | warning | error. Changes to this, the schedules, the archive",
+            "# intervals and the tiering thresholds take effect on SIGHUP (systemctl reload).",
+            f"level = {_toml_str(self.log.level)}",
             "",
             "[snapshots]",
             "# mkdir/rmdir in /.snapshots create and delete snapshots (docs/admin.md).",
@@ -262,7 +289,7 @@ def load(hot: Path) -> Config:
         raise VnafsError(f"{path} is not valid TOML ({exc}); fix or restore the file") from None
     cfg = Config()
     unknown = set(data) - {"format", "store", "mount", "dicom", "archive", "snapshots",
-                           "tiering"}
+                           "tiering", "log", "metrics"}
     if unknown:
         raise VnafsError(f"{path}: unknown section or key {sorted(unknown)[0]!r}; remove it")
     fmt = data.get("format", 1)
@@ -279,9 +306,51 @@ def load(hot: Path) -> Config:
     _section(path, data, "archive", cfg.archive)
     _snapshots(path, data.get("snapshots", {}), cfg.snapshots)
     _tiering(path, data.get("tiering", {}), cfg.tiering)
+    _section(path, data, "log", cfg.log)
+    _section(path, data, "metrics", cfg.metrics)
+    if cfg.metrics.listen:
+        parse_listen(cfg.metrics.listen, f"{path}: metrics.listen")
+    if cfg.log.level not in LOG_LEVELS:
+        raise VnafsError(f"{path}: log.level must be one of {', '.join(LOG_LEVELS)}")
     if cfg.archive.url:
         cfg.archive.url = validate_archive_url(cfg.archive.url)
     return cfg
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# What a SIGHUP can change in a running mount: the settings read afresh where they are used.
+# Everything else needs a remount (`reload` says which).
+RELOADABLE: dict[str, frozenset[str]] = {
+    "store": frozenset({"sync_interval"}),
+    "dicom": frozenset({"index_lag"}),
+    "archive": frozenset({"interval", "rpo", "bandwidth_mib", "retention_days",
+                          "checkpoint_every", "poll", "recall_timeout"}),
+    "snapshots": frozenset({"schedule"}),
+    "tiering": frozenset({"capacity", "high_watermark", "low_watermark", "min_age",
+                          "evict_by", "prefetch_priors", "prefetch_modality"}),
+    "log": frozenset({"level"}),
+}
+
+
+def reload(running: Config, new: Config) -> tuple[list[str], list[str]]:
+    """Copy the reloadable settings of `new` into `running` (in place: the daemon's parts hold
+    these section objects); returns (settings changed, settings that need a remount)."""
+    changed: list[str] = []
+    refused: list[str] = []
+    for section in ("store", "mount", "dicom", "archive", "snapshots", "tiering", "log",
+                    "metrics"):
+        old_part, new_part = getattr(running, section), getattr(new, section)
+        for key, value in vars(new_part).items():
+            if getattr(old_part, key) == value:
+                continue
+            name = f"{section}.{key}"
+            if key in RELOADABLE.get(section, frozenset()):
+                setattr(old_part, key, value)
+                changed.append(name)
+            else:
+                refused.append(name)
+    return changed, refused
 
 
 def _snapshots(path: Path, values: Any, target: SnapshotConfig) -> None:
@@ -378,6 +447,25 @@ def _tiering(path: Path, values: Any, target: TieringConfig) -> None:
             raise VnafsError(f"{what}.prefetch_modality must be a modality such as \"CT\" "
                              "(or empty for any)")
         target.prefetch_modality = value
+
+
+def parse_listen(value: str, what: str) -> tuple[str, int]:
+    """(address, port) of "127.0.0.1:9471" or "[::1]:9471": an IP address, so the endpoint
+    binds exactly where the file says, and a port from 1 to 65535."""
+    import ipaddress
+
+    host, sep, port = value.strip().rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        address = ipaddress.ip_address(host[1:-1] if bracketed else host)
+        number = int(port) if port.isdigit() else 0
+    except ValueError:
+        address, number = None, 0
+    if not sep or address is None or not 1 <= number <= 65535 \
+            or (address.version == 6) != bracketed:
+        raise VnafsError(f"{what} must be an IP address and port such as \"127.0.0.1:9471\" "
+                         "or \"[::1]:9471\" (empty turns metrics off); fix the file")
+    return str(address), number
 
 
 def _check_view_name(path: Path, name: str) -> None:

@@ -19,13 +19,14 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
 
 import trio
 
-from vnafs import __version__
+from vnafs import __version__, config, logs
 from vnafs.archive.backend import open_backend
 from vnafs.archive.follower import ArchiveFollower
 from vnafs.archive.maintenance import ArchiveMaintenance
@@ -33,6 +34,7 @@ from vnafs.archive.recall import Recall
 from vnafs.archive.replicator import Replicator
 from vnafs.control import find_mount
 from vnafs.control_server import ControlServer, Mounted, handlers
+from vnafs.control_server import status as control_status
 from vnafs.dicom.index import DicomIndex, NewStudy
 from vnafs.errors import IntegrityError, VnafsError
 from vnafs.fs.engine import Engine
@@ -46,6 +48,7 @@ from vnafs.meta.blocks import BlockUsage
 from vnafs.meta.records import BLOCK_SIZE
 from vnafs.meta.snapshots import Snapshots
 from vnafs.meta.tx import NO_HOOKS
+from vnafs.service import Notifier
 from vnafs.store.lifecycle import Store, archive_backend, lock_store, recover
 from vnafs.tier.cache import ArchiveCache
 from vnafs.tier.state import Capacity
@@ -54,6 +57,8 @@ from vnafs.tier.tierer import Tierer
 log = logging.getLogger("vnafs.daemon")
 
 UNMOUNT_INDEX_SECONDS = 60
+# How often the service manager hears the health and recovery point (`systemctl status`).
+STATUS_SECONDS = 30.0
 UNMOUNT_REPLICATE_SECONDS = 30
 
 # The kernel asks FUSE file systems for 128 KiB at a time by default; 4 MiB of readahead lets it
@@ -82,7 +87,7 @@ def dicom_index(store: Store) -> DicomIndex | None:
 
 async def serve(
     store: Store, mountpoint: Path, ready: Callable[[str | None], None], *,
-    follower: ArchiveFollower | None = None,
+    follower: ArchiveFollower | None = None, options: Sequence[str] = (),
 ) -> None:
     """Mount `store` at `mountpoint` and serve until unmounted or signalled.
 
@@ -132,6 +137,14 @@ async def serve(
     views = Views(index) if index is not None else None
     snaps = Snapshots(store.ns)
     kernel = KernelCache(index, views, engine.io)
+    metrics = None
+    if cfg.metrics.listen:
+        # Bound before the mount (and outside the nursery, whose errors come wrapped), so a
+        # port in use stops it with one line.
+        from vnafs.metrics import MetricsEndpoint  # prometheus_client only when asked
+
+        metrics = MetricsEndpoint(cfg.metrics.listen, store.root / "vnafs.toml")
+        await trio.to_thread.run_sync(metrics.bind)
     async with trio.open_nursery() as nursery:
         files = Files(engine, nursery, sync_on_close=cfg.mount.sync_on_close,
                       readonly=readonly, orphans=orphans_recv,
@@ -166,10 +179,13 @@ async def serve(
                          views_name=cfg.dicom.views, snapshots=snapshots,
                          snapshot_mkdir=cfg.snapshots.mkdir and not readonly,
                          snapshots_visible=cfg.snapshots.visible,
-                         file_state=tierer.file_state if tierer is not None else None)
+                         file_state=tierer.file_state if tierer is not None else None,
+                         meters=metrics.meters if metrics is not None else None)
         try:
             pyfuse3.init(ops, str(mountpoint), fuse_options(store, readonly=readonly))
         except RuntimeError as exc:
+            if metrics is not None:
+                metrics.stop()  # not serving yet: only closes the socket
             raise VnafsError(f"mounting {mountpoint} failed ({exc}): check that /dev/fuse is "
                              "usable and the mount point is a free directory") from None
 
@@ -189,19 +205,37 @@ async def serve(
                           replicator, maintenance, follower, tierer, cache)
         control = ControlServer(store.root / "control.sock", handlers(mounted))
         await nursery.start(control.serve)
-        nursery.start_soon(_watch_signals)
+        notifier = Notifier()
+        reloader = partial(_reload, store, list(options), capacity, tierer, notifier, mounted)
+        nursery.start_soon(_watch_signals, reloader)
         if not readonly:
             nursery.start_soon(engine.sync_periodically, cfg.store.sync_interval)
         if crashed and tierer is None:
             nursery.start_soon(engine.collect_leftovers)
         nursery.start_soon(_raise_readahead, mountpoint)
+        if metrics is not None:
+            from vnafs.metrics import DaemonCollector
+
+            if tierer is None and cache is None and not readonly:
+                # The stored-bytes totals (the tierer and the archive cache count their own).
+                nursery.start_soon(engine.count_usage)
+            metrics.start(DaemonCollector(mounted, capacity, recall))
         pid_file.write_text(f"{os.getpid()}\n")
         log.info("mounted %s (vnafs %s%s)", mountpoint, __version__,
                  ", read-only archive mount" if readonly else "")
         ready(None)
+        # Only now: READY=1 must mean the mount answers (systemd starts what needs it).
+        notifier.send(READY=1, STATUS=await _service_status(mounted))
+        nursery.start_soon(_tell_service_manager, notifier, mounted)
         try:
             await pyfuse3.main(min_tasks=4, max_tasks=64)
         finally:
+            notifier.send(STOPPING=1, STATUS="unmounting: committing open files, indexing, "
+                                              "last replication")
+            if metrics is not None:
+                # Before the store closes: waits for a scrape in progress.
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(metrics.stop)
             for ino in list(files.open):
                 try:
                     await files.flush(ino)
@@ -244,14 +278,78 @@ async def _raise_readahead(mountpoint: Path) -> None:
                     exc.strerror)
 
 
-async def _watch_signals() -> None:
+async def _watch_signals(reload: Callable[[], Awaitable[None]]) -> None:
+    """SIGTERM and SIGINT unmount cleanly (open files are committed first: see `serve`);
+    SIGHUP reopens the log file and reloads what the configuration allows."""
     import pyfuse3
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for _ in signals:
-            log.info("signal received: unmounting")
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                await reload()
+                continue
+            log.info("signal %s received: unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()
             return
+
+
+async def _reload(store: Store, options: list[str], capacity: Capacity, tierer: Tierer | None,
+                  notifier: Notifier, mounted: Mounted) -> None:
+    notifier.send(RELOADING=1, MONOTONIC_USEC=int(time.monotonic() * 1e6))
+    logs.reopen()
+    try:
+        new = await trio.to_thread.run_sync(config.load, store.root)
+        config.apply_mount_options(new, options)
+    except VnafsError as exc:
+        log.error("configuration not reloaded, the running settings stay: %s", exc)
+    else:
+        changed, refused = config.reload(store.config, new)
+        tiering = store.config.tiering
+        capacity.capacity = tiering.capacity or _fs_size(store.root)
+        capacity.high, capacity.low = tiering.high_watermark, tiering.low_watermark
+        logs.set_level(store.config.log.level)
+        if tierer is not None:
+            tierer.nudge()
+        log.info("configuration reloaded: %s%s",
+                 ", ".join(changed) + " changed" if changed else "nothing changed",
+                 f"; needs a remount to change: {', '.join(refused)}" if refused else "")
+    notifier.send(READY=1, STATUS=await _service_status(mounted))
+
+
+async def _service_status(m: Mounted) -> str:
+    """The line `systemctl status` shows: health, and the archive's recovery point."""
+    st = await control_status(m)
+    parts = [f"health {st['health']}"]
+    archive = st.get("archive")
+    if isinstance(archive, dict) and archive.get("recovery_point"):
+        parts.append(f"recovery point {archive['recovery_point']}")
+        if archive.get("lag_seconds") is not None:
+            parts.append(f"lag {archive['lag_seconds']:.0f} s")
+    return f"mounted at {m.mountpoint}; " + ", ".join(parts)
+
+
+async def _tell_service_manager(notifier: Notifier, m: Mounted) -> None:
+    """STATUS= every STATUS_SECONDS, and WATCHDOG=1 at half the unit's WatchdogSec= (a ping
+    comes from the trio loop itself, so a blocked loop is what the watchdog catches)."""
+    if not notifier.enabled:
+        return
+    watchdog = notifier.watchdog_seconds()
+    step = min(watchdog or STATUS_SECONDS, STATUS_SECONDS)
+    since_status = 0.0
+    while True:
+        await trio.sleep(step)
+        since_status += step
+        fields: dict[str, str | int] = {}
+        if watchdog is not None:
+            fields["WATCHDOG"] = 1
+        if since_status >= STATUS_SECONDS:
+            since_status = 0.0
+            try:
+                fields["STATUS"] = await _service_status(m)
+            except (VnafsError, OSError) as exc:
+                fields["STATUS"] = f"status unavailable: {exc}"
+        if fields:
+            notifier.send(**fields)
 
 
 # -- checks before mounting (run by `vnafs mount` before it forks) --------------------------------

@@ -289,7 +289,8 @@ class Indexer:
         self._reindexing = bool(inos)
         for ino in inos:
             self.enqueue(ino)
-        log.info("reindex started: %d files", len(inos))
+        if inos:  # a new store has nothing to index: no line about it
+            log.info("reindex started: %d files", len(inos))
         return len(inos)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -20,7 +20,8 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Callable, Coroutine, Sequence
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
@@ -45,11 +46,34 @@ ATTR_TIMEOUT = 1.0
 ENTRY_TIMEOUT = 1.0
 
 
+# The operations `translated` wraps, by name: the metrics endpoint creates the latency series
+# of each one at mount, so they all exist from zero.
+FUSE_OPS: list[str] = []
+
+
+@dataclasses.dataclass(frozen=True)
+class Meters:
+    """What this layer reports to the metrics endpoint (`vnafs/metrics.py` builds it):
+    `latency` maps an operation's name to the function that records one answer's seconds;
+    the byte counters take the size of each read reply and each write request. Labels are
+    operation names only, never a file name."""
+
+    latency: Mapping[str, Callable[[float], None]]
+    read_bytes: Callable[[float], None]
+    written_bytes: Callable[[float], None]
+
+
 def translated(
     fn: Callable[P, Coroutine[Any, Any, R]],
 ) -> Callable[P, Coroutine[Any, Any, R]]:
+    name = fn.__name__
+    FUSE_OPS.append(name)
+
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        # Without metrics `timers` is empty: the cost is this one lookup.
+        observe = args[0].timers.get(name)  # type: ignore[attr-defined]
+        start = time.perf_counter() if observe is not None else 0.0
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -65,6 +89,9 @@ def translated(
             args[0].engine.health.report(  # type: ignore[attr-defined]
                 "internal", f"internal error in {fn.__name__}; see the log")
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            if observe is not None:
+                observe(time.perf_counter() - start)
 
     return wrapper
 
@@ -98,7 +125,8 @@ class Operations(pyfuse3.Operations):
                  block_size: int, views_name: str = ".dicom",
                  snapshots: SnapshotService | None = None, snapshot_mkdir: bool = False,
                  snapshots_visible: bool = False,
-                 file_state: Callable[[int], str] | None = None) -> None:
+                 file_state: Callable[[int], str] | None = None,
+                 meters: Meters | None = None) -> None:
         super().__init__()
         self.engine = engine
         self.ns = engine.ns
@@ -123,6 +151,11 @@ class Operations(pyfuse3.Operations):
         # security.capability before every write; all xattr changes pass through here, so this
         # negative cache is exact.
         self._no_xattr: set[tuple[int, bytes]] = set()
+        # The metrics endpoint's meters (docs/admin.md, "Metrics"); empty/None when it is off.
+        self.timers: dict[str, Callable[[float], None]] = \
+            dict(meters.latency) if meters is not None else {}
+        self._count_read = meters.read_bytes if meters is not None else None
+        self._count_written = meters.written_bytes if meters is not None else None
 
     # -- attributes -----------------------------------------------------------------------------
 
@@ -487,12 +520,18 @@ class Operations(pyfuse3.Operations):
     @translated
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         # pyfuse3 replies from any contiguous buffer (PyObject_GetBuffer); its stub says bytes.
-        return cast(bytes, await self.files.read_view(fh, off, size))
+        data = cast(bytes, await self.files.read_view(fh, off, size))
+        if self._count_read is not None:
+            self._count_read(len(data))
+        return data
 
     @translated
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         self.engine.last_write = trio.current_time()
-        return await self.files.write(fh, off, buf)
+        written = await self.files.write(fh, off, buf)
+        if self._count_written is not None:
+            self._count_written(written)
+        return written
 
     async def _committing(self, fh: int, commit: Coroutine[Any, Any, None]) -> None:
         """A close or fsync: when it fails, `Files` has dropped the uncommitted changes, and
