@@ -132,6 +132,9 @@ def test_evict_recall_pin_by_study_and_path(tiered: Fs) -> None:
     assert tiering(fs)["recall"]["recalls"] == recalls
 
     drop_caches(fs)
+    # After a remount the evicted bytes are counted from the block table, not since mount.
+    counted = wait_for(lambda: (t := tiering(fs))["counted"] and t, what="usage counted")
+    assert counted["evicted_bytes"] >= 3 * MIB and counted["evictions"] == 0
     assert tree_digests(fs.mnt) == before  # transparent recall, byte-exact
     assert {state_of(f) for f in files} == {"archived"}
 
@@ -245,6 +248,35 @@ def test_a_new_study_prefetches_the_patients_prior_studies(tiered: Fs) -> None:
     assert tiering(fs)["prefetched_studies"] == 2
     drop_caches(fs)
     assert {k: v for k, v in tree_digests(fs.mnt).items() if k in digests} == digests
+
+
+def test_reading_an_evicted_file_recalls_the_rest_of_its_study(tiered: Fs) -> None:
+    fs = tiered
+    uid = make_study(fs.mnt / "pacs" / "s", patient="P-READ", files=6)
+    other = make_study(fs.mnt / "pacs" / "o", patient="P-READ-2", files=2)
+    digests = tree_digests(fs.mnt)
+    fs.wait_indexed()
+    fs.wait_replicated()
+    for study in (uid, other):
+        run_vnafs("evict", str(fs.mnt), "--study", study)
+    drop_caches(fs)
+    files = sorted((fs.mnt / "pacs" / "s").iterdir())
+    assert files[0].read_bytes()  # a viewer opens the first image of the study...
+    # ...and the rest of the study comes back in the background, before anyone reads it.
+    wait_for(lambda: {state_of(f) for f in files[1:]} == {"archived"},
+             what="the rest of the study recalled")
+    assert tiering(fs)["study_read_aheads"] == 1
+    assert {state_of(f) for f in (fs.mnt / "pacs" / "o").iterdir()} == {"evicted"}
+    assert tree_digests(fs.mnt) == digests
+
+    # Off: a read recalls only what it reads.
+    run_vnafs("evict", str(fs.mnt), "--study", uid)
+    fs.umount()
+    set_config(fs, "tiering", read_ahead_studies=False)
+    fs.mount()
+    assert files[0].read_bytes()
+    time.sleep(2)
+    assert {state_of(f) for f in files[1:]} == {"evicted"}
 
 
 def test_snapshot_only_blocks_go_first_and_snapshots_read_evicted_data(tiered: Fs) -> None:

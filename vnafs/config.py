@@ -85,6 +85,8 @@ class TieringConfig:
     evict_by: str = "study"
     prefetch_priors: int = 3
     prefetch_modality: str = ""
+    # A read that waits on the archive recalls the rest of the file's study in the background.
+    read_ahead_studies: bool = True
     recall_timeout: int = 0
     recalls: int = 8
 
@@ -185,6 +187,8 @@ class Config:
             "# When a new study of a patient arrives, recall their most recent archived studies.",
             f"prefetch_priors = {self.tiering.prefetch_priors}",
             f"prefetch_modality = {_toml_str(self.tiering.prefetch_modality)}",
+            "# A read of an evicted DICOM file recalls the rest of its study ahead of the reader.",
+            f"read_ahead_studies = {str(self.tiering.read_ahead_studies).lower()}",
             "# Concurrent block fetches from the archive, and their timeout (0: the archive's).",
             f"recalls = {self.tiering.recalls}",
             f"recall_timeout = \"{_duration_text(self.tiering.recall_timeout)}\"",
@@ -322,13 +326,13 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # What a SIGHUP can change in a running mount: the settings read afresh where they are used.
 # Everything else needs a remount (`reload` says which).
 RELOADABLE: dict[str, frozenset[str]] = {
-    "store": frozenset({"sync_interval"}),
     "dicom": frozenset({"index_lag"}),
     "archive": frozenset({"interval", "rpo", "bandwidth_mib", "retention_days",
                           "checkpoint_every", "poll", "recall_timeout"}),
     "snapshots": frozenset({"schedule"}),
     "tiering": frozenset({"capacity", "high_watermark", "low_watermark", "min_age",
-                          "evict_by", "prefetch_priors", "prefetch_modality"}),
+                          "evict_by", "prefetch_priors", "prefetch_modality",
+                          "recall_timeout", "read_ahead_studies"}),
     "log": frozenset({"level"}),
 }
 
@@ -447,6 +451,10 @@ def _tiering(path: Path, values: Any, target: TieringConfig) -> None:
             raise VnafsError(f"{what}.prefetch_modality must be a modality such as \"CT\" "
                              "(or empty for any)")
         target.prefetch_modality = value
+    if "read_ahead_studies" in values:
+        if not isinstance(values["read_ahead_studies"], bool):
+            raise VnafsError(f"{what}.read_ahead_studies must be true or false")
+        target.read_ahead_studies = values["read_ahead_studies"]
 
 
 def parse_listen(value: str, what: str) -> tuple[str, int]:

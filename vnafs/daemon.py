@@ -64,6 +64,9 @@ UNMOUNT_REPLICATE_SECONDS = 30
 # The kernel asks FUSE file systems for 128 KiB at a time by default; 4 MiB of readahead lets it
 # send 1 MiB reads (measured: 512 MiB cold read 1.53 s -> 1.25 s).
 READ_AHEAD_KB = 4096
+# FUSE background requests (see `_raise_background_limits`); the kernel's defaults are 12/9.
+FUSE_MAX_BACKGROUND = 64
+FUSE_CONGESTION_THRESHOLD = 48
 
 
 def fuse_options(store: Store, *, readonly: bool) -> set[str]:
@@ -122,6 +125,8 @@ async def serve(
     orphans_send, orphans_recv = trio.open_memory_channel[int](math.inf)
     closed_send, closed_recv = trio.open_memory_channel[ClosedFile](math.inf)
     new_send, new_recv = trio.open_memory_channel[NewStudy](math.inf)
+    # Bounded: a burst of reads of evicted blocks is sampled, never queued without limit.
+    reads_send, reads_recv = trio.open_memory_channel[int](1024)
     tiering_on = recall is not None and not readonly and backend is not None
     engine = Engine(
         store.ns,
@@ -133,6 +138,7 @@ async def serve(
         recall=recall,
         orphans=orphans_send,
         usage=usage,
+        reader_recalls=reads_send if tiering_on and index is not None else None,
     )
     views = Views(index) if index is not None else None
     snaps = Snapshots(store.ns)
@@ -170,7 +176,7 @@ async def serve(
             tierer = Tierer(engine, files, index, recall, capacity, tiering, backend=backend,
                             sealer=store.sealer, replicator=replicator, kept=kept_recv,
                             meta_path=str(store.root / "meta" / "data.mdb"),
-                            new_studies=new_recv)
+                            new_studies=new_recv, reader_recalls=reads_recv)
         elif recall is not None:
             cache = ArchiveCache(store.hot, capacity, engine.io, kept=kept_recv)
         from vnafs.fs.operations import Operations  # imports pyfuse3
@@ -249,12 +255,18 @@ async def serve(
             if replicator is not None:
                 # One last cycle so the archive is current; an unreachable archive only delays
                 # the unmount by this much (the outbox stays for the next mount).
-                with trio.move_on_after(UNMOUNT_REPLICATE_SECONDS):
+                with trio.move_on_after(UNMOUNT_REPLICATE_SECONDS) as final:
                     try:
                         await replicator.cycle()
                     except (VnafsError, IntegrityError, OSError) as exc:
                         log.warning("final replication at unmount failed (%s); the outbox is "
                                     "kept for the next mount", exc)
+                if final.cancelled_caught:
+                    log.warning("final replication at unmount did not finish within %d s; "
+                                "the archive stays at its last recovery point and the rest is "
+                                "kept for the next mount (wait for vnafs status to show "
+                                "nothing pending before unmounting to move a store)",
+                                UNMOUNT_REPLICATE_SECONDS)
             await engine.barrier()
             pyfuse3.close(unmount=True)
             pid_file.unlink(missing_ok=True)
@@ -276,6 +288,27 @@ async def _raise_readahead(mountpoint: Path) -> None:
     except OSError as exc:
         log.warning("could not raise the readahead window (%s); reads still work",
                     exc.strerror)
+        return
+    await trio.to_thread.run_sync(_raise_background_limits, dev)
+
+
+def _raise_background_limits(dev: int) -> None:
+    """The kernel lets a FUSE connection have 12 background requests (readahead, async
+    reads) and throttles readahead on every file of the mount past 9. Reads that wait on
+    the archive hold such slots for up to `recall_timeout`: with 20 of them hanging, reads of
+    resident files ran at 0.5-0.67x of idle (tools/bench_tier.py). The limits are set through
+    fusectl, which systemd mounts at boot; mounted here if it is not (worker thread)."""
+    connections = Path("/sys/fs/fuse/connections")
+    conn = connections / str(os.major(dev) << 20 | os.minor(dev))
+    try:
+        if connections.is_dir() and not conn.exists() and not os.path.ismount(connections):
+            subprocess.run(["mount", "-t", "fusectl", "fusectl", str(connections)],
+                           capture_output=True, check=False, timeout=10)
+        (conn / "max_background").write_text(f"{FUSE_MAX_BACKGROUND}\n")
+        (conn / "congestion_threshold").write_text(f"{FUSE_CONGESTION_THRESHOLD}\n")
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("could not raise the FUSE background request limits (%s); reads of "
+                    "resident files slow down while many reads wait on the archive", exc)
 
 
 async def _watch_signals(reload: Callable[[], Awaitable[None]]) -> None:
@@ -304,16 +337,32 @@ async def _reload(store: Store, options: list[str], capacity: Capacity, tierer: 
         log.error("configuration not reloaded, the running settings stay: %s", exc)
     else:
         changed, refused = config.reload(store.config, new)
-        tiering = store.config.tiering
-        capacity.capacity = tiering.capacity or _fs_size(store.root)
-        capacity.high, capacity.low = tiering.high_watermark, tiering.low_watermark
-        logs.set_level(store.config.log.level)
+        _apply_reloaded(store.config, store.root, capacity, mounted)
         if tierer is not None:
             tierer.nudge()
         log.info("configuration reloaded: %s%s",
                  ", ".join(changed) + " changed" if changed else "nothing changed",
                  f"; needs a remount to change: {', '.join(refused)}" if refused else "")
     notifier.send(READY=1, STATUS=await _service_status(mounted))
+
+
+def _apply_reloaded(cfg: config.Config, root: Path, capacity: Capacity, m: Mounted) -> None:
+    """Hand the reloaded settings to the parts that copied them at mount (the others read
+    `cfg`'s section objects, which `config.reload` changed in place)."""
+    tiering, archive = cfg.tiering, cfg.archive
+    capacity.capacity = tiering.capacity or _fs_size(root)
+    capacity.high, capacity.low = tiering.high_watermark, tiering.low_watermark
+    logs.set_level(cfg.log.level)
+    if m.indexer is not None:
+        m.indexer.max_lag = cfg.dicom.index_lag
+    if m.replicator is not None:
+        m.replicator.bucket.rate = archive.bandwidth_mib * (1 << 20)
+    if m.maintenance is not None:
+        m.maintenance.retention_ns = archive.retention_days * 86400 * 10**9
+    if m.follower is not None:
+        m.follower.poll = archive.poll
+    if m.tierer is not None:
+        m.tierer.recall.timeout = tiering.recall_timeout or archive.recall_timeout
 
 
 async def _service_status(m: Mounted) -> str:

@@ -19,3 +19,8 @@ class IntegrityError(Exception):
     Raised instead of ever returning wrong bytes. `str(err)` names the object (block id, or table
     and a key digest) and is safe to log; the FUSE layer turns it into EIO.
     """
+
+
+class Unavailable(IntegrityError):
+    """Data that exists could not be fetched now: the archive did not answer (in time). Still
+    EIO for the reader, but health reports an outage ("recall"), not damage ("integrity")."""

@@ -326,7 +326,7 @@ class DaemonCollector:
             _counter("vnafs_recalled_bytes", rstats.get("recalled_bytes", 0)),
             latency,
             _counter("vnafs_evictions", tstats.get("evictions", 0)),
-            _counter("vnafs_evicted_bytes", tstats.get("evicted_bytes", 0)),
+            _counter("vnafs_evicted_bytes", tstats.get("freed_bytes", 0)),
         ]
 
     def _snapshots(self) -> list[Metric]:

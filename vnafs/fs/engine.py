@@ -16,6 +16,7 @@ Nothing here imports pyfuse3: the engine is reused by tools that work without a 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -30,7 +31,7 @@ from typing import Any, TypeVar
 import lmdb
 import trio
 
-from vnafs.errors import IntegrityError
+from vnafs.errors import IntegrityError, Unavailable
 from vnafs.meta.blocks import BlockUsage
 from vnafs.meta.namespace import Namespace
 from vnafs.meta.records import STATE_EVICTED
@@ -157,6 +158,7 @@ class Engine:
         recall: Callable[[bytes], Awaitable[bytes]] | None = None,
         orphans: trio.MemorySendChannel[int] | None = None,
         usage: BlockUsage | None = None,
+        reader_recalls: trio.MemorySendChannel[int] | None = None,
     ) -> None:
         self.ns = ns
         self.store = store
@@ -165,6 +167,9 @@ class Engine:
         # plaintext or raises IntegrityError (vnafs/archive/recall.py). None: no archive.
         self.recall = recall
         self._orphans = orphans
+        # Hears the inode of each file a reader had to wait on the archive for (the tierer
+        # then recalls the rest of its study ahead of the reader).
+        self._reader_recalls = reader_recalls
         self.compress = compress
         # Plaintext by block id (loop only; entries never change, see BlockCache).
         self.cache = BlockCache(cache_bytes)
@@ -360,10 +365,11 @@ class Engine:
                      len(evicted))
         return removed
 
-    async def load_block(self, block_id: bytes, *, reader: bool = True) -> Buffer:
+    async def load_block(self, block_id: bytes, *, reader: bool = True,
+                         ino: int | None = None) -> Buffer:
         """The plaintext of a block: from the cache, the hot store, or the archive (recall).
         `reader`: a read request waits for it (counted for the hit ratio and time to first
-        byte); readahead and background work pass False."""
+        byte); readahead and background work pass False. `ino`: the file it is read for."""
         while True:
             data = self.cache.get(block_id)
             if data is not None:
@@ -379,11 +385,19 @@ class Engine:
             try:
                 data = await trio.to_thread.run_sync(self.store.get, block_id, limiter=self.io)
                 self.stats["blocks_loaded"] += 1
+                if self._failed_loads.pop(block_id, None) is not None:
+                    # A recall that gave up on this block finished after all (its fetch
+                    # thread outlived the timeout) and stored it: the outage is over.
+                    self.health.clear("recall")
             except IntegrityError as exc:
                 data = await self._recall(block_id, exc)
                 if reader:
                     self.stats["reader_recalls"] += 1
                     self.ttfb.append(trio.current_time() - start)
+                if ino is not None and self._reader_recalls is not None:
+                    # A full channel (a burst of recalls) only costs that hint.
+                    with contextlib.suppress(trio.WouldBlock):
+                        self._reader_recalls.send_nowait(ino)
             self.cache.put(block_id, data)
             return data
         finally:
@@ -408,7 +422,7 @@ class Engine:
         self._failed_loads[block_id] = now
         if len(self._failed_loads) > 10_000:
             self._failed_loads.clear()
-        if self.ns.blocks.state(block_id) == STATE_EVICTED:
+        if isinstance(exc, Unavailable):
             # The archive did not answer (in time): an outage, not damage.
             self.health.report("recall", str(exc))
         else:

@@ -240,7 +240,7 @@ class Files:
             return buf
         if ref is None:
             return b""
-        data = await self.engine.load_block(ref.block_id)
+        data = await self.engine.load_block(ref.block_id, ino=of.source)
         return memoryview(data)[: ref.length]
 
     # -- writing ----------------------------------------------------------------------------------
@@ -489,12 +489,12 @@ class Files:
         for i in range(first, last):
             ref = of.committed.get(i)
             if ref is not None and not self.engine.loading(ref.block_id):
-                self.nursery.start_soon(self._prefetch, ref.block_id)
+                self.nursery.start_soon(self._prefetch, ref.block_id, of.source)
 
-    async def _prefetch(self, block_id: bytes) -> None:
+    async def _prefetch(self, block_id: bytes, ino: int) -> None:
         async with self._readahead:
             with contextlib.suppress(OSError):  # the read that needs the block reports it
-                await self.engine.load_block(block_id, reader=False)
+                await self.engine.load_block(block_id, reader=False, ino=ino)
 
     def _touch_atime(self, of: OpenFile) -> None:
         # relatime: only when atime is older than mtime/ctime or a day old, so reads rarely cost

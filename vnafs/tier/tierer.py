@@ -57,6 +57,10 @@ VERIFY_CONCURRENCY = 4
 RECALL_GRACE_NS = 3600 * 10**9
 NS = 10**9
 EVICTED_STUDIES_TTL = 60.0
+# A study whose files a reader recalls is queued for read-ahead once per this many seconds.
+STUDY_READ_AHEAD_QUIET = 600.0
+# Blocks one recall job fetches at once (the recall limiter, shared with readers, is larger).
+JOB_FETCHES = 4
 
 
 class Refused(VnafsError):
@@ -86,7 +90,8 @@ class Tierer:
                  recall: Recall, capacity: Capacity, cfg: TieringConfig, *,
                  backend: Backend, sealer: Sealer, replicator: Replicator | None,
                  kept: trio.MemoryReceiveChannel[bytes], meta_path: str,
-                 new_studies: trio.MemoryReceiveChannel[NewStudy] | None = None) -> None:
+                 new_studies: trio.MemoryReceiveChannel[NewStudy] | None = None,
+                 reader_recalls: trio.MemoryReceiveChannel[int] | None = None) -> None:
         self.engine = engine
         self.ns: Namespace = engine.ns
         self.files = files
@@ -100,6 +105,9 @@ class Tierer:
         self._kept = kept
         # The indexer's word that a study got its first instance: prefetch its priors.
         self._new_studies = new_studies
+        # The engine's word that a reader waited on the archive for a block of this inode:
+        # recall the rest of its study ahead of the reader (`_read_ahead_studies`).
+        self._reader_recalls = reader_recalls
         self._meta_path = meta_path
         self.verify_limiter = trio.CapacityLimiter(VERIFY_CONCURRENCY)
         # One eviction pass at a time (automatic, or `vnafs evict`).
@@ -112,9 +120,11 @@ class Tierer:
         self._current: dict[int, _Job] = {}
         # Study key -> when a recall brought it back (loop), until something of it is opened.
         self.recalled: dict[bytes, int] = {}
-        self.stats = {"evictions": 0, "evicted_blocks": 0, "evicted_bytes": 0,
+        # Since mount. (`status` reports the evicted bytes held in the archive only as
+        # `evicted_bytes`: not to be confused with `freed_bytes`, what evictions freed.)
+        self.stats = {"evictions": 0, "evicted_blocks": 0, "freed_bytes": 0,
                       "eviction_passes": 0, "verify_failures": 0, "prefetched_studies": 0,
-                      "recall_jobs": 0}
+                      "recall_jobs": 0, "study_read_aheads": 0}
         self.last_error: str | None = None
         self.eviction_seconds: deque[float] = deque(maxlen=64)
         # (time.monotonic() of the count, studies with evicted blocks): a count reads every
@@ -135,6 +145,8 @@ class Tierer:
                 nursery.start_soon(self._recall_worker)
             if self._new_studies is not None:
                 nursery.start_soon(self._prefetch_for_new_studies, self._new_studies)
+            if self._reader_recalls is not None:
+                nursery.start_soon(self._read_ahead_studies, self._reader_recalls)
             task_status.started()
             if crashed:
                 async with self.evicting:
@@ -268,7 +280,7 @@ class Tierer:
         self._recount_evicted_studies()
         self.stats["evictions"] += 1
         self.stats["evicted_blocks"] += len(done)
-        self.stats["evicted_bytes"] += freed
+        self.stats["freed_bytes"] += freed
         log.info("evicted %s: %d blocks, %d bytes", unit.label, len(done), freed)
         return freed
 
@@ -400,16 +412,27 @@ class Tierer:
         todo = await trio.to_thread.run_sync(state.blocks_to_recall, self.ns, job.inos,
                                              limiter=self.engine.io)
         job.total = len(todo)
-        for block_id, size in todo.items():
-            room = (self.capacity.may_keep(size) if job.priority == 0
-                    else self.capacity.may_prefetch(size))
-            if not room:
-                job.skipped += 1
-                continue
-            if await self.recall.fetch_only(block_id):
-                job.fetched += 1
-            else:
-                job.skipped += 1
+        fetches = trio.CapacityLimiter(JOB_FETCHES)
+
+        async def fetch(block_id: bytes) -> None:
+            try:
+                if await self.recall.fetch_only(block_id):
+                    job.fetched += 1
+                else:
+                    job.skipped += 1
+            finally:
+                fetches.release_on_behalf_of(block_id)
+
+        async with trio.open_nursery() as nursery:
+            for block_id, size in todo.items():
+                room = (self.capacity.may_keep(size) if job.priority == 0
+                        else self.capacity.may_prefetch(size))
+                if not room:
+                    job.skipped += 1
+                    continue
+                # Blocks are fetched in the order the files hold them, JOB_FETCHES at once.
+                await fetches.acquire_on_behalf_of(block_id)
+                nursery.start_soon(fetch, block_id)
         if job.fetched and job.key:
             self.recalled[job.key] = time.time_ns()
         log.info("recalled %s: %d of %d blocks (%d skipped: no room)", job.label, job.fetched,
@@ -442,6 +465,44 @@ class Tierer:
         return {"changed": await self.engine.commit(change), "pinned": pinned}
 
     # -- prior-study prefetch -------------------------------------------------------------------
+
+    async def _read_ahead_studies(self, inos: trio.MemoryReceiveChannel[int]) -> None:
+        """Somebody reads an evicted file: recall the rest of its study in parallel, ahead of
+        the reader. A viewer opens whole studies, one file after another, and each file is
+        often a single block, which readahead within a file cannot fetch ahead of."""
+        index = self.index
+        handled: dict[int, float] = {}  # ino -> time.monotonic() its study was queued
+
+        def study_of(ino: int) -> tuple[bytes, list[int]] | None:
+            assert index is not None
+            with self.ns.db.begin() as txn:
+                entry = index.entry(txn, ino)
+                if entry is None:
+                    return None
+                uid = entry.record.study
+                return index.study_key(uid), state.study_inos(index, txn, uid)
+
+        async for ino in inos:
+            now = time.monotonic()
+            if (index is None or not self.cfg.read_ahead_studies
+                    or now - handled.get(ino, -math.inf) < STUDY_READ_AHEAD_QUIET):
+                continue
+            try:
+                found = await trio.to_thread.run_sync(study_of, ino, limiter=self.engine.io)
+            except (IntegrityError, OSError) as exc:
+                self._failed(f"study read-ahead failed: {exc}")
+                continue
+            handled[ino] = now
+            if found is None:
+                continue
+            key, members = found
+            for member in members:
+                handled[member] = now
+            if len(handled) > 100_000:
+                handled = {i: t for i, t in handled.items()
+                           if now - t < STUDY_READ_AHEAD_QUIET}
+            self._enqueue(f"study {key.hex()[:12]} (being read)", key, members, priority=0)
+            self.stats["study_read_aheads"] += 1
 
     async def _prefetch_for_new_studies(self,
                                         studies: trio.MemoryReceiveChannel[NewStudy]) -> None:
