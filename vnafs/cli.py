@@ -34,9 +34,18 @@ log = logging.getLogger("vnafs")
 
 
 def _key_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--key-file", help="file holding the 256-bit key (from 'vnafs keygen')")
-    p.add_argument("--passphrase-env", metavar="VAR",
-                   help="environment variable holding a passphrase (stretched with scrypt)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--key-file", help="file holding the 256-bit key (from 'vnafs keygen')")
+    g.add_argument("--passphrase-env", metavar="VAR",
+                   help="environment variable holding a passphrase (stretched with scrypt; "
+                   "removed from the environment once read)")
+    g.add_argument("--passphrase-prompt", action="store_true",
+                   help="ask for the passphrase on the terminal")
+    g.add_argument("--passphrase-fd", metavar="N", type=int,
+                   help="read the passphrase from file descriptor N (its first line)")
+    g.add_argument("--key-command", metavar="CMD",
+                   help="run CMD (split as by a shell, run without one) and use what it prints: "
+                   "a key if 64 hex digits or 32 bytes, else a passphrase")
 
 
 def _json_arg(p: argparse.ArgumentParser) -> None:
@@ -44,10 +53,20 @@ def _json_arg(p: argparse.ArgumentParser) -> None:
                    help='report as one JSON object (docs/admin.md, "JSON output")')
 
 
-def _source(args: argparse.Namespace) -> KekSource:
+def _source(args: argparse.Namespace, *, prompt: str = "Passphrase: ",
+            passphrase_only: bool = False) -> KekSource:
     from vnafs.keys import resolve_kek_source
 
-    return resolve_kek_source(args.key_file, args.passphrase_env)
+    fd = getattr(args, "passphrase_fd", None)
+    source = resolve_kek_source(
+        args.key_file, args.passphrase_env, passphrase_fd=fd,
+        key_command=getattr(args, "key_command", None),
+        passphrase_prompt=getattr(args, "passphrase_prompt", False), prompt=prompt,
+        passphrase_only=passphrase_only)
+    # A daemon forked later must not inherit the descriptor (unless the new key comes next).
+    if fd is not None and fd != getattr(args, "new_passphrase_fd", None):
+        _close_fd(fd)
+    return source
 
 
 def _close_fd(fd: int | None) -> None:
@@ -80,6 +99,126 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     print(f"wrote a new 256-bit key to {args.path} (mode 0600); keep a copy off this machine: "
           "without it the data cannot be read")
     return 0
+
+
+# -- vnafs key: rewrap, passwd, add-slot, remove-slot, slots (docs/admin.md, "Keys") ------------
+
+
+def _new_key_args(p: argparse.ArgumentParser, *, passphrase_only: bool = False) -> None:
+    g = p.add_mutually_exclusive_group()
+    if not passphrase_only:
+        g.add_argument("--new-key-file", metavar="FILE",
+                       help="the new 256-bit key (from 'vnafs keygen')")
+    g.add_argument("--new-passphrase-prompt", action="store_true",
+                   help="ask for the new passphrase on the terminal (twice)")
+    g.add_argument("--new-passphrase-fd", metavar="N", type=int,
+                   help="read the new passphrase from file descriptor N (its first line; the "
+                   "next line when the old one came from N too)")
+    g.add_argument("--new-passphrase-env", metavar="VAR",
+                   help="environment variable holding the new passphrase")
+    g.add_argument("--new-key-command", metavar="CMD",
+                   help="run CMD and use what it prints as the new key or passphrase")
+
+
+def _key_given(args: argparse.Namespace) -> bool:
+    return bool(args.key_file or args.passphrase_env or args.passphrase_prompt
+                or args.passphrase_fd is not None or args.key_command is not None)
+
+
+def _new_key_given(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "new_key_file", None) or args.new_passphrase_env
+                or args.new_passphrase_prompt or args.new_passphrase_fd is not None
+                or args.new_key_command is not None)
+
+
+def _key_target(path: str) -> tuple[Path, bool]:
+    """(hot store, mounted) for the HOT|MNT argument of `vnafs key`."""
+    from vnafs import control, keyadmin
+
+    target = Path(path).resolve()
+    found = control.find_mount(target)
+    if found is not None:
+        if found[0] != "fuse.vnafs":
+            raise VnafsError(f"{target} is a mount of {found[0]}, not of vnafs: give a vnafs "
+                             "mount point or hot store")
+        return Path(found[1]), True
+    return keyadmin.check_hot(target), False
+
+
+def cmd_key(args: argparse.Namespace) -> int:
+    from vnafs import control, keyadmin
+    from vnafs.keys import resolve_new_kek_source
+
+    action = args.key_action
+    hot, mounted = _key_target(args.target)
+    if action == "slots":
+        listing = keyadmin.list_slots(hot, _source(args) if _key_given(args) else None)
+        _print_slots(args, listing)
+        return 0
+    passwd = action == "passwd"
+    if passwd and not _key_given(args):
+        args.passphrase_prompt = True
+    if passwd and not _new_key_given(args):
+        args.new_passphrase_prompt = True
+    auth = _source(args, prompt=f"{'Current passphrase' if passwd else 'Passphrase'} of {hot}: ",
+                   passphrase_only=passwd)
+    new = None
+    if action != "remove-slot":
+        new = resolve_new_kek_source(
+            getattr(args, "new_key_file", None), args.new_passphrase_env,
+            passphrase_fd=args.new_passphrase_fd, key_command=args.new_key_command,
+            passphrase_prompt=args.new_passphrase_prompt, passphrase_only=passwd)
+        _close_fd(args.new_passphrase_fd)
+        _close_fd(args.passphrase_fd)
+    op = {"rewrap": keyadmin.REWRAP, "passwd": keyadmin.REWRAP, "add-slot": keyadmin.ADD_SLOT,
+          "remove-slot": keyadmin.REMOVE_SLOT}[action]
+    label = getattr(args, "label", None)
+    slot = getattr(args, "slot", None)
+    started = time.perf_counter()
+    result = None if mounted else keyadmin.change_offline(hot, op, auth, new, label=label,
+                                                          slot=slot)
+    if result is None:
+        result = control.control_request(
+            hot, keyadmin.request(op, auth, new, label=label, slot=slot),
+            timeout=keyadmin.REQUEST_TIMEOUT)
+    result["total_seconds"] = round(time.perf_counter() - started, 6)
+    changed = result["slot"]
+    what = f"key slot {changed['slot']} ({changed['kind']}" + (
+        f", label {changed['label']!r})" if changed["label"] else ")")
+    via = " through its mount" if result["through"] == "mount" else ""
+    if result["archive"]:
+        follows = ("; the archive's copy follows with the next replication cycle"
+                   if result["through"] == "mount" else
+                   "; the archive's copy follows with the first replication cycle once mounted")
+    else:
+        follows = ""
+    if op == keyadmin.REWRAP:
+        assert new is not None
+        text = (f"{what} of {hot} now opens with {new.origin}, and {auth.origin} no longer "
+                f"does: the keyring was resealed{via}, no data was re-encrypted{follows}")
+    elif op == keyadmin.ADD_SLOT:
+        assert new is not None
+        text = f"added {what} to {hot}{via}: {new.origin} opens it too{follows}"
+    else:
+        text = (f"removed {what} from {hot}{via}; {len(result['slots'])} "
+                f"slot{'s' if len(result['slots']) != 1 else ''} left{follows}")
+    _report(args, text, result)
+    return 0
+
+
+def _print_slots(args: argparse.Namespace, listing: dict[str, Any]) -> None:
+    if args.json:
+        print(json.dumps({"schema": JSON_SCHEMA, **listing}, indent=2, sort_keys=True))
+        return
+    slots = listing["slots"]
+    print(f"keyring of {listing['hot']}: version {listing['keyring_version']}, "
+          f"{len(slots)} key slot{'s' if len(slots) != 1 else ''}")
+    print(f"{'SLOT':>4}  {'KIND':10}  {'CREATED (UTC)':19}  LABEL")
+    for s in slots:
+        created = (s["created"] or "-").replace("T", " ").removesuffix("Z")
+        print(f"{s['slot']:>4}  {s['kind']:10}  {created:19}  {s['label'] or '-'}")
+    if listing["opened_by"] is not None:
+        print(f"the key given opens slot {listing['opened_by']}")
 
 
 def cmd_mkfs(args: argparse.Namespace) -> int:
@@ -757,6 +896,43 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("keygen", help="create a new 256-bit key file (mode 0600)")
     s.add_argument("path")
     s.set_defaults(fn=cmd_keygen)
+
+    s = sub.add_parser("key", help="replace the key (rewrap, passwd), add, remove and list key "
+                       "slots; data is never re-encrypted")
+    ksub = s.add_subparsers(dest="key_action", required=True, metavar="ACTION")
+    target_help = "a hot store (unmounted: changed offline under its lock) or a mount point"
+    t = ksub.add_parser("rewrap", help="replace the KEK of the slot the given key opens")
+    _json_arg(t)
+    _key_args(t)
+    _new_key_args(t)
+    t.add_argument("target", metavar="HOT|MNT", help=target_help)
+    t = ksub.add_parser("passwd", help="change a passphrase (asked on the terminal unless "
+                        "given otherwise)")
+    _json_arg(t)
+    _key_args(t)
+    _new_key_args(t, passphrase_only=True)
+    t.add_argument("target", metavar="HOT|MNT", help=target_help)
+    t = ksub.add_parser("add-slot", help="add a key slot (e.g. an offline recovery key), "
+                        "authorised by a key of any slot")
+    _json_arg(t)
+    _key_args(t)
+    _new_key_args(t)
+    t.add_argument("--label", default="", help="a name for the slot (at most 64 bytes)")
+    t.add_argument("target", metavar="HOT|MNT", help=target_help)
+    t = ksub.add_parser("remove-slot", help="remove a key slot (never the last; authorised by "
+                        "the key of a slot that stays)")
+    _json_arg(t)
+    _key_args(t)
+    which = t.add_mutually_exclusive_group(required=True)
+    which.add_argument("--slot", type=int, metavar="N", help="the slot number")
+    which.add_argument("--label", help="the slot's label")
+    t.add_argument("target", metavar="HOT|MNT", help=target_help)
+    t = ksub.add_parser("slots", help="list the key slots (number, kind, created, label); "
+                        "with a key, also which slot it opens")
+    _json_arg(t)
+    _key_args(t)
+    t.add_argument("target", metavar="HOT|MNT", help=target_help)
+    s.set_defaults(fn=cmd_key)
 
     s = sub.add_parser("mkfs", help="create a hot store")
     _json_arg(s)

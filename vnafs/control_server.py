@@ -1,9 +1,9 @@
 """The daemon's control socket and its request handlers.
 
 Why a module of its own: every `vnafs` command that talks to a running mount (`status`, `find`,
-`reindex`, `snapshot ...`, `verify --archive`, `gc --archive`) arrives here as one JSON line on
-`<hot>/control.sock` (mode 0600: root only), and the table below is the whole of that protocol.
-The CLI side is `vnafs/control.py`, which imports neither trio nor LMDB.
+`reindex`, `snapshot ...`, `verify --archive`, `gc --archive`, `key ...`) arrives here as one
+JSON line on `<hot>/control.sock` (mode 0600: root only), and the table below is the whole of
+that protocol. The CLI side is `vnafs/control.py`, which imports neither trio nor LMDB.
 
 A request is `{"op": NAME, ...fields}`; the answer `{"ok": true, "result": ...}` or
 `{"ok": false, "error": "one sentence"}`. An unknown `op`, a missing field and a refused
@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from vnafs import FORMAT_VERSION, __version__
+from vnafs import FORMAT_VERSION, __version__, keyadmin
 from vnafs.archive.follower import ArchiveFollower
 from vnafs.archive.maintenance import ArchiveMaintenance
 from vnafs.archive.replicator import Replicator
@@ -144,6 +144,7 @@ def handlers(m: Mounted) -> dict[str, Handler]:
     if m.maintenance is not None:
         table.update(_archive_handlers(m.maintenance))
     table.update(_tier_handlers(m))
+    table.update(_key_handlers(m))
     return table
 
 
@@ -321,6 +322,24 @@ def _tier_handlers(m: Mounted) -> dict[str, Handler]:
 
     return {"evict": evict, "recall": recall, "recall_progress": progress, "pin": pin,
             "unpin": unpin}
+
+
+def _key_handlers(m: Mounted) -> dict[str, Handler]:
+    """`vnafs key rewrap|passwd|add-slot|remove-slot MNT`: the keyring the daemon holds is
+    rewritten by the daemon itself (vnafs/keyadmin.py), under the lock its seal-count
+    reservations take too. A read-only archive mount's keyring is the archive's copy: refused."""
+    if m.readonly:
+        async def refuse(req: dict[str, Any]) -> Any:
+            raise VnafsError("this is a read-only archive mount: its keyring is the archive's "
+                             "copy; change the keys on the hot store (mounted or not), the "
+                             "archive follows")
+
+        return {op: refuse for op in keyadmin.OPS}
+
+    async def change(req: dict[str, Any]) -> Any:
+        return await trio.to_thread.run_sync(keyadmin.apply_request, m.store, req)
+
+    return {op: change for op in keyadmin.OPS}
 
 
 def _archive_handlers(maintenance: ArchiveMaintenance) -> dict[str, Handler]:

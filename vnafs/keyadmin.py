@@ -1,0 +1,177 @@
+"""Key operations on a hot store: replace a KEK (rewrap), add and remove key slots, list them.
+
+Why a module of its own: the same operations run offline, on an unmounted hot store under its
+lock (as `fsck` does), and inside a running daemon, through the control socket on the keyring
+the daemon holds (so that its seal-count reservations, which rewrite the keyring too, and the key
+change never race). This is the one place that turns an operation into `Keyring` calls and a
+report; the CLI only resolves the key sources and picks the route, and the control server only
+hands the request over. No operation re-encrypts data: the payload (master secret, data keys) is
+sealed under a keyring key that the slots wrap (docs/format.md section 3).
+
+The control requests carry the key material (hex) on the control socket, which is mode 0600 and
+root's; it is never logged, and the daemon keeps none of it after the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vnafs import config as config_mod
+from vnafs.errors import VnafsError
+from vnafs.keys import KEK_BYTES, KekSource, Keyring, Slot, read_slots
+from vnafs.store.lifecycle import lock_store
+from vnafs.store.marker import read_format
+
+if TYPE_CHECKING:
+    from vnafs.store.lifecycle import Store
+
+log = logging.getLogger("vnafs.keys")
+
+REWRAP = "key_rewrap"
+ADD_SLOT = "key_add_slot"
+REMOVE_SLOT = "key_remove_slot"
+OPS = (REWRAP, ADD_SLOT, REMOVE_SLOT)
+# Requests whose scrypt runs may take a while (several passphrase slots tried).
+REQUEST_TIMEOUT = 300.0
+
+
+# -- key sources on the control socket -------------------------------------------------------------
+
+
+def source_to_wire(source: KekSource) -> dict[str, str]:
+    if source.key is not None:
+        return {"key": source.key.hex(), "origin": source.origin}
+    assert source.passphrase is not None
+    return {"passphrase": source.passphrase.hex(), "origin": source.origin}
+
+
+def source_from_wire(doc: Any, field: str) -> KekSource:
+    bad = VnafsError(f"bad control request: field {field!r} is not a key source")
+    if not isinstance(doc, dict) or not isinstance(doc.get("origin", ""), str):
+        raise bad
+    try:
+        if isinstance(doc.get("key"), str):
+            key = bytes.fromhex(doc["key"])
+            if len(key) != KEK_BYTES:
+                raise bad
+            return KekSource(key=key, origin=doc.get("origin", ""))
+        if isinstance(doc.get("passphrase"), str):
+            phrase = bytes.fromhex(doc["passphrase"])
+            if not phrase:
+                raise bad
+            return KekSource(passphrase=phrase, origin=doc.get("origin", ""))
+    except ValueError:
+        raise bad from None
+    raise bad
+
+
+def request(op: str, auth: KekSource, new: KekSource | None = None, *,
+            label: str | None = None, slot: int | None = None) -> dict[str, Any]:
+    """The control request for `op` (one of OPS)."""
+    req: dict[str, Any] = {"op": op, "auth": source_to_wire(auth)}
+    if new is not None:
+        req["new"] = source_to_wire(new)
+    if label is not None:
+        req["label"] = label
+    if slot is not None:
+        req["slot"] = slot
+    return req
+
+
+# -- the operations --------------------------------------------------------------------------------
+
+
+def apply(ring: Keyring, op: str, auth: KekSource, new: KekSource | None = None, *,
+          label: str | None = None, slot: int | None = None) -> dict[str, Any]:
+    """Run one key operation on an open keyring; the report (no secrets). Either the keyring
+    file is replaced whole (atomically, durably) or, on any error, not touched."""
+    started = time.perf_counter()
+    changed: Slot
+    if op == REWRAP:
+        if new is None:
+            raise VnafsError("bad control request: field 'new' is missing")
+        changed = ring.rewrap(auth, new)
+        done = "rewrapped"
+    elif op == ADD_SLOT:
+        if new is None:
+            raise VnafsError("bad control request: field 'new' is missing")
+        changed = ring.add_slot(auth, new, label=label or "")
+        done = "added"
+    elif op == REMOVE_SLOT:
+        changed = ring.remove_slot(auth, number=slot, label=label)
+        done = "removed"
+    else:
+        raise VnafsError(f"bad control request: unknown key operation {op!r}")
+    seconds = time.perf_counter() - started
+    log.info("key slot %d (%s%s) %s; keyring version %d, %d slots", changed.number,
+             changed.kind, f", label {changed.label!r}" if changed.label else "", done,
+             ring.format_version, len(ring.slots))
+    return {"op": op, "done": done, "slot": changed.public(),
+            "slots": [s.public() for s in ring.slots], "keyring_version": ring.format_version,
+            "seconds": round(seconds, 6)}
+
+
+def apply_request(store: Store, req: dict[str, Any]) -> dict[str, Any]:
+    """A key request arriving on a mounted store's control socket (in a worker thread)."""
+    op = req.get("op")
+    auth = source_from_wire(req.get("auth"), "auth")
+    new = source_from_wire(req.get("new"), "new") if op in (REWRAP, ADD_SLOT) else None
+    label, slot = req.get("label"), req.get("slot")
+    if label is not None and not isinstance(label, str):
+        raise VnafsError("bad control request: field 'label' is not text")
+    if slot is not None and (not isinstance(slot, int) or isinstance(slot, bool)):
+        raise VnafsError("bad control request: field 'slot' is not a number")
+    result = apply(store.keyring, str(op), auth, new, label=label, slot=slot)
+    return {**result, "hot": str(store.root), "through": "mount",
+            "archive": store.config.archive_url}
+
+
+def check_hot(hot: Path) -> Path:
+    """`hot` resolved, once it is known to be a hot store (before any passphrase is asked)."""
+    hot = Path(hot).resolve()
+    read_format(hot)
+    return hot
+
+
+def change_offline(hot: Path, op: str, auth: KekSource, new: KekSource | None = None, *,
+                   label: str | None = None, slot: int | None = None) -> dict[str, Any] | None:
+    """Run `op` on an unmounted hot store, under its lock. None when a running daemon holds the
+    store (its control socket is there): the request then goes to that daemon."""
+    hot = check_hot(hot)
+    try:
+        fd = lock_store(hot)
+    except VnafsError:
+        if (hot / "control.sock").exists():
+            return None
+        raise
+    try:
+        ring = Keyring.open(hot / "keyring", auth)
+        result = apply(ring, op, auth, new, label=label, slot=slot)
+    finally:
+        os.close(fd)
+    try:
+        archive = config_mod.load(hot).archive_url
+    except VnafsError:
+        archive = None
+    return {**result, "hot": str(hot), "through": "offline", "archive": archive}
+
+
+def list_slots(hot: Path, source: KekSource | None = None) -> dict[str, Any]:
+    """The slots of a hot store's keyring, read from its header (no key needed, no lock: the
+    file is only ever replaced whole). With `source`, the keyring is opened, which
+    authenticates the table, and `opened_by` names the slot that key opens. `hot` may also be
+    the cache of a read-only archive mount (which holds the archive's keyring, no FORMAT)."""
+    hot = Path(hot).resolve()
+    path = hot / "keyring"
+    opened = None
+    if source is None:
+        version, slots = read_slots(path)
+    else:
+        ring = Keyring.open(path, source)
+        version, slots, opened = ring.format_version, ring.slots, ring.opened_slot
+    return {"hot": str(hot), "keyring_version": version, "slots": [s.public() for s in slots],
+            "opened_by": opened}
