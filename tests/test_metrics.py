@@ -145,6 +145,10 @@ def test_scrape_is_complete_moves_during_ingest_and_has_no_phi(archived: Fs) -> 
                  - before.value("vnafs_stored_bytes", location="hot"))
         assert grown >= FILES * FILE_SIZE * 0.9, grown
         assert after.value("vnafs_blocks_sealed_total", result="stored") >= FILES
+        # Random data: every block new, none compressible (stored raw plus the envelope).
+        new = after.value("vnafs_block_bytes_total", kind="new")
+        assert after.value("vnafs_block_bytes_total", kind="written") >= new >= FILES * FILE_SIZE
+        assert new <= after.value("vnafs_block_bytes_total", kind="new_sealed") < new * 1.01
         assert after.value("vnafs_commits_total") > before.value("vnafs_commits_total")
 
         # What status shows and what the scrape shows agree.

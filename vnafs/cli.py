@@ -808,10 +808,23 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from vnafs import control
 
     hot = control.hot_store_of(Path(args.mountpoint))
-    rep = control.control_request(hot, {"op": "archive_gc"}, timeout=3600)
+    rep = control.control_request(hot, {"op": "archive_gc"})
+    # A bar only on a terminal (disable=None) and never with --json.
+    with tqdm(total=rep["blocks_expired"] or None, unit="block", desc="archive gc",
+              disable=args.json or None) as bar:
+        while not rep["finished"]:
+            time.sleep(0.5)
+            rep = control.control_request(hot, {"op": "archive_gc_progress"})
+            bar.total = rep["blocks_expired"] or bar.total
+            bar.update(rep["blocks_done"] - bar.n)
+    if rep.get("error"):
+        raise VnafsError(f"archive gc stopped: {rep['error']}; what was deleted is logged, run "
+                         "it again once the archive answers")
     _report(args, f"archive gc: deleted {rep['blocks_deleted']} blocks and "
             f"{rep['parts_deleted']} metadata parts ({rep['bytes_freed'] / (1 << 20):.1f} MiB); "
             f"{rep['tombstones_kept']} deleted blocks are still within the retention period",

@@ -351,9 +351,12 @@ def _archive_handlers(maintenance: ArchiveMaintenance) -> dict[str, Handler]:
     async def verify_progress(req: dict[str, Any]) -> Any:
         return maintenance.verify_progress().as_dict()
 
-    async def gc(req: dict[str, Any]) -> Any:
-        return (await maintenance.gc()).as_dict()
+    async def gc_start(req: dict[str, Any]) -> Any:
+        return maintenance.start_gc().as_dict()
+
+    async def gc_progress(req: dict[str, Any]) -> Any:
+        return maintenance.gc_progress().as_dict()
 
     return {"archive_verify": verify_start, "archive_verify_progress": verify_progress,
-            "archive_gc": gc}
+            "archive_gc": gc_start, "archive_gc_progress": gc_progress}
 

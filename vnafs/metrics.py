@@ -80,6 +80,10 @@ FAMILIES: dict[str, str] = {
     "vnafs_fuse_read_bytes": "Bytes returned by read requests since mount.",
     "vnafs_fuse_written_bytes": "Bytes accepted by write requests since mount.",
     "vnafs_blocks_sealed": "Blocks sealed since mount: stored as new, or deduplicated.",
+    "vnafs_block_bytes": "Block bytes since mount: written (logical), new (plaintext of the "
+                         "blocks stored new) and new_sealed (what those take compressed and "
+                         "sealed): written/new is the dedup ratio, new/new_sealed the "
+                         "compression ratio.",
     "vnafs_block_reads": "Block reads since mount, by where the block came from.",
     "vnafs_commits": "Metadata write transactions since mount.",
     "vnafs_barriers": "Group-commit syncfs barriers since mount.",
@@ -263,6 +267,10 @@ class DaemonCollector:
                       {"cache": stats.get("cache_hits", 0),
                        "disk": stats.get("blocks_loaded", 0),
                        "archive": stats.get("blocks_recalled", 0)}),
+            _labelled(CounterMetricFamily, "vnafs_block_bytes", "kind",
+                      {"written": stats.get("block_bytes_written", 0),
+                       "new": stats.get("new_block_bytes", 0),
+                       "new_sealed": stats.get("new_block_bytes_sealed", 0)}),
             _counter("vnafs_commits", stats.get("commits", 0)),
             _counter("vnafs_barriers", stats.get("barriers", 0)),
         ]

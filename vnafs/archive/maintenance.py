@@ -42,6 +42,8 @@ class ArchiveMaintenance:
         self.retention_ns = retention_days * 86400 * 10**9
         # The newest verification since mount (None: none yet); replaced only once finished.
         self.verifier: verify.Verifier | None = None
+        # The newest collection since mount (None: none yet); replaced only once finished.
+        self.gc_report: verify.GcReport | None = None
 
     # -- verify ---------------------------------------------------------------------------------
 
@@ -69,14 +71,38 @@ class ArchiveMaintenance:
 
     # -- garbage collection ---------------------------------------------------------------------
 
-    async def gc(self) -> verify.GcReport:
+    def start_gc(self) -> verify.GcReport:
+        """Start a collection unless one is running; its report so far (`vnafs gc --archive`
+        polls it for its progress bar)."""
+        if self.gc_report is None or self.gc_report.finished:
+            self.gc_report = verify.GcReport()
+            self.nursery.start_soon(self._run_gc, self.gc_report)
+        return self.gc_report
+
+    def gc_progress(self) -> verify.GcReport:
+        if self.gc_report is None:
+            raise VnafsError("no archive gc has run since mount: start one with vnafs gc "
+                             "--archive")
+        return self.gc_report
+
+    async def _run_gc(self, report: verify.GcReport) -> None:
+        try:
+            await self.gc(report)
+        except (ArchiveError, IntegrityError, OSError) as exc:
+            report.error = str(exc)
+            log.error("archive gc stopped: %s", exc)
+        finally:
+            report.finished = True
+
+    async def gc(self, report: verify.GcReport) -> verify.GcReport:
         """Delete archived blocks whose tombstones passed the retention, and metadata parts no
-        HEAD reaches; logged, and reported to the caller."""
+        HEAD reaches; logged, and counted in `report`."""
         now = time.time_ns()
         backend = self.replicator.backend
         ids, young = await trio.to_thread.run_sync(verify.expired_tombstones, self.db,
                                                    self.retention_ns, now)
-        report = verify.GcReport(tombstones_kept=young)
+        report.tombstones_kept = young
+        report.blocks_expired = len(ids)
         for start in range(0, len(ids), GC_BATCH):
             async with self.engine.writer:  # see collect_blocks: no resend may run in between
                 await trio.to_thread.run_sync(verify.collect_blocks, self.db, backend,

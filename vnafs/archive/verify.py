@@ -173,6 +173,12 @@ class GcReport:
     bytes_freed: int = 0
     parts_deleted: int = 0
     tombstones_kept: int = 0
+    # Progress of a run: expired blocks found, how many were looked at, and whether it ended
+    # (with `error` if it stopped early).
+    blocks_expired: int = 0
+    blocks_done: int = 0
+    finished: bool = False
+    error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -197,6 +203,7 @@ def collect_blocks(db: MetaDB, backend: Backend, ids: list[bytes], retention_ns:
     that would revive a tombstone cannot run between the tombstone's removal (committed
     first, so a crash never leaves a tombstone naming a deleted object) and the deletion."""
     doomed: list[bytes] = []
+    report.blocks_done += len(ids)
     with db.begin(write=True) as txn:
         for block_id in ids:
             body = db.get(txn, "tombstones", block_id)

@@ -303,7 +303,6 @@ class Engine:
             self._pending[block_id] += 1
         state = self.ns.blocks.state(block_id)
         if state is not None and state != STATE_EVICTED:
-            self.stats["dedup_hits"] += 1
             return block_id, 0
         # New, or evicted: then its file is stored again and the commit makes it resident.
         stored = self.store.put(block_id, data, compress=self.compress and compress)
@@ -318,7 +317,16 @@ class Engine:
                                                          limiter=self.cpu)
         self.health.clear("block_write")
         self.cache.put(block_id, data)
-        self.stats["blocks_written"] += 1 if stored else 0
+        # Counted here on the loop (not in the sealing threads, where += could lose counts):
+        # all block bytes written, the plaintext of the blocks stored new, and what those
+        # take sealed; the ratios are dedup and compression of what was written since mount.
+        self.stats["block_bytes_written"] += len(data)
+        if stored:
+            self.stats["blocks_written"] += 1
+            self.stats["new_block_bytes"] += len(data)
+            self.stats["new_block_bytes_sealed"] += stored
+        else:
+            self.stats["dedup_hits"] += 1
         return block_id, stored
 
     def release_pending(self, ids: list[bytes]) -> None:
