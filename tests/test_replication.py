@@ -394,6 +394,32 @@ def test_verify_reports_and_repairs_damage_behind_our_back(archived: Fs, workdir
     assert_restores(archived, workdir, expected)
 
 
+def test_verify_restores_a_damaged_or_missing_archive_keyring(archived: Fs,
+                                                              workdir: Path) -> None:
+    """Without the keyring nothing in the archive can be restored: verify checks that it is
+    the hot store's, byte for byte, and puts it back when it is damaged or gone."""
+    (archived.mnt / "f").write_bytes(os.urandom(1 << 20))
+    expected = tree(archived.mnt)
+    archived.wait_replicated()
+    keyring = archive_dir(archived) / "keyring"
+    local = (archived.hot / "keyring").read_bytes()
+    assert keyring.read_bytes() == local
+    data = bytearray(local)
+    data[-3] ^= 0x01  # still starts with the keyring's magic
+    keyring.write_bytes(bytes(data))
+    rep = json.loads(run_vnafs("verify", "--archive", "--json", str(archived.mnt)).stdout)
+    assert rep["corrupt"] == ["keyring"] and rep["repaired"] == ["keyring"], rep
+    assert keyring.read_bytes() == local
+    keyring.unlink()
+    rep = json.loads(run_vnafs("verify", "--archive", "--json", str(archived.mnt)).stdout)
+    assert rep["missing"] == ["keyring"] and rep["repaired"] == ["keyring"], rep
+    assert keyring.read_bytes() == local
+    rep = json.loads(run_vnafs("verify", "--archive", "--json", str(archived.mnt)).stdout)
+    assert not rep["corrupt"] and not rep["missing"] and not rep["repaired"], rep
+    archived.umount()
+    assert_restores(archived, workdir, expected)
+
+
 def test_gc_deletes_only_what_retention_allows(archived: Fs) -> None:
     keep = os.urandom(1 << 20)
     (archived.mnt / "keep").write_bytes(keep)

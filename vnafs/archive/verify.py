@@ -85,7 +85,9 @@ class Verifier:
             if name not in listing:
                 self._bad(name, missing=True)
                 self._repair_block(wanted, name)
-        names = [n for n in sorted(listing) if n != alog.HEAD_NAME]
+        # The keyring is what a restore needs first: it must be there and be this store's.
+        self._check_keyring(listing)
+        names = [n for n in sorted(listing) if n not in (alog.HEAD_NAME, alog.KEYRING_NAME)]
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             for name, ok in zip(names, pool.map(self._check, names), strict=True):
                 rep.objects += 1
@@ -141,11 +143,31 @@ class Verifier:
                     pass
             elif name == alog.CONFIG_NAME:
                 alog.open_object(self.sealer, name, data)
-            elif name == alog.KEYRING_NAME:
-                return data == self.sealer.keyring.path.read_bytes() or _keyring_opens(data)
         except IntegrityError:
             return False
         return True
+
+    def _check_keyring(self, listing: dict[str, int]) -> None:
+        """The archived keyring must be the hot store's, byte for byte. The daemon cannot
+        authenticate it (it does not keep the KEK), but it holds the current keyring: a
+        missing, damaged or different copy (an older one the next cycle would replace, or
+        one put there behind our back) is replaced with it, so a restore works."""
+        local = self.sealer.keyring.path.read_bytes()
+        if alog.KEYRING_NAME in listing:
+            self.report.objects += 1
+            self.report.bytes += listing[alog.KEYRING_NAME]
+            self.report.done_bytes += listing[alog.KEYRING_NAME]
+            try:
+                if self.backend.get(alog.KEYRING_NAME) == local:
+                    return
+            except ArchiveMissing:
+                pass
+            self._bad(alog.KEYRING_NAME, missing=False)
+        else:
+            self._bad(alog.KEYRING_NAME, missing=True)
+        self.backend.put(alog.KEYRING_NAME, local)
+        self.report.repaired.append(alog.KEYRING_NAME)
+        log.warning("archive object %s uploaded again from the hot store", alog.KEYRING_NAME)
 
     def _repair_block(self, block_id: bytes, name: str) -> None:
         try:
@@ -158,10 +180,6 @@ class Verifier:
         log.warning("archive object %s uploaded again from the hot store", name)
 
 
-def _keyring_opens(data: bytes) -> bool:
-    # An older keyring the next cycle will replace; its magic is all we can check without
-    # the KEK, which the daemon does not keep.
-    return data[:8] == b"VNAFSKR1"
 
 
 # -- garbage collection ---------------------------------------------------------------------------
