@@ -11,10 +11,11 @@ PYTEST_ARGS ?=
 # for the tests with real DICOM writers; nodejs for Azurite; samba and smbclient for the SMB
 # re-export and Previous Versions tests; nfs-ganesha, its FSAL_VFS, the libnfs client commands
 # and rpcbind for the NFS re-export tests, which run rpcbind themselves (NFSv3). nfs-common
-# comes with nfs-ganesha anyway; it is listed so that the unit it enables is disabled below).
+# comes with nfs-ganesha anyway; it is listed so that the unit it enables is disabled below;
+# systemd for systemd-analyze, which checks the installed units, also where systemd does not run).
 SYSDEPS := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv gocryptfs attr acl rsync \
            dcmtk orthanc curl iproute2 nodejs samba samba-vfs-modules smbclient \
-           nfs-ganesha nfs-ganesha-vfs libnfs-utils rpcbind nfs-common
+           nfs-ganesha nfs-ganesha-vfs libnfs-utils rpcbind nfs-common systemd
 
 # package:unit for the services that installing a package enables. `make sysdeps` disables (and,
 # under a running systemd, stops) them right after installing that package: the tests start
