@@ -177,7 +177,7 @@ def check_views(fs: Fs, files: list[Path]) -> None:
 
 def vnafs_problems(fs: Fs) -> list[str]:
     return [line for line in fs.log().splitlines()
-            if "Traceback" in line or " ERROR " in line or " CRITICAL " in line]
+            if "Traceback" in line or " level=error " in line or " level=critical " in line]
 
 
 # --- fixtures -------------------------------------------------------------------------------

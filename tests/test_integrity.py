@@ -94,7 +94,7 @@ def read_chunks(mnt: Path, files: dict[str, bytes]) -> dict[Chunk, bytes | int]:
 
 
 def error_lines(log: str) -> list[str]:
-    return [line for line in log.splitlines() if " ERROR " in line]
+    return [line for line in log.splitlines() if " level=error " in line]
 
 
 def check_damaged_reads(fs: Fs, files: dict[str, bytes], owners: dict[str, Chunk],
