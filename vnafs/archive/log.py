@@ -23,6 +23,7 @@ from typing import Any
 
 import lmdb
 
+from vnafs.archive.backend import Backend
 from vnafs.errors import IntegrityError
 from vnafs.meta.db import REPLICATED, TABLES, TAG_TABLES, MetaDB, records
 from vnafs.meta.records import STATE_REPLICATED, BlockRef, RefCount
@@ -48,6 +49,19 @@ REPLICATED_TAGS = frozenset(TABLES[name] for name in REPLICATED)
 def part_name(kind: int, cycle: int, part: int) -> str:
     folder = "log" if kind == KIND_LOG else "checkpoint"
     return f"meta/{folder}/{cycle:016x}-{part:04x}"
+
+
+def highest_part_cycle(backend: Backend) -> int:
+    """The highest cycle number of any metadata part in the archive (0 if none)."""
+    highest = 0
+    for name, _ in backend.list("meta/"):
+        stem = name.rsplit("/", 1)[-1]
+        if name.startswith(("meta/log/", "meta/checkpoint/")) and "-" in stem:
+            try:
+                highest = max(highest, int(stem.split("-")[0], 16))
+            except ValueError:
+                continue
+    return highest
 
 
 def block_name(block_id: bytes) -> str:

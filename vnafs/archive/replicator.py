@@ -88,6 +88,8 @@ class Replicator:
         self.reopen = reopen
         self.cfg = cfg
         self.state = load_state(self.db)
+        # Whether this mount's first cycle has looked for parts beyond our reservation.
+        self._parts_checked = False
         self.uploads = trio.CapacityLimiter(cfg.uploads)
         self.bucket = TokenBucket(cfg.bandwidth_mib * (1 << 20))
         self.wakeup = trio.Event()
@@ -159,6 +161,13 @@ class Replicator:
         if not (self._checkpoint_due() or await self._run(self._has_work)):
             return False
         prior = st.cycle
+        if not self._parts_checked:
+            # Once per mount: number above every part already in the archive. A power loss
+            # can lose the reservation of a cycle whose parts were uploaded (LMDB commits are
+            # not synced one by one), and parts are create-only: a cycle of the same number
+            # would take the stale parts for its own.
+            prior = max(prior, await self._run(alog.highest_part_cycle, self.backend))
+            self._parts_checked = True
         number = prior + 1
         await self._run(self._check_head, prior)
         checkpoint = self._checkpoint_due()

@@ -194,11 +194,15 @@ def restore(backend: Backend, root: Path, source: KekSource, *, progress: bool =
             fetch_config(backend, sealer, root, url, credentials)
             head = read_head(backend, sealer)
             report.records = apply_head(db, backend, sealer, head, 0)
+            reserved = max(head.cycle, alog.highest_part_cycle(backend))
             with db.begin(write=True) as txn:
                 alog.rebuild_refs(db, txn, listing.result())
-                # The restored store goes on replicating where the lost one stopped.
+                # The restored store goes on replicating where the lost one stopped, numbering
+                # its cycles above every part in the archive: parts beyond HEAD (a cycle whose
+                # HEAD was never written, or an older HEAD put back) are create-only objects a
+                # new cycle of the same number would silently take for its own.
                 save_state(db, txn, ReplState(
-                    cycle=head.cycle, committed=head.cycle, checkpoint=head.checkpoint,
+                    cycle=reserved, committed=head.cycle, checkpoint=head.checkpoint,
                     logs=list(head.logs), rp_ns=head.rp_ns, since_checkpoint=len(head.logs),
                     keyring_sha256=alog.sha256((root / "keyring").read_bytes())))
             report.cycle, report.recovery_point_ns = head.cycle, head.rp_ns
