@@ -156,6 +156,7 @@ def test_mount_after_kill_clears_the_dead_mount_point(new_fs: Fs) -> None:
     assert res.stderr.strip() == (f"vnafs: cleared the dead mount at {new_fs.mnt} left by a "
                                   "stopped daemon")
     assert (new_fs.mnt / "kept").read_bytes() == b"acknowledged"
+    assert "Traceback" not in new_fs.log()
 
 
 def test_mount_on_a_dead_mount_of_another_store_is_refused(workdir: Path) -> None:

@@ -327,21 +327,3 @@ def test_config_check_validates_without_mounting(new_fs: Fs) -> None:
         assert "Traceback" not in res.stderr
     cfg.write_text(good)
     assert not _mounted(fs.mnt)
-
-
-def test_dead_mount_after_a_crash_is_cleaned_by_the_next_start(new_fs: Fs) -> None:
-    """What Restart=on-failure relies on: kill -9, then the same mount command works, with one
-    log line about the dead mount and no traceback."""
-    fs = new_fs.mount()
-    (fs.mnt / "kept.bin").write_bytes(b"k" * 1000)
-    pid = fs.pid()
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    _wait_gone(pid)
-    res = run_vnafs("mount", "--key-file", str(fs.key), "-o", "allow_other", str(fs.hot),
-                    str(fs.mnt))
-    assert res.stderr.strip() == f"vnafs: cleared the dead mount at {fs.mnt} left by a " \
-                                 "stopped daemon"
-    assert (fs.mnt / "kept.bin").read_bytes() == b"k" * 1000
-    assert "Traceback" not in fs.log()
-

@@ -1113,7 +1113,7 @@ _FSTAB_ARGS = {"key_file": "--key-file", "passphrase_env": "--passphrase-env",
                "cache": "--cache", "credentials": "--credentials"}
 
 
-def mount_helper_argv(prog: str, argv: list[str], commands: set[str]) -> list[str] | None:
+def mount_helper_argv(prog: str, argv: list[str]) -> list[str] | None:
     """The `vnafs` arguments for a call in the form mount(8) uses for /etc/fstab entries of
     type `fuse.vnafs`, or None for an ordinary call. Two forms arrive: `mount.fuse.vnafs
     SOURCE DIR [-o OPTS] [-n -s -v -f]` (the helper installed by `make install`, also
@@ -1123,9 +1123,9 @@ def mount_helper_argv(prog: str, argv: list[str], commands: set[str]) -> list[st
     if name.startswith("umount."):
         dirs = [a for a in argv if not a.startswith("-")]
         return ["umount", *dirs[:1]]
-    helper = name.startswith("mount.")
-    if not helper and (len(argv) < 2 or argv[0] in commands or argv[0].startswith("-")
-                       or not ("/" in argv[0] or "://" in argv[0])):
+    # A command name never contains "/": a first argument that does is a SOURCE (a hot store
+    # path or an archive URL), which only the mount-helper form puts there.
+    if not name.startswith("mount.") and (len(argv) < 2 or "/" not in argv[0]):
         return None
     positional: list[str] = []
     options: list[str] = []
@@ -1169,12 +1169,8 @@ def mount_helper_argv(prog: str, argv: list[str], commands: set[str]) -> list[st
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    commands = set()
-    for action in parser._subparsers._group_actions if parser._subparsers else []:
-        commands |= set(getattr(action, "choices", None) or {})
     try:
-        translated = mount_helper_argv(sys.argv[0], sys.argv[1:] if argv is None else argv,
-                                       commands)
+        translated = mount_helper_argv(sys.argv[0], sys.argv[1:] if argv is None else argv)
     except VnafsError as exc:
         print(f"vnafs: {exc}", file=sys.stderr)
         return 1

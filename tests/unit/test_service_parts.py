@@ -18,8 +18,6 @@ from vnafs.cli import mount_helper_argv
 from vnafs.errors import VnafsError
 from vnafs.service import Notifier
 
-COMMANDS = {"mount", "umount", "status", "find"}
-
 
 def record(msg: str, *args: object, level: int = logging.ERROR) -> logging.LogRecord:
     return logging.LogRecord("vnafs.test", level, __file__, 1, msg, args, None)
@@ -66,15 +64,14 @@ def test_rate_limit_drops_repeats_and_says_how_many(monkeypatch: pytest.MonkeyPa
 ])
 def test_fstab_helper_calls_become_vnafs_mount(prog: str, argv: list[str],
                                               expected: list[str] | None) -> None:
-    assert mount_helper_argv(prog, argv, COMMANDS) == expected
+    assert mount_helper_argv(prog, argv) == expected
 
 
 def test_fstab_helper_refuses_ro_hot_mounts_and_missing_arguments() -> None:
     with pytest.raises(VnafsError, match="always mounted read-write"):
-        mount_helper_argv("mount.fuse.vnafs", ["/srv/hot", "/mnt", "-o", "ro,key_file=/k"],
-                          COMMANDS)
+        mount_helper_argv("mount.fuse.vnafs", ["/srv/hot", "/mnt", "-o", "ro,key_file=/k"])
     with pytest.raises(VnafsError, match="needs SOURCE and DIRECTORY"):
-        mount_helper_argv("mount.fuse.vnafs", ["/srv/hot"], COMMANDS)
+        mount_helper_argv("mount.fuse.vnafs", ["/srv/hot"])
 
 
 def test_reload_applies_only_what_a_running_mount_can_change() -> None:

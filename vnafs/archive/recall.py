@@ -84,8 +84,9 @@ class Recall:
             if fetching is not None:
                 await fetching.wait()
             with contextlib.suppress(IntegrityError):
-                stored = await trio.to_thread.run_sync(self.store.get, block_id,
-                                                       limiter=self.limiter)
+                # Not on `limiter`: those slots may all be held by fetches hanging on the
+                # archive, and this is a read of the hot store.
+                stored = await trio.to_thread.run_sync(self.store.get, block_id)
                 return bytes(stored)
         _, _, plain = await self._fetch(block_id, open_it=True)
         assert plain is not None

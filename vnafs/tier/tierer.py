@@ -572,6 +572,7 @@ class Tierer:
         loads = self.engine.stats["cache_hits"] + self.engine.stats["blocks_loaded"]
         recalls = self.engine.stats["reader_recalls"]
         return {
+            **self.stats,  # counters since mount first: the current figures below win
             "capacity_bytes": cap.capacity,
             "high_watermark": cap.high,
             "low_watermark": cap.low,
@@ -587,7 +588,6 @@ class Tierer:
             "time_to_first_byte_p99_s": percentile(self.engine.ttfb, 0.99),
             "hit_ratio": (loads / (loads + recalls)) if loads + recalls else None,
             "recalled_unread_studies": len(self.recalled),
-            **self.stats,
             "last_error": self.last_error,
         }
 
