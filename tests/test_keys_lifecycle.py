@@ -529,3 +529,85 @@ def test_rewrap_timings(workdir: Path, capsys: pytest.CaptureFixture[str]) -> No
         for label, inner, total in rows:
             print(f"  {label:45} {inner * 1000:8.1f} ms {total * 1000:8.1f} ms")
     assert all(inner < 0.5 for label, inner, _ in rows if "passphrase" not in label)
+
+
+# -- data key rotation, re-seal, retire -------------------------------------------------------------
+
+
+def archive_versions(fs: Fs) -> set[int]:
+    """The data key versions of every block object and of HEAD in a file:// archive."""
+    root = archive_dir(fs)
+    paths = [*(root / "blocks").rglob("*"), root / "meta" / "HEAD"]
+    return {int.from_bytes(p.read_bytes()[8:12], "big") for p in paths if p.is_file()}
+
+
+def retire_when_replicated(fs: Fs, target: Path, version: int, timeout: float = 60) -> str:
+    """`vnafs key retire` once the archive has caught up (the re-seal's checkpoint cycle);
+    until then it must refuse, saying what is still sealed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        res = vnafs("key", "retire", "--key-file", str(fs.key), "--version", str(version),
+                    str(target))
+        if res.returncode == 0 or time.monotonic() > deadline:
+            return ok(res).stdout
+        refused(res, f"data key version {version} still seals")
+        time.sleep(0.5)
+
+
+def test_rotate_reseal_retire_through_a_mount_and_offline(archived: Fs, workdir: Path) -> None:
+    fs = archived
+    write_files(fs.mnt, "v1")
+    (fs.mnt / "v1" / "f0").unlink()  # a tombstoned block: still in the archive, still v1
+    ok(vnafs("snapshot", "create", str(fs.mnt), "s1"))
+    snap = digest(fs.mnt / ".snapshots" / "s1")
+    fs.wait_replicated()
+
+    refused(vnafs("key", "retire", "--key-file", str(fs.key), "--version", "1", str(fs.mnt)),
+            "version 1 is the current one")
+    out = json.loads(ok(vnafs("key", "rotate", "--json", "--key-file", str(fs.key),
+                              str(fs.mnt))).stdout)
+    assert out["data_key_version"] == 2 and out["through"] == "mount" and out["dropped"] == []
+    write_files(fs.mnt, "v2")
+    expected = digest(fs.mnt)
+    fs.wait_replicated()
+    assert archive_versions(fs) == {1, 2}
+    refused(vnafs("key", "retire", "--key-file", str(fs.key), "--version", "1", str(fs.mnt)),
+            "data key version 1 still seals")
+
+    rep = json.loads(ok(vnafs("key", "reseal", "--json", str(fs.mnt))).stdout)
+    assert rep["through"] == "mount" and rep["to_version"] == 2 and rep["phase"] == "done"
+    assert rep["blocks_resealed"] >= 4 and rep["archive_resealed"] >= 5
+    text = retire_when_replicated(fs, fs.mnt, 1)
+    assert "retired data key version 1" in text and "or the archive" in text
+    assert archive_versions(fs) == {2}
+    status = json.loads(ok(vnafs("status", "--json", str(fs.mnt))).stdout)
+    assert status["keys"]["data_key_versions"] == [2] and status["keys"]["retired"] == [1]
+    assert digest(fs.mnt) == expected
+    assert digest(fs.mnt / ".snapshots" / "s1") == snap
+    fs.umount()
+
+    # Offline: rotate, re-seal (archive blocks at once), the checkpoint at the next mount.
+    ok(vnafs("key", "rotate", "--key-file", str(fs.key), str(fs.hot)))
+    text = ok(vnafs("key", "reseal", "--key-file", str(fs.key), str(fs.hot))).stdout
+    assert "re-sealed under data key version 3" in text and "once mounted" in text
+    fs.mount()
+    assert digest(fs.mnt) == expected
+    fs.wait_replicated()
+    fs.umount()
+    retire_when_replicated(fs, fs.hot, 2)
+    assert archive_versions(fs) == {3}
+    ok(vnafs("fsck", "--key-file", str(fs.key), str(fs.hot)))
+
+    restored = workdir / "restored"
+    ok(vnafs("restore", "--key-file", str(fs.key), "--no-progress", str(fs.archive),
+             str(restored)))
+    other = Fs(workdir / "other")
+    other.root.mkdir()
+    other.mnt.mkdir()
+    try:
+        ok(vnafs("mount", "--key-file", str(fs.key), str(restored), str(other.mnt)))
+        assert digest(other.mnt) == expected
+        assert digest(other.mnt / ".snapshots" / "s1") == snap
+    finally:
+        if other.mnt.is_mount():
+            run_vnafs("umount", str(other.mnt))

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                             "vnafs.dicom.sniff"]),
     ("offline engine", ["vnafs.dicom.index", "vnafs.dicom.query", "vnafs.store.lifecycle",
                         "vnafs.archive.restore", "vnafs.archive.verify", "vnafs.fsck",
-                        "vnafs.tier.state", "vnafs.keyadmin"]),
+                        "vnafs.tier.state", "vnafs.keyadmin", "vnafs.reseal"]),
     ("trio engine", ["vnafs.fs.engine"]),
     ("services", ["vnafs.fs.files", "vnafs.fs.views", "vnafs.fs.snapshot_service",
                   "vnafs.archive.recall", "vnafs.archive.replicator",

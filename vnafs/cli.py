@@ -155,6 +155,8 @@ def cmd_key(args: argparse.Namespace) -> int:
         listing = keyadmin.list_slots(hot, _source(args) if _key_given(args) else None)
         _print_slots(args, listing)
         return 0
+    if action == "reseal":
+        return _key_reseal(args, hot, mounted)
     passwd = action == "passwd"
     if passwd and not _key_given(args):
         args.passphrase_prompt = True
@@ -163,7 +165,7 @@ def cmd_key(args: argparse.Namespace) -> int:
     auth = _source(args, prompt=f"{'Current passphrase' if passwd else 'Passphrase'} of {hot}: ",
                    passphrase_only=passwd)
     new = None
-    if action != "remove-slot":
+    if action not in ("remove-slot", "rotate", "retire"):
         new = resolve_new_kek_source(
             getattr(args, "new_key_file", None), args.new_passphrase_env,
             passphrase_fd=args.new_passphrase_fd, key_command=args.new_key_command,
@@ -171,28 +173,44 @@ def cmd_key(args: argparse.Namespace) -> int:
         _close_fd(args.new_passphrase_fd)
         _close_fd(args.passphrase_fd)
     op = {"rewrap": keyadmin.REWRAP, "passwd": keyadmin.REWRAP, "add-slot": keyadmin.ADD_SLOT,
-          "remove-slot": keyadmin.REMOVE_SLOT}[action]
+          "remove-slot": keyadmin.REMOVE_SLOT, "rotate": keyadmin.ROTATE,
+          "retire": keyadmin.RETIRE}[action]
     label = getattr(args, "label", None)
     slot = getattr(args, "slot", None)
+    drop = bool(getattr(args, "drop_other_slots", False))
+    version = getattr(args, "version", None)
     started = time.perf_counter()
-    result = None if mounted else keyadmin.change_offline(hot, op, auth, new, label=label,
-                                                          slot=slot)
+    result = None if mounted else keyadmin.change_offline(
+        hot, op, auth, new, label=label, slot=slot, drop_other_slots=drop, version=version)
     if result is None:
         result = control.control_request(
-            hot, keyadmin.request(op, auth, new, label=label, slot=slot),
+            hot, keyadmin.request(op, auth, new, label=label, slot=slot, drop_other_slots=drop,
+                                  version=version),
             timeout=keyadmin.REQUEST_TIMEOUT)
     result["total_seconds"] = round(time.perf_counter() - started, 6)
+    via = " through its mount" if result["through"] == "mount" else ""
+    if op == keyadmin.RETIRE:
+        _report(args, f"retired data key version {result['version']} of {hot}{via}: nothing in "
+                f"the hot store{' or the archive' if result['archive_checked'] else ''} is "
+                f"sealed under it; versions left: "
+                f"{', '.join(map(str, result['data_key_versions']))}", result)
+        return 0
     changed = result["slot"]
     what = f"key slot {changed['slot']} ({changed['kind']}" + (
         f", label {changed['label']!r})" if changed["label"] else ")")
-    via = " through its mount" if result["through"] == "mount" else ""
     if result["archive"]:
         follows = ("; the archive's copy follows with the next replication cycle"
                    if result["through"] == "mount" else
                    "; the archive's copy follows with the first replication cycle once mounted")
     else:
         follows = ""
-    if op == keyadmin.REWRAP:
+    if op == keyadmin.ROTATE:
+        dropped = "".join(f"; removed slot {d['slot']}" + (f" ({d['label']})" if d["label"]
+                                                            else "") for d in result["dropped"])
+        text = (f"data key version {result['data_key_version']} of {hot} is current{via}: new "
+                f"writes are sealed under it, older data stays readable (re-seal it with 'vnafs "
+                f"key reseal'); the keyring key is new and {what} wraps it{dropped}{follows}")
+    elif op == keyadmin.REWRAP:
         assert new is not None
         text = (f"{what} of {hot} now opens with {new.origin}, and {auth.origin} no longer "
                 f"does: the keyring was resealed{via}, no data was re-encrypted{follows}")
@@ -203,6 +221,47 @@ def cmd_key(args: argparse.Namespace) -> int:
         text = (f"removed {what} from {hot}{via}; {len(result['slots'])} "
                 f"slot{'s' if len(result['slots']) != 1 else ''} left{follows}")
     _report(args, text, result)
+    return 0
+
+
+def _key_reseal(args: argparse.Namespace, hot: Path, mounted: bool) -> int:
+    """`vnafs key reseal`: offline at once, or through the mount as a background job whose
+    progress this polls."""
+    from tqdm import tqdm
+
+    from vnafs import control, keyadmin
+
+    started = time.perf_counter()
+    rep: dict[str, Any] | None = None
+    if not mounted:
+        auth = _source(args, prompt=f"Passphrase of {hot}: ")
+        _close_fd(args.passphrase_fd)
+        report = keyadmin.reseal_offline(hot, auth)
+        rep = None if report is None else {**report.as_dict(), "through": "offline"}
+    if rep is None:
+        rep = control.control_request(hot, {"op": "key_reseal"})
+        with tqdm(total=None, unit="block", desc="re-seal",
+                  disable=args.json or (not sys.stderr.isatty() and not args.progress)) as bar:
+            while not rep["finished"]:
+                time.sleep(0.5)
+                rep = control.control_request(hot, {"op": "key_reseal_progress"})
+                bar.total = rep["blocks_total"] or bar.total
+                bar.update(rep["blocks_checked"] - bar.n)
+        rep["through"] = "mount"
+    if rep.get("error"):
+        raise VnafsError(f"re-seal stopped: {rep['error']}; run it again, it goes on where "
+                         "anything is still sealed under an old key")
+    rep["total_seconds"] = round(time.perf_counter() - started, 6)
+    archive = (f", {rep['archive_resealed']} of {rep['archive_checked']} archive blocks"
+               if rep["archive_checked"] else "")
+    follows = (" the archive's metadata follows with the next replication cycle (a checkpoint)"
+               if rep["through"] == "mount" else
+               " the archive's metadata follows with the first replication cycle once mounted")
+    _report(args, f"re-sealed under data key version {rep['to_version']}: "
+            f"{rep['records_resealed']} of {rep['records_checked']} metadata records, "
+            f"{rep['blocks_resealed']} of {rep['blocks_checked']} block files{archive} "
+            f"({rep['bytes_resealed'] / (1 << 20):.1f} MiB in {rep['seconds']:.1f} s);{follows}",
+            rep)
     return 0
 
 
@@ -445,7 +504,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  blocks        {st['blocks']}  ({st['block_bytes_stored'] / (1 << 20):.1f} MiB "
           "sealed on disk)")
     print(f"  open files    {st.get('open_files', 0)}   dirty blocks {st.get('dirty_blocks', 0)}")
-    print(f"  data key      version {st['keys']['current_version']}")
+    keys = st["keys"]
+    retired = (f", retired {', '.join(map(str, keys['retired']))}"
+               if keys.get("retired") else "")
+    print(f"  data key      version {keys['current_version']} (held: "
+          f"{', '.join(map(str, keys.get('data_key_versions', [])))}{retired})")
     dicom = st.get("dicom")
     if dicom is not None:
         print(f"  DICOM         {dicom['instances']} instances in {dicom['studies']} studies, "
@@ -911,7 +974,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_keygen)
 
     s = sub.add_parser("key", help="replace the key (rewrap, passwd), add, remove and list key "
-                       "slots; data is never re-encrypted")
+                       "slots, rotate the data key, re-seal, retire old data keys")
     ksub = s.add_subparsers(dest="key_action", required=True, metavar="ACTION")
     target_help = "a hot store (unmounted: changed offline under its lock) or a mount point"
     t = ksub.add_parser("rewrap", help="replace the KEK of the slot the given key opens")
@@ -939,6 +1002,27 @@ def build_parser() -> argparse.ArgumentParser:
     which = t.add_mutually_exclusive_group(required=True)
     which.add_argument("--slot", type=int, metavar="N", help="the slot number")
     which.add_argument("--label", help="the slot's label")
+    t.add_argument("target", metavar="HOT|MNT", help=target_help)
+    t = ksub.add_parser("rotate", help="start a new data key for new writes and a new keyring "
+                        "key (old data stays readable; 'reseal' moves it)")
+    _json_arg(t)
+    _key_args(t)
+    t.add_argument("--drop-other-slots", action="store_true",
+                   help="remove the other key slots (they wrap the old keyring key); add them "
+                   "again with add-slot")
+    t.add_argument("target", metavar="HOT|MNT", help=target_help)
+    t = ksub.add_parser("reseal", help="re-seal every record and block (hot store and archive) "
+                        "under the current data key; through a mount it runs in the background")
+    _json_arg(t)
+    _key_args(t)
+    t.add_argument("--progress", action="store_true", help="show the bar even when not a tty")
+    t.add_argument("target", metavar="HOT|MNT", help=target_help)
+    t = ksub.add_parser("retire", help="remove an old data key for good, once nothing in the "
+                        "hot store or the archive is sealed under it")
+    _json_arg(t)
+    _key_args(t)
+    t.add_argument("--version", type=int, required=True, metavar="N",
+                   help="the data key version to retire ('vnafs status' lists them)")
     t.add_argument("target", metavar="HOT|MNT", help=target_help)
     t = ksub.add_parser("slots", help="list the key slots (number, kind, created, label); "
                         "with a key, also which slot it opens")

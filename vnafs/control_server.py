@@ -34,6 +34,7 @@ from vnafs.fs.files import Files
 from vnafs.fs.indexer import Indexer
 from vnafs.fs.snapshot_service import SnapshotService, parse_until
 from vnafs.meta.snapshots import Snapshot, diff
+from vnafs.reseal import Resealer
 from vnafs.store.lifecycle import Store
 from vnafs.tier.cache import ArchiveCache
 from vnafs.tier.tierer import Tierer
@@ -41,6 +42,9 @@ from vnafs.tier.tierer import Tierer
 log = logging.getLogger("vnafs.control")
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+RESEAL = "key_reseal"
+RESEAL_PROGRESS = "key_reseal_progress"
 
 
 class BadRequest(VnafsError):
@@ -65,6 +69,8 @@ class Mounted:
     follower: ArchiveFollower | None = None
     tierer: Tierer | None = None
     cache: ArchiveCache | None = None
+    # Where background jobs started by a request run (a re-seal); the daemon's nursery.
+    nursery: trio.Nursery | None = None
 
     @property
     def readonly(self) -> bool:
@@ -172,6 +178,8 @@ async def status(m: Mounted) -> dict[str, Any]:
         "keys": {
             "current_version": store.keyring.current_version,
             "versions": len(store.keyring.versions),
+            "data_key_versions": store.keyring.versions,
+            "retired": store.keyring.retired,
         },
         **tables,
         "counters": dict(engine.stats),
@@ -334,12 +342,52 @@ def _key_handlers(m: Mounted) -> dict[str, Handler]:
                              "copy; change the keys on the hot store (mounted or not), the "
                              "archive follows")
 
-        return {op: refuse for op in keyadmin.OPS}
+        return {op: refuse for op in (*keyadmin.OPS, RESEAL, RESEAL_PROGRESS)}
 
     async def change(req: dict[str, Any]) -> Any:
         return await trio.to_thread.run_sync(keyadmin.apply_request, m.store, req)
 
-    return {op: change for op in keyadmin.OPS}
+    jobs: list[Resealer] = []
+
+    def under_writer(step: Callable[[], Any]) -> Any:
+        # Called in the re-seal's worker thread: the step runs while no commit does.
+        async def locked() -> Any:
+            async with m.engine.writer:
+                return await trio.to_thread.run_sync(step)
+
+        return trio.from_thread.run(locked)
+
+    async def run_reseal(job: Resealer) -> None:
+        try:
+            await trio.to_thread.run_sync(job.run)
+            await trio.to_thread.run_sync(m.store.hot.syncfs)
+            if m.replicator is not None:
+                # Records and config reach the archive under the new key with a checkpoint;
+                # the parts sealed before become unreachable (vnafs gc --archive).
+                m.replicator.state.config_sha256 = ""
+                m.replicator.force_checkpoint()
+        except (VnafsError, OSError) as exc:
+            job.report.error = str(exc)
+            log.error("re-seal stopped: %s", exc)
+        finally:
+            job.report.finished = True
+
+    async def reseal_start(req: dict[str, Any]) -> Any:
+        if not jobs or jobs[-1].report.finished:
+            backend = m.replicator.backend if m.replicator is not None else None
+            jobs[:] = [Resealer(m.store.db, m.store.hot, m.store.sealer, backend,
+                                under_writer=under_writer)]
+            assert m.nursery is not None
+            m.nursery.start_soon(run_reseal, jobs[-1])
+        return jobs[-1].report.as_dict()
+
+    async def reseal_progress(req: dict[str, Any]) -> Any:
+        if not jobs:
+            raise VnafsError("no re-seal has run since mount: start one with vnafs key reseal")
+        return jobs[-1].report.as_dict()
+
+    return {**{op: change for op in keyadmin.OPS}, RESEAL: reseal_start,
+            RESEAL_PROGRESS: reseal_progress}
 
 
 def _archive_handlers(maintenance: ArchiveMaintenance) -> dict[str, Handler]:

@@ -208,7 +208,7 @@ async def serve(
         else:
             await nursery.start(snapshots.run)
         mounted = Mounted(store, mountpoint, engine, files, snapshots, index, indexer,
-                          replicator, maintenance, follower, tierer, cache)
+                          replicator, maintenance, follower, tierer, cache, nursery)
         control = ControlServer(store.root / "control.sock", handlers(mounted))
         await nursery.start(control.serve)
         notifier = Notifier()

@@ -1,12 +1,14 @@
-"""Key operations on a hot store: replace a KEK (rewrap), add and remove key slots, list them.
+"""Key operations on a hot store: replace a KEK (rewrap), add and remove key slots, list them,
+rotate the data key, re-seal, retire an old data key.
 
 Why a module of its own: the same operations run offline, on an unmounted hot store under its
 lock (as `fsck` does), and inside a running daemon, through the control socket on the keyring
 the daemon holds (so that its seal-count reservations, which rewrite the keyring too, and the key
 change never race). This is the one place that turns an operation into `Keyring` calls and a
 report; the CLI only resolves the key sources and picks the route, and the control server only
-hands the request over. No operation re-encrypts data: the payload (master secret, data keys) is
-sealed under a keyring key that the slots wrap (docs/format.md section 3).
+hands the request over. The slot operations re-encrypt no data: the payload (master secret, data
+keys) is sealed under a keyring key that the slots wrap (docs/format.md section 3); re-sealing
+data is vnafs/reseal.py's, and `retire` asks it first.
 
 The control requests carry the key material (hex) on the control socket, which is mode 0600 and
 root's; it is never logged, and the daemon keeps none of it after the request.
@@ -23,18 +25,21 @@ from typing import TYPE_CHECKING, Any
 from vnafs import config as config_mod
 from vnafs.errors import VnafsError
 from vnafs.keys import KEK_BYTES, KekSource, Keyring, Slot, read_slots
-from vnafs.store.lifecycle import lock_store
+from vnafs.reseal import Resealer, ResealReport, find_sealed
+from vnafs.store.lifecycle import Store, archive_backend, lock_store, open_store
 from vnafs.store.marker import read_format
 
 if TYPE_CHECKING:
-    from vnafs.store.lifecycle import Store
+    from vnafs.archive.backend import Backend
 
 log = logging.getLogger("vnafs.keys")
 
 REWRAP = "key_rewrap"
 ADD_SLOT = "key_add_slot"
 REMOVE_SLOT = "key_remove_slot"
-OPS = (REWRAP, ADD_SLOT, REMOVE_SLOT)
+ROTATE = "key_rotate"
+RETIRE = "key_retire"
+OPS = (REWRAP, ADD_SLOT, REMOVE_SLOT, ROTATE, RETIRE)
 # Requests whose scrypt runs may take a while (several passphrase slots tried).
 REQUEST_TIMEOUT = 300.0
 
@@ -70,9 +75,14 @@ def source_from_wire(doc: Any, field: str) -> KekSource:
 
 
 def request(op: str, auth: KekSource, new: KekSource | None = None, *,
-            label: str | None = None, slot: int | None = None) -> dict[str, Any]:
+            label: str | None = None, slot: int | None = None,
+            drop_other_slots: bool = False, version: int | None = None) -> dict[str, Any]:
     """The control request for `op` (one of OPS)."""
     req: dict[str, Any] = {"op": op, "auth": source_to_wire(auth)}
+    if drop_other_slots:
+        req["drop_other_slots"] = True
+    if version is not None:
+        req["version"] = version
     if new is not None:
         req["new"] = source_to_wire(new)
     if label is not None:
@@ -86,12 +96,21 @@ def request(op: str, auth: KekSource, new: KekSource | None = None, *,
 
 
 def apply(ring: Keyring, op: str, auth: KekSource, new: KekSource | None = None, *,
-          label: str | None = None, slot: int | None = None) -> dict[str, Any]:
+          label: str | None = None, slot: int | None = None,
+          drop_other_slots: bool = False) -> dict[str, Any]:
     """Run one key operation on an open keyring; the report (no secrets). Either the keyring
     file is replaced whole (atomically, durably) or, on any error, not touched."""
     started = time.perf_counter()
     changed: Slot
-    if op == REWRAP:
+    extra: dict[str, Any] = {}
+    if op == ROTATE:
+        version, changed, dropped = ring.rotate(auth, drop_other_slots=drop_other_slots)
+        done = "rotated"
+        extra = {"data_key_version": version, "dropped": [s.public() for s in dropped],
+                 "data_key_versions": ring.versions}
+        log.info("data key rotated: version %d is current, the keyring key is new, %d other "
+                 "slots dropped", version, len(dropped))
+    elif op == REWRAP:
         if new is None:
             raise VnafsError("bad control request: field 'new' is missing")
         changed = ring.rewrap(auth, new)
@@ -107,25 +126,58 @@ def apply(ring: Keyring, op: str, auth: KekSource, new: KekSource | None = None,
     else:
         raise VnafsError(f"bad control request: unknown key operation {op!r}")
     seconds = time.perf_counter() - started
-    log.info("key slot %d (%s%s) %s; keyring version %d, %d slots", changed.number,
-             changed.kind, f", label {changed.label!r}" if changed.label else "", done,
-             ring.format_version, len(ring.slots))
+    if op != ROTATE:
+        log.info("key slot %d (%s%s) %s; keyring version %d, %d slots", changed.number,
+                 changed.kind, f", label {changed.label!r}" if changed.label else "", done,
+                 ring.format_version, len(ring.slots))
     return {"op": op, "done": done, "slot": changed.public(),
             "slots": [s.public() for s in ring.slots], "keyring_version": ring.format_version,
-            "seconds": round(seconds, 6)}
+            "seconds": round(seconds, 6), **extra}
+
+
+def retire(store: Store, backend: Backend | None, auth: KekSource, version: Any
+           ) -> dict[str, Any]:
+    """`vnafs key retire`: drop data key `version` once nothing is sealed under it any more,
+    in the hot store or in the archive (vnafs/reseal.py `find_sealed`); else one line saying
+    what still is, and nothing changes."""
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise VnafsError("bad control request: field 'version' is not a number")
+    started = time.perf_counter()
+    if version not in store.keyring.versions or version == store.keyring.current_version:
+        store.keyring.retire(auth, version)  # the one-line refusal for these cases
+    sealed = find_sealed(store.db, store.hot, backend, version)
+    if sealed.total:
+        where = ", ".join(f"{n} {what}" for n, what in (
+            (sealed.records, "metadata records"), (sealed.blocks, "block files"),
+            (sealed.archive_objects, "archive objects")) if n)
+        raise VnafsError(
+            f"data key version {version} still seals {where} (e.g. {sealed.examples[0]}): run "
+            "'vnafs key reseal', let replication catch up ('vnafs status': nothing pending), "
+            "then retry (nothing was changed)")
+    store.keyring.retire(auth, version)
+    log.info("data key version %d retired; versions left %s", version, store.keyring.versions)
+    return {"op": RETIRE, "done": "retired", "version": version,
+            "data_key_versions": store.keyring.versions, "retired": store.keyring.retired,
+            "archive_checked": backend is not None,
+            "seconds": round(time.perf_counter() - started, 6)}
 
 
 def apply_request(store: Store, req: dict[str, Any]) -> dict[str, Any]:
     """A key request arriving on a mounted store's control socket (in a worker thread)."""
     op = req.get("op")
     auth = source_from_wire(req.get("auth"), "auth")
+    if op == RETIRE:
+        result = retire(store, archive_backend(store), auth, req.get("version"))
+        return {**result, "hot": str(store.root), "through": "mount",
+                "archive": store.config.archive_url}
     new = source_from_wire(req.get("new"), "new") if op in (REWRAP, ADD_SLOT) else None
     label, slot = req.get("label"), req.get("slot")
     if label is not None and not isinstance(label, str):
         raise VnafsError("bad control request: field 'label' is not text")
     if slot is not None and (not isinstance(slot, int) or isinstance(slot, bool)):
         raise VnafsError("bad control request: field 'slot' is not a number")
-    result = apply(store.keyring, str(op), auth, new, label=label, slot=slot)
+    result = apply(store.keyring, str(op), auth, new, label=label, slot=slot,
+                   drop_other_slots=req.get("drop_other_slots") is True)
     return {**result, "hot": str(store.root), "through": "mount",
             "archive": store.config.archive_url}
 
@@ -138,7 +190,9 @@ def check_hot(hot: Path) -> Path:
 
 
 def change_offline(hot: Path, op: str, auth: KekSource, new: KekSource | None = None, *,
-                   label: str | None = None, slot: int | None = None) -> dict[str, Any] | None:
+                   label: str | None = None, slot: int | None = None,
+                   drop_other_slots: bool = False, version: int | None = None
+                   ) -> dict[str, Any] | None:
     """Run `op` on an unmounted hot store, under its lock. None when a running daemon holds the
     store (its control socket is there): the request then goes to that daemon."""
     hot = check_hot(hot)
@@ -149,8 +203,16 @@ def change_offline(hot: Path, op: str, auth: KekSource, new: KekSource | None = 
             return None
         raise
     try:
-        ring = Keyring.open(hot / "keyring", auth)
-        result = apply(ring, op, auth, new, label=label, slot=slot)
+        if op == RETIRE:
+            store = open_store(hot, auth, lock=False)
+            try:
+                result = retire(store, archive_backend(store), auth, version)
+            finally:
+                store.close()
+        else:
+            ring = Keyring.open(hot / "keyring", auth)
+            result = apply(ring, op, auth, new, label=label, slot=slot,
+                           drop_other_slots=drop_other_slots)
     finally:
         os.close(fd)
     try:
@@ -175,3 +237,44 @@ def list_slots(hot: Path, source: KekSource | None = None) -> dict[str, Any]:
         version, slots, opened = ring.format_version, ring.slots, ring.opened_slot
     return {"hot": str(hot), "keyring_version": version, "slots": [s.public() for s in slots],
             "opened_by": opened}
+
+
+# -- re-seal (vnafs/reseal.py) ---------------------------------------------------------------------
+
+
+def reseal_offline(hot: Path, auth: KekSource) -> ResealReport | None:
+    """`vnafs key reseal` on an unmounted hot store; None when a daemon holds it. The archive
+    gets its blocks at once; its metadata with a checkpoint at the next mount's first cycle."""
+    hot = check_hot(hot)
+    try:
+        fd = lock_store(hot)
+    except VnafsError:
+        if (hot / "control.sock").exists():
+            return None
+        raise
+    try:
+        store = open_store(hot, auth, lock=False)
+        try:
+            report = Resealer(store.db, store.hot, store.sealer, archive_backend(store)).run()
+            store.hot.syncfs()
+            if store.config.archive_url:
+                request_checkpoint(store)
+        finally:
+            store.close()
+    finally:
+        os.close(fd)
+    report.finished = True
+    return report
+
+
+def request_checkpoint(store: Store) -> None:
+    """Make the next replication cycle a checkpoint that uploads `config` again: every record
+    and the config then reach the archive sealed under the current key."""
+    from vnafs.archive.log import load_state, save_state
+
+    state = load_state(store.db)
+    state.since_checkpoint = max(state.since_checkpoint, store.config.archive.checkpoint_every)
+    state.config_sha256 = ""
+    with store.db.begin(write=True) as txn:
+        save_state(store.db, txn, state)
+    store.db.env.sync(True)

@@ -8,8 +8,10 @@ secret (the name and block-id HMAC keys derive from it) and the versioned AES-25
 A keyring has one of two layouts. Version 1 (what `mkfs` writes) is sealed directly under its one
 KEK. Version 2 seals the same payload under a random keyring key, which each of up to eight key
 slots wraps under its own KEK (a site key, an offline recovery key, a passphrase), as LUKS does.
-The first key operation (`rewrap`, `add_slot`, `remove_slot`) turns a version 1 keyring into a
-version 2 one; replacing or adding a KEK never re-encrypts data.
+The first key operation (`rewrap`, `add_slot`, `remove_slot`, `rotate`) turns a version 1 keyring
+into a version 2 one; replacing or adding a KEK never re-encrypts data. `rotate` adds a data key
+and replaces the keyring key; `retire` removes an old data key once vnafs/reseal.py has shown
+that nothing is sealed under it.
 
 The keyring also enforces the per-key nonce budget (NIST SP 800-38D: at most 2^32 random-nonce
 seals per key). Seal counts are reserved in chunks that are persisted *before* use, so a crash can
@@ -503,6 +505,9 @@ class _Payload:
     nonce_budget: int
     reserved: dict[int, int]
     created: str
+    # Versions removed by `vnafs key retire`, kept so that an envelope sealed under one is
+    # reported as retired rather than unknown, and so that no number is ever used twice.
+    retired: list[int] = field(default_factory=list)
 
     def to_json(self, version: int = KEYRING_VERSION) -> bytes:
         doc = {
@@ -515,6 +520,8 @@ class _Payload:
             "reserved": {str(v): n for v, n in sorted(self.reserved.items())},
             "created": self.created,
         }
+        if self.retired:
+            doc["retired"] = sorted(self.retired)
         return json.dumps(doc, separators=(",", ":")).encode("utf-8")
 
     def copy(self) -> _Payload:
@@ -526,6 +533,7 @@ class _Payload:
             nonce_budget=self.nonce_budget,
             reserved=dict(self.reserved),
             created=self.created,
+            retired=list(self.retired),
         )
 
 
@@ -572,6 +580,10 @@ def _parse_payload(raw: bytes) -> _Payload:
     budget = _int_field(doc.get("nonce_budget"))
     current = _int_field(doc.get("current"))
     created = doc.get("created")
+    retired_doc = doc.get("retired", [])
+    if not isinstance(retired_doc, list):
+        raise _Damaged
+    retired = [_version_key(str(_int_field(v))) for v in retired_doc]
     if (
         not data_keys
         or current not in data_keys
@@ -579,6 +591,8 @@ def _parse_payload(raw: bytes) -> _Payload:
         or not 1 <= budget <= DEFAULT_NONCE_BUDGET
         or any(not 0 <= n <= budget for n in reserved.values())
         or not isinstance(created, str)
+        or len(set(retired)) != len(retired)
+        or set(retired) & set(data_keys)
     ):
         raise _Damaged
     return _Payload(
@@ -589,6 +603,7 @@ def _parse_payload(raw: bytes) -> _Payload:
         nonce_budget=budget,
         reserved=reserved,
         created=created,
+        retired=retired,
     )
 
 
@@ -1083,10 +1098,19 @@ class Keyring:
 
     # -- keys --------------------------------------------------------------------------------------
 
+    @property
+    def retired(self) -> list[int]:
+        """Data key versions removed by `retire` (their keys are gone from the keyring)."""
+        with self._lock:
+            return sorted(self._payload.retired)
+
     def aead(self, version: int) -> AESGCM:
         """The cipher for data key `version`, for opening envelopes sealed under it."""
         aead = self._aeads.get(version)
         if aead is None:
+            if version in self._payload.retired:
+                raise IntegrityError(f"sealed under data key version {version}, which was "
+                                     "retired")
             raise IntegrityError(f"unknown data key version {version}")
         return aead
 
@@ -1112,6 +1136,70 @@ class Keyring:
             version = self._add_version(payload)
             self._commit_locked(payload)
             return version
+
+    def rotate(self, auth: KekSource, *, drop_other_slots: bool = False,
+               scrypt_log_n: int = DEFAULT_SCRYPT_LOG_N) -> tuple[int, Slot, list[Slot]]:
+        """Start a new data key version for every seal from now on, and seal the keyring under a
+        new keyring key that the slot `auth` opens wraps (same KEK, number, label and creation
+        time). (new version, that slot, the slots dropped).
+
+        The keyring key changes too because every holder of an old keyring copy and a KEK that
+        opened it knows the old keyring key, and with it would read the new data key from any
+        later copy of the keyring (the archive's, say). Other slots wrap the old keyring key and
+        their KEKs are not at hand, so they can only be dropped (`drop_other_slots`) and added
+        again with `add_slot`; without it, a keyring with other slots is refused unchanged."""
+        with self._admin:
+            sealing = self._sealing
+            number = self._authenticate(sealing, auth)
+            others = [s for s in sealing.slots if s.number != number]
+            if others and not drop_other_slots:
+                listed = ", ".join(str(s.number) + (f" ({s.label})" if s.label else "")
+                                   for s in others)
+                raise VnafsError(
+                    f"rotation replaces the keyring key that every key slot wraps, and slots "
+                    f"{listed} would stop opening the keyring: give --drop-other-slots and add "
+                    "them again with 'vnafs key add-slot' (nothing was changed)")
+            opened = next(s for s in sealing.slots if s.number == number)
+            keyring_key = os.urandom(KEK_BYTES)
+            slot = _wrap(number, keyring_key, auth, opened.label, scrypt_log_n,
+                         created=opened.created)
+            new_sealing = _Sealing(KEYRING_VERSION_SLOTS, keyring_key, _slot_prefix([slot]),
+                                   (slot,))
+            with self._lock:
+                payload = self._payload.copy()
+                version = self._add_version(payload)
+                self._write(payload, exclusive=False, sealing=new_sealing)
+                self._sealing = new_sealing
+                self._install_locked(payload)
+            self._opened_by = None
+            return version, slot, others
+
+    def retire(self, auth: KekSource, version: int) -> None:
+        """Remove data key `version` from the keyring for good. The caller must have proved
+        that nothing is sealed under it any more (vnafs/reseal.py `find_sealed`); this only
+        refuses the current version and versions it does not hold."""
+        with self._admin:
+            self._authenticate(self._sealing, auth)
+            with self._lock:
+                payload = self._payload.copy()
+                if version == payload.current:
+                    raise VnafsError(f"data key version {version} is the current one: rotate "
+                                     "first (vnafs key rotate), then re-seal (nothing was "
+                                     "changed)")
+                if version in payload.retired:
+                    raise VnafsError(f"data key version {version} is retired already "
+                                     "(nothing was changed)")
+                if version not in payload.data_keys:
+                    raise VnafsError(f"this keyring has no data key version {version}: 'vnafs "
+                                     "status' shows the versions in use (nothing was changed)")
+                del payload.data_keys[version]
+                payload.reserved.pop(version, None)
+                payload.retired.append(version)
+                self._write(payload, exclusive=False)
+                aeads = dict(self._aeads)
+                aeads.pop(version, None)
+                self._aeads = aeads
+                self._payload = payload
 
     # -- key slots (docs/format.md section 3, docs/admin.md "Keys") -------------------------------
 
@@ -1242,7 +1330,7 @@ class Keyring:
     # -- internals ---------------------------------------------------------------------------------
 
     def _add_version(self, payload: _Payload) -> int:
-        version = max(payload.data_keys) + 1
+        version = max([*payload.data_keys, *payload.retired]) + 1
         if version > _MAX_KEY_VERSION:
             raise VnafsError("this file system has used every data key version: migrate its data")
         payload.data_keys[version] = os.urandom(32)
@@ -1265,6 +1353,10 @@ class Keyring:
     def _commit_locked(self, payload: _Payload) -> None:
         """Persist `payload`, then (only if that succeeded) make it the in-memory state."""
         self._write(payload, exclusive=False)
+        self._install_locked(payload)
+
+    def _install_locked(self, payload: _Payload) -> None:
+        """Make a payload just written the in-memory state (ciphers for any new version)."""
         new_versions = set(payload.data_keys) - set(self._aeads)
         if new_versions:
             aeads = dict(self._aeads)

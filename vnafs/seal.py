@@ -101,6 +101,16 @@ class Sealer:
         header = _HEADER.pack(MAGIC, kind, codec, 0, version, length, nonce)
         return header + aead.encrypt(nonce, body, header + bytes(context))
 
+    def reseal(self, kind: int, context: bytes, envelope: bytes | memoryview, *,
+               name: str = "object") -> bytes:
+        """`envelope` sealed again under the current data key: the same compressed body, codec
+        and plaintext length, a new nonce (for `vnafs key reseal`, vnafs/reseal.py)."""
+        codec, length, body = self._decrypt(kind, context, envelope, name)
+        version, aead = self._keyring.take_seal()
+        nonce = os.urandom(NONCE_LEN)
+        header = _HEADER.pack(MAGIC, kind, codec, 0, version, length, nonce)
+        return header + aead.encrypt(nonce, body, header + bytes(context))
+
     def _compress_block(self, plaintext: Buffer, length: int) -> tuple[int, Buffer]:
         """Pick raw, zstd or byte-plane zstd for a block, from a sample of it.
 
@@ -215,9 +225,10 @@ class Sealer:
             raise _failed(name, "wrong kind")
         try:
             aead = self._keyring.aead(version)
-        except IntegrityError:
-            # A version newer than the keyring: e.g. a stale keyring restored beside newer data.
-            raise _failed(name, f"unknown data key version {version}") from None
+        except IntegrityError as exc:
+            # A version newer than the keyring (a stale keyring restored beside newer data), or
+            # one retired by `vnafs key retire`.
+            raise _failed(name, str(exc)) from None
         return env, aead, nonce, bytes(env[:HEADER_LEN]) + bytes(context), codec, length
 
     def _inflate(self, body: bytes, length: int, name: str) -> bytes:
