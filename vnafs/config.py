@@ -20,9 +20,10 @@ CONFIG_NAME = "vnafs.toml"
 @dataclass
 class StoreConfig:
     zstd_level: int = 1
-    cache_mib: int = 128
+    cache_mib: int = 32
     workers: int = 2
-    max_inflight_mib: int = 32
+    max_inflight_mib: int = 16
+    max_dirty_mib: int = 64
     sync_interval: int = 5
 
 
@@ -131,6 +132,7 @@ class Config:
             f"cache_mib = {self.store.cache_mib}",
             f"workers = {self.store.workers}",
             f"max_inflight_mib = {self.store.max_inflight_mib}",
+            f"max_dirty_mib = {self.store.max_dirty_mib}",
             f"sync_interval = {self.store.sync_interval}",
             "",
             "[mount]",
@@ -247,6 +249,7 @@ _INT_RANGES = {
     "cache_mib": (8, 1 << 20),
     "workers": (1, 256),
     "max_inflight_mib": (4, 1 << 16),
+    "max_dirty_mib": (8, 1 << 16),
     "sync_interval": (1, 300),
     "index_lag": (0, 3600),
     "interval": (1, 3600),

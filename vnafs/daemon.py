@@ -154,7 +154,8 @@ async def serve(
     async with trio.open_nursery() as nursery:
         files = Files(engine, nursery, sync_on_close=cfg.mount.sync_on_close,
                       readonly=readonly, orphans=orphans_recv,
-                      closed=closed_send if index is not None and not readonly else None)
+                      closed=closed_send if index is not None and not readonly else None,
+                      max_dirty_blocks=max(2, cfg.store.max_dirty_mib * (1 << 20) // BLOCK_SIZE))
         indexer = None
         if index is not None and not readonly:
             indexer = Indexer(engine, files, index, closed=closed_recv, invalidate=kernel.drop,

@@ -35,7 +35,7 @@ log = logging.getLogger("vnafs.files")
 # Partial blocks one file may buffer before the oldest is sealed (random writers), and all files
 # together (many concurrent writers): plaintext held in memory stays bounded whatever the load.
 MAX_DIRTY_BLOCKS = 8
-MAX_TOTAL_DIRTY_BLOCKS = 256
+MAX_TOTAL_DIRTY_BLOCKS = 64  # the default of `[store] max_dirty_mib`
 READAHEAD_BLOCKS = 8
 DAY_NS = 86_400 * 10**9
 
@@ -121,8 +121,11 @@ class Files:
     def __init__(self, engine: Engine, nursery: trio.Nursery, *, sync_on_close: bool,
                  readonly: bool = False,
                  orphans: trio.MemoryReceiveChannel[int] | None = None,
-                 closed: trio.MemorySendChannel[ClosedFile] | None = None) -> None:
+                 closed: trio.MemorySendChannel[ClosedFile] | None = None,
+                 max_dirty_blocks: int = MAX_TOTAL_DIRTY_BLOCKS) -> None:
         self.engine = engine
+        # Partial blocks across all open files before the oldest is sealed early (memory).
+        self.max_dirty_blocks = max_dirty_blocks
         self.ns = engine.ns
         self.nursery = nursery
         self.sync_on_close = sync_on_close
@@ -273,7 +276,7 @@ class Files:
             of.mtime_ns = of.ctime_ns = now
             of.meta_dirty = True
             while len(of.dirty) > MAX_DIRTY_BLOCKS or (
-                of.dirty and self._dirty_blocks() > MAX_TOTAL_DIRTY_BLOCKS
+                of.dirty and self._dirty_blocks() > self.max_dirty_blocks
             ):
                 await self._seal(of, min(of.dirty))
         return len(data)
