@@ -189,6 +189,8 @@ async def status(m: Mounted) -> dict[str, Any]:
         out["archive"] = await trio.to_thread.run_sync(m.replicator.status, limiter=engine.io)
         if out["archive"]["state"] != "ok" and out["health"] == "ok":
             out["health"] = "degraded"  # behind its RPO, or failing
+        if out["archive"]["retention"]["unenforced"] and out["health"] == "ok":
+            out["health"] = "degraded"  # object_lock asked for, and the archive cannot do it
     if m.follower is not None:
         out["archive"] = m.follower.status()
     out["snapshots"] = {"count": len(m.snapshots.snaps.all()),
