@@ -561,6 +561,13 @@ def _print_archive(a: dict[str, Any] | str | None) -> None:
               f"({a['pending_bytes'] / (1 << 20):.1f} MiB), {a['pending_records']} records")
     if a.get("last_error"):
         print(f"  archive error {a['last_error']}")
+    ret = a.get("retention")
+    if isinstance(ret, dict):
+        busy = ret.get("pass")
+        progress = (f"  (setting {busy['done']}/{busy['objects']} objects)" if busy else "")
+        if ret.get("backlog_objects"):
+            progress += f"  ({ret['backlog_objects']} objects left for the next cycles)"
+        print(f"  retention     {ret['summary']}{progress}")
 
 
 def _date(value: str | None, flag: str) -> str | None:

@@ -53,6 +53,12 @@ class ArchiveConfig:
     checkpoint_every: int = 1000
     poll: int = 10
     recall_timeout: int = 120
+    # "off", "governance" or "compliance": object retention set on the archive objects that
+    # locked snapshots and tombstones need (docs/admin.md, "Archive object lock").
+    object_lock: str = "off"
+
+
+OBJECT_LOCK_MODES = ("off", "governance", "compliance")
 
 
 @dataclass
@@ -175,6 +181,9 @@ class Config:
             "# Read-only archive mounts look for new replicated changes this often (seconds).",
             f"poll = {a.poll}",
             f"recall_timeout = {a.recall_timeout}",
+            "# Retention the archive enforces on what locked snapshots and tombstones need:",
+            '# "off", "governance" or "compliance" (S3 Object Lock / Azure immutability).',
+            f"object_lock = {_toml_str(a.object_lock)}",
             "",
             "[tiering]",
             "# The hot store as a bounded cache over the archive (needs an archive): above the",
@@ -319,6 +328,9 @@ def load(hot: Path) -> Config:
         parse_listen(cfg.metrics.listen, f"{path}: metrics.listen")
     if cfg.log.level not in LOG_LEVELS:
         raise VnafsError(f"{path}: log.level must be one of {', '.join(LOG_LEVELS)}")
+    if cfg.archive.object_lock not in OBJECT_LOCK_MODES:
+        raise VnafsError(f"{path}: archive.object_lock must be \"off\", \"governance\" or "
+                         "\"compliance\"; fix the file")
     if cfg.archive.url:
         cfg.archive.url = validate_archive_url(cfg.archive.url)
     return cfg

@@ -197,6 +197,8 @@ async def status(m: Mounted) -> dict[str, Any]:
         out["archive"] = await trio.to_thread.run_sync(m.replicator.status, limiter=engine.io)
         if out["archive"]["state"] != "ok" and out["health"] == "ok":
             out["health"] = "degraded"  # behind its RPO, or failing
+        if out["archive"]["retention"]["unenforced"] and out["health"] == "ok":
+            out["health"] = "degraded"  # object_lock asked for, and the archive cannot do it
     if m.follower is not None:
         out["archive"] = m.follower.status()
     out["snapshots"] = {"count": len(m.snapshots.snaps.all()),
@@ -364,8 +366,7 @@ def _key_handlers(m: Mounted) -> dict[str, Handler]:
             if m.replicator is not None:
                 # Records and config reach the archive under the new key with a checkpoint;
                 # the parts sealed before become unreachable (vnafs gc --archive).
-                m.replicator.state.config_sha256 = ""
-                m.replicator.force_checkpoint()
+                m.replicator.after_reseal()
         except (VnafsError, OSError) as exc:
             job.report.error = str(exc)
             log.error("re-seal stopped: %s", exc)

@@ -268,8 +268,10 @@ def reseal_offline(hot: Path, auth: KekSource) -> ResealReport | None:
 
 
 def request_checkpoint(store: Store) -> None:
-    """Make the next replication cycle a checkpoint that uploads `config` again: every record
-    and the config then reach the archive sealed under the current key."""
+    """What `Replicator.after_reseal` does, for the next mount: its first cycle is a checkpoint
+    that uploads `config` again, so every record and the config reach the archive sealed under
+    the current key, and object retention is set again on the re-sealed objects' versions."""
+    from vnafs.archive import retention
     from vnafs.archive.log import load_state, save_state
 
     state = load_state(store.db)
@@ -277,4 +279,5 @@ def request_checkpoint(store: Store) -> None:
     state.config_sha256 = ""
     with store.db.begin(write=True) as txn:
         save_state(store.db, txn, state)
+        retention.save_state(store.db, txn, retention.RetentionState())
     store.db.env.sync(True)

@@ -238,6 +238,9 @@ class DaemonCollector:
         shown = health["state"]
         if shown == "ok" and state not in (None, "ok"):
             shown = "degraded"  # as `vnafs status` says it
+        if (shown == "ok" and m.replicator is not None
+                and m.replicator.retention_status()["unenforced"]):
+            shown = "degraded"  # object_lock asked for, and the archive cannot do it
         counts: dict[str, int] = dict.fromkeys(PROBLEM_KINDS, 0) | health["problems"]
         active = set(health["active"])
         return [

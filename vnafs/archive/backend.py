@@ -15,6 +15,8 @@ contract; everything above it is store-agnostic.
   stray `AWS_*` / `AZURE_*` variables in the process environment cannot override them.
 - obstore retries little here (vnafs has its own backoff) and times out in seconds, so an
   unreachable archive is reported in about ten seconds, not after obstore's default 3 minutes.
+- Object retention (`[archive] object_lock`: S3 Object Lock, Azure version-level immutability)
+  goes through boto3 and azure-storage-blob, made on first use: obstore has no such calls.
 
 Object names are relative to the URL's site prefix ("blocks/ab/cdef...", "meta/HEAD"); two sites
 with different prefixes in one bucket never see each other's objects. All calls block: run them
@@ -28,17 +30,20 @@ import binascii
 import ctypes
 import ctypes.util
 import errno
+import math
 import os
 import re
 import stat
 import tempfile
+import threading
 import tomllib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from contextlib import suppress
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import obstore
 from obstore.exceptions import (
@@ -74,6 +79,43 @@ class ArchiveAuthError(ArchiveError):
 
 class ArchiveMissing(ArchiveError):
     """The object does not exist (`get`, `get_range`)."""
+
+
+# --- object retention ------------------------------------------------------------------------
+
+RETENTION_MODES = ("governance", "compliance")  # weakest first: a mode only ever goes up
+
+
+@dataclass(frozen=True)
+class RetentionSupport:
+    """Whether the archive enforces object retention itself, by which mechanism, and if not,
+    why (one sentence naming the fix)."""
+
+    mechanism: str
+    reason: str = ""
+
+    @property
+    def supported(self) -> bool:
+        return not self.reason
+
+
+@dataclass(frozen=True)
+class Retention:
+    """An object's retention as the archive reports it."""
+
+    mode: str  # one of RETENTION_MODES
+    until_ns: int
+
+
+def _until_s(until_ns: int) -> datetime:
+    """A retain-until date in whole seconds (what S3 keeps), rounded up: never earlier."""
+    return datetime.fromtimestamp(math.ceil(until_ns / 1e9), UTC)
+
+
+def _ns(when: datetime) -> int:
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp()) * 10**9
 
 
 # --- names -----------------------------------------------------------------------------------
@@ -189,6 +231,29 @@ class Backend(ABC):
     def check(self) -> None:
         """Raise the matching `ArchiveError` unless the archive is reachable, accepts the
         credentials and its bucket / directory exists."""
+
+    # Object retention: only S3 (Object Lock) and Azure (version-level immutability) have it.
+
+    def retention_support(self) -> RetentionSupport:
+        """Whether this archive can hold objects under a retention it enforces itself."""
+        return RetentionSupport("", "this kind of archive cannot hold objects under retention")
+
+    def get_retention(self, name: str) -> Retention | None:
+        """The object's retention, None when it has none; `ArchiveMissing` if absent."""
+        return None
+
+    def set_retention(self, name: str, mode: str, until_ns: int) -> bool:
+        """Keep the object until at least `until_ns` in at least `mode`. Retention only ever
+        moves later and a mode never weakens: the current one is read first, and False
+        means it already held as much (nothing was changed)."""
+        raise ArchiveError(f"archive {self.url.display()} cannot hold objects under "
+                           "retention; set [archive] object_lock = \"off\"")
+
+    def purge(self, name: str) -> bool:
+        """Delete the object with every old version a versioned bucket keeps of it; False
+        when the archive refused because a version is still under retention."""
+        self.delete(name)
+        return True
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url.display()}>"
@@ -446,6 +511,11 @@ class FileBackend(Backend):
         except OSError as exc:
             raise self._error(exc, "create", "") from exc
 
+    def retention_support(self) -> RetentionSupport:
+        return RetentionSupport("", "a file:// archive is a plain directory, which anyone "
+                                "who can write to it can delete from; use S3 with Object Lock "
+                                "or Azure with version-level immutability")
+
 
 # --- S3 and Azure through obstore ------------------------------------------------------------
 
@@ -638,6 +708,151 @@ class S3Backend(_ObjectStoreBackend):
                         region=region, virtual_hosted_style_request=False,
                         client_options=client, retry_config=retry, credential_provider=provider)
         super().__init__(url, store, (secret, token or ""))
+        self._boto_args: dict[str, Any] = {
+            "endpoint_url": endpoint, "region_name": region, "aws_access_key_id": key_id,
+            "aws_secret_access_key": secret, "aws_session_token": token}
+        self._timeout = timeout
+        self._boto: Any = None
+        self._boto_lock = threading.Lock()
+
+    # -- object retention (boto3: obstore has no Object Lock calls) ------------------------------
+
+    def _s3(self) -> Any:
+        """The boto3 client, made on first use (boto3 takes ~0.3 s to import); thread-safe."""
+        with self._boto_lock:
+            if self._boto is None:
+                import boto3
+                from botocore.config import Config
+
+                config = Config(s3={"addressing_style": "path"},
+                                connect_timeout=min(5.0, self._timeout),
+                                read_timeout=self._timeout,
+                                retries={"max_attempts": 2, "mode": "standard"})
+                # Its own session: explicit arguments, so AWS_* variables and ~/.aws files
+                # cannot point the retention calls elsewhere than the objects.
+                self._boto = boto3.session.Session().client("s3", config=config,
+                                                             **self._boto_args)
+            return self._boto
+
+    def _key(self, name: str) -> str:
+        name = _check_name(name)
+        return f"{self.url.prefix}/{name}" if self.url.prefix else name
+
+    def _boto_error(self, exc: Exception, op: str, name: str) -> ArchiveError:
+        """One sentence for a boto3 failure, in the words `_error` uses for obstore's."""
+        from botocore.exceptions import ClientError
+
+        where = self.url.display()
+        if not isinstance(exc, ClientError):
+            return ArchiveError(self._scrub(f"archive {where} is unreachable or failed to {op} "
+                                            f"{name} ({type(exc).__name__}); check the "
+                                            "endpoint and network"))
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return ArchiveMissing(f"archive object {name} does not exist in {where}")
+        if code == "NoSuchBucket":
+            return ArchiveError(f"bucket {self.url.container} does not exist at {where}; "
+                                "create it first")
+        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                    "ExpiredToken", "InvalidToken") or status in (401, 403):
+            return ArchiveAuthError(self._scrub(
+                f"archive {where} refused to {op} {name} ({code or status}); check the "
+                "credentials and that they may get and put object retention"))
+        return ArchiveError(self._scrub(f"archive {where} answered {status} ({code}) to {op} "
+                                        f"{name}; retry later or check the archive server"))
+
+    def retention_support(self) -> RetentionSupport:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        mechanism = "S3 Object Lock"
+        bucket = self.url.container
+        s3 = self._s3()
+        try:
+            versioning = s3.get_bucket_versioning(Bucket=bucket).get("Status")
+            if versioning != "Enabled":
+                return RetentionSupport(mechanism, f"bucket {bucket} has no versioning, which "
+                                        "Object Lock needs; use a bucket created with Object "
+                                        "Lock enabled")
+            try:
+                conf = s3.get_object_lock_configuration(Bucket=bucket)
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if "ObjectLockConfiguration" in code or code in ("NotImplemented",
+                                                                  "InvalidRequest"):
+                    return RetentionSupport(mechanism, f"bucket {bucket} has no Object Lock "
+                                            "configuration; enable Object Lock on the bucket")
+                raise
+            if conf.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") != "Enabled":
+                return RetentionSupport(mechanism, f"bucket {bucket} has Object Lock turned "
+                                        "off; enable Object Lock on the bucket")
+        except (ClientError, BotoCoreError) as exc:
+            raise self._boto_error(exc, "read the Object Lock settings of", bucket) from exc
+        return RetentionSupport(mechanism)
+
+    def get_retention(self, name: str) -> Retention | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            answer = self._s3().get_object_retention(Bucket=self.url.container,
+                                                     Key=self._key(name))
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("NoSuchObjectLockConfiguration", "ObjectLockConfigurationNotFoundError"):
+                return None  # the object exists and has no retention
+            raise self._boto_error(exc, "read the retention of", name) from exc
+        except BotoCoreError as exc:
+            raise self._boto_error(exc, "read the retention of", name) from exc
+        ret = answer.get("Retention") or {}
+        if not ret.get("RetainUntilDate"):
+            return None
+        return Retention(str(ret.get("Mode", "GOVERNANCE")).lower(), _ns(ret["RetainUntilDate"]))
+
+    def set_retention(self, name: str, mode: str, until_ns: int) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        current = self.get_retention(name)
+        want = _stronger(mode, current.mode if current else None)
+        until = _until_s(until_ns)
+        if current is not None and current.mode == want and current.until_ns >= _ns(until):
+            return False
+        if current is not None and current.until_ns > _ns(until):
+            until = datetime.fromtimestamp(current.until_ns / 1e9, UTC)
+        args: dict[str, Any] = {"Bucket": self.url.container, "Key": self._key(name),
+                                "Retention": {"Mode": want.upper(), "RetainUntilDate": until}}
+        if current is not None and current.mode != want:
+            # governance -> compliance changes a governance setting: S3 wants the bypass.
+            args["BypassGovernanceRetention"] = True
+        try:
+            self._s3().put_object_retention(**args)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._boto_error(exc, "set the retention of", name) from exc
+        return True
+
+    def purge(self, name: str) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        key = self._key(name)
+        s3 = self._s3()
+        kept = False
+        try:
+            pages = s3.get_paginator("list_object_versions").paginate(
+                Bucket=self.url.container, Prefix=key)
+            for page in pages:
+                for entry in [*page.get("Versions", []), *page.get("DeleteMarkers", [])]:
+                    if entry.get("Key") != key:
+                        continue
+                    try:
+                        s3.delete_object(Bucket=self.url.container, Key=key,
+                                         VersionId=entry["VersionId"])
+                    except ClientError as exc:
+                        code = str(exc.response.get("Error", {}).get("Code", ""))
+                        if code != "AccessDenied":
+                            raise
+                        kept = True  # still under retention by the server's clock
+        except (ClientError, BotoCoreError) as exc:
+            raise self._boto_error(exc, "delete", name) from exc
+        return not kept
 
 
 class AzureBackend(_ObjectStoreBackend):
@@ -661,9 +876,128 @@ class AzureBackend(_ObjectStoreBackend):
             raise ArchiveConfigError(f"archive {url.display()} cannot be configured "
                                      f"({type(exc).__name__}); check the URL and key") from None
         super().__init__(url, store, (key,))
+        self._account = account
+        self._account_key = key
+        self._endpoint = endpoint
+        self._timeout = timeout
+        self._container: Any = None
+        self._azure_lock = threading.Lock()
+
+    # -- object retention (azure-storage-blob: obstore has no immutability calls) ----------------
+
+    def _blobs(self) -> Any:
+        """The container client, made on first use; thread-safe."""
+        with self._azure_lock:
+            if self._container is None:
+                from azure.storage.blob import BlobServiceClient
+
+                service = BlobServiceClient(
+                    account_url=self._endpoint,
+                    credential={"account_name": self._account,
+                                "account_key": self._account_key},
+                    connection_timeout=min(5.0, self._timeout), read_timeout=self._timeout,
+                    retry_total=1)
+                self._container = service.get_container_client(self.url.container)
+            return self._container
+
+    def _key(self, name: str) -> str:
+        name = _check_name(name)
+        return f"{self.url.prefix}/{name}" if self.url.prefix else name
+
+    def _azure_error(self, exc: Exception, op: str, name: str) -> ArchiveError:
+        from azure.core.exceptions import ClientAuthenticationError, ResourceNotFoundError
+
+        where = self.url.display()
+        code = str(getattr(exc, "error_code", "") or "")
+        if isinstance(exc, ClientAuthenticationError):
+            return ArchiveAuthError(f"archive {where} rejected the credentials ({code}); check "
+                                    "AZURE_STORAGE_ACCOUNT_KEY or the credentials file")
+        if isinstance(exc, ResourceNotFoundError):
+            if "Container" in code:
+                return ArchiveError(f"container {self.url.container} does not exist at "
+                                    f"{where}; create it first")
+            return ArchiveMissing(f"archive object {name} does not exist in {where}")
+        status = getattr(exc, "status_code", None)
+        return ArchiveError(self._scrub(f"archive {where} answered {status or type(exc).__name__}"
+                                        f"{f' ({code})' if code else ''} to {op} {name}; retry "
+                                        "later or check the archive server"))
+
+    def retention_support(self) -> RetentionSupport:
+        from azure.core.exceptions import AzureError
+
+        mechanism = "Azure version-level immutability"
+        try:
+            props = self._blobs().get_container_properties()
+        except AzureError as exc:
+            raise self._azure_error(exc, "read the properties of", self.url.container) from exc
+        if not getattr(props, "immutable_storage_with_versioning_enabled", None):
+            return RetentionSupport(mechanism, f"container {self.url.container} has no "
+                                    "version-level immutability; use a container created with "
+                                    "version-level immutability support")
+        return RetentionSupport(mechanism)
+
+    def get_retention(self, name: str) -> Retention | None:
+        from azure.core.exceptions import AzureError
+
+        try:
+            props = self._blobs().get_blob_client(self._key(name)).get_blob_properties()
+        except AzureError as exc:
+            raise self._azure_error(exc, "read the retention of", name) from exc
+        policy = props.immutability_policy
+        if policy is None or policy.expiry_time is None:
+            return None
+        mode = "compliance" if str(policy.policy_mode).lower() == "locked" else "governance"
+        return Retention(mode, _ns(policy.expiry_time))
+
+    def set_retention(self, name: str, mode: str, until_ns: int) -> bool:
+        from azure.core.exceptions import AzureError
+        from azure.storage.blob import ImmutabilityPolicy
+
+        current = self.get_retention(name)
+        want = _stronger(mode, current.mode if current else None)
+        until = _until_s(until_ns)
+        if current is not None and current.mode == want and current.until_ns >= _ns(until):
+            return False
+        if current is not None and current.until_ns > _ns(until):
+            until = datetime.fromtimestamp(current.until_ns / 1e9, UTC)
+        policy = ImmutabilityPolicy(expiry_time=until,
+                                    policy_mode="Locked" if want == "compliance" else "Unlocked")
+        try:
+            self._blobs().get_blob_client(self._key(name)).set_immutability_policy(policy)
+        except AzureError as exc:
+            raise self._azure_error(exc, "set the retention of", name) from exc
+        return True
+
+    def purge(self, name: str) -> bool:
+        from azure.core.exceptions import AzureError, HttpResponseError
+
+        key = self._key(name)
+        blobs = self._blobs()
+        kept = False
+        try:
+            for item in blobs.list_blobs(name_starts_with=key, include=["versions"]):
+                if item.name != key:
+                    continue
+                try:
+                    blobs.get_blob_client(key).delete_blob(version_id=item.version_id)
+                except HttpResponseError as exc:
+                    if exc.status_code != 409:  # 409: the version is immutable for now
+                        raise
+                    kept = True
+        except AzureError as exc:
+            raise self._azure_error(exc, "delete", name) from exc
+        return not kept
+
+
+def _stronger(mode: str, current: str | None) -> str:
+    """The mode to set: never weaker than the object's current one."""
+    if current in RETENTION_MODES and RETENTION_MODES.index(current) > RETENTION_MODES.index(mode):
+        return current
+    return mode
 
 
 __all__ = [
+    "RETENTION_MODES",
     "ArchiveAuthError",
     "ArchiveConfigError",
     "ArchiveError",
@@ -672,6 +1006,8 @@ __all__ = [
     "AzureBackend",
     "Backend",
     "FileBackend",
+    "Retention",
+    "RetentionSupport",
     "S3Backend",
     "load_credentials",
     "open_backend",

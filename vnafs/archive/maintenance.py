@@ -9,6 +9,7 @@ the same instance cannot race the deletion of its block (see `verify.collect_blo
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -99,17 +100,25 @@ class ArchiveMaintenance:
         HEAD reaches; logged, and counted in `report`."""
         now = time.time_ns()
         backend = self.replicator.backend
+        # Whether the archive keeps objects under retention of its own (also one set up by
+        # the administrator, without [archive] object_lock): then gc asks before deleting.
+        support = self.replicator.support
+        if support is None:
+            support = await trio.to_thread.run_sync(backend.retention_support)
+        locked = support.supported
         ids, young = await trio.to_thread.run_sync(verify.expired_tombstones, self.db,
                                                    self.retention_ns, now)
         report.tombstones_kept = young
         report.blocks_expired = len(ids)
         for start in range(0, len(ids), GC_BATCH):
             async with self.engine.writer:  # see collect_blocks: no resend may run in between
-                await trio.to_thread.run_sync(verify.collect_blocks, self.db, backend,
-                                              ids[start:start + GC_BATCH], self.retention_ns,
-                                              now, report)
-        await trio.to_thread.run_sync(verify.collect_parts, backend, self.sealer,
-                                      self.replicator.state.committed, report)
+                await trio.to_thread.run_sync(
+                    functools.partial(verify.collect_blocks, self.db, backend,
+                                      ids[start:start + GC_BATCH], self.retention_ns, now,
+                                      report, locked=locked))
+        await trio.to_thread.run_sync(
+            functools.partial(verify.collect_parts, backend, self.sealer,
+                              self.replicator.state.committed, report, locked=locked))
         self.replicator.nudge()
         log.info("archive gc: %d blocks and %d metadata parts deleted, %d bytes freed",
                  report.blocks_deleted, report.parts_deleted, report.bytes_freed)

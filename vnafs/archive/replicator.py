@@ -9,6 +9,10 @@ the hot store really had, and docs/format.md section 6 gives the bytes.
 
 Failures end the cycle and are retried with exponential backoff and jitter; the last error and
 the recovery point are published through `vnafs status`.
+
+With `[archive] object_lock`, each cycle also sets object retention on what locked snapshots
+and new tombstones need (`retention.py` decides what), after HEAD and before the commit, so a
+failure leaves the work to the next cycle.
 """
 
 from __future__ import annotations
@@ -24,7 +28,14 @@ from typing import Any, TypeVar, cast
 import trio
 
 from vnafs.archive import log as alog
-from vnafs.archive.backend import ArchiveAuthError, ArchiveError, ArchiveMissing, Backend
+from vnafs.archive import retention as aret
+from vnafs.archive.backend import (
+    ArchiveAuthError,
+    ArchiveError,
+    ArchiveMissing,
+    Backend,
+    RetentionSupport,
+)
 from vnafs.archive.log import load_state, save_state
 from vnafs.config import ArchiveConfig
 from vnafs.errors import IntegrityError, VnafsError
@@ -56,6 +67,8 @@ class Plan:
     marks: list[tuple[bytes, bytes]]
     parts: list[Path]
     nbytes: int = 0
+    # Retention to set before the commit (None: object_lock off or not supported here).
+    retention: aret.Targets | None = None
 
 
 class TokenBucket:
@@ -101,11 +114,31 @@ class Replicator:
                                       "bytes_uploaded": 0, "blocks_present": 0,
                                       "records_shipped": 0}
         self._missing_reported: set[bytes] = set()
+        # Object retention: what the archive can do (None: not asked yet this mount), what is
+        # done (repl_state), and this mount's counts and the pass under way (for status).
+        self.support: RetentionSupport | None = None
+        self.support_error: str | None = None
+        self._support_asked = False
+        self.retention_state = aret.load_state(self.db)
+        self.retention_stats: dict[str, int] = {"objects_set": 0, "objects_held": 0,
+                                                "objects_missing": 0}
+        self.retention_pass: dict[str, int] | None = None
+        # Backlog objects (locked snapshots' blocks, a first sweep) left for later cycles.
+        self.retention_backlog = 0
+        self.retention_batch = aret.BATCH
 
     # -- the loop -------------------------------------------------------------------------------
 
     def nudge(self) -> None:
         self.wakeup.set()
+
+    def after_reseal(self) -> None:
+        """Everything was sealed again (`vnafs key reseal`): the next cycle is a checkpoint
+        that also uploads `config` again, and the retention of locks and tombstones is set
+        again, on the objects' new versions."""
+        self.state.config_sha256 = ""
+        self.retention_state = aret.RetentionState()
+        self.force_checkpoint()
 
     def force_checkpoint(self) -> None:
         """Make the next cycle a checkpoint (verify found a damaged or missing metadata part:
@@ -154,11 +187,16 @@ class Replicator:
             self.backend = await trio.to_thread.run_sync(self.reopen)
         except VnafsError as exc:  # e.g. the credentials file is unreadable right now
             log.error("%s", exc)
+        self.support, self._support_asked = None, False  # ask the new client again
 
     async def cycle(self) -> bool:
         """Run one replication cycle if there is anything to ship; True if one ran."""
         st = self.state
-        if not (self._checkpoint_due() or await self._run(self._has_work)):
+        # First, even with nothing to ship: status says at once whether retention is enforced.
+        await self._probe_retention()
+        # A retention pass left for later cycles runs on even when nothing else changed.
+        backlog = self._retaining() and bool(self.retention_state.after)
+        if not (self._checkpoint_due() or backlog or await self._run(self._has_work)):
             return False
         prior = st.cycle
         if not self._parts_checked:
@@ -191,6 +229,8 @@ class Replicator:
                              logs, st.keyring_sha256, time.time_ns())
             await self._put(alog.HEAD_NAME,
                             alog.seal_object(self.sealer, alog.HEAD_NAME, head.to_json()))
+            if plan.retention is not None:
+                await self._retain(plan.retention, head)
             await self.engine.commit(self._finish, plan, head)
         finally:
             await trio.to_thread.run_sync(_discard, plan.parts)
@@ -219,6 +259,67 @@ class Replicator:
             sealed = alog.seal_object(self.sealer, alog.CONFIG_NAME, config)
             await self._put(alog.CONFIG_NAME, sealed)
             st.config_sha256 = alog.sha256(config)
+
+    async def _probe_retention(self) -> None:
+        """Ask the archive once per mount whether it enforces object retention. With a lock
+        requested, an archive that cannot answer fails the cycle like any archive error; with
+        none requested, the answer is only for `vnafs status` and failing to get it is not
+        worth a retry."""
+        wanted = self.cfg.object_lock != "off"
+        if self.support is not None or (self._support_asked and not wanted):
+            return
+        self._support_asked = True
+        try:
+            self.support = await self._run(self.backend.retention_support)
+        except ArchiveError as exc:
+            self.support_error = str(exc)
+            if wanted:
+                raise
+            return
+        self.support_error = None
+        if wanted and not self.support.supported:
+            log.warning("[archive] object_lock = %s is set, but %s", self.cfg.object_lock,
+                        self.support.reason)
+
+    def _retaining(self) -> bool:
+        return (self.cfg.object_lock != "off" and self.support is not None
+                and self.support.supported)
+
+    async def _retain(self, targets: aret.Targets, head: alog.Head) -> None:
+        """Set the retention `targets` ask for, plus that of the metadata `head` needs when a
+        snapshot lock is in them: `uploads` calls at a time, each in a worker thread."""
+        objects = dict(targets.objects)
+        if targets.meta_until:
+            names = [name for _, name in head.parts_after(0)]
+            for name in [*names, alog.HEAD_NAME, alog.KEYRING_NAME, alog.CONFIG_NAME]:
+                objects[name] = max(objects.get(name, 0), targets.meta_until)
+        if not objects:
+            return
+        mode = self.cfg.object_lock
+        progress = self.retention_pass = {"objects": len(objects), "done": 0}
+        window = trio.Semaphore(self.cfg.uploads * 2)
+
+        async def one(name: str, until: int) -> None:
+            try:
+                changed = await trio.to_thread.run_sync(
+                    self.backend.set_retention, name, mode, until, limiter=self.uploads)
+                self.retention_stats["objects_set" if changed else "objects_held"] += 1
+            except ArchiveMissing:
+                # A block the hot store lost before it reached the archive (reported by the
+                # upload); retrying cannot bring it back.
+                self.retention_stats["objects_missing"] += 1
+                log.error("archive object %s is missing: no retention set on it", name)
+            finally:
+                progress["done"] += 1
+                window.release()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for name, until in sorted(objects.items()):
+                    await window.acquire()
+                    nursery.start_soon(one, name, until)
+        finally:
+            self.retention_pass = None
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.engine.io)
@@ -301,12 +402,19 @@ class Replicator:
                         tag, key = dkey[:1], dkey[1:]
                         name = alog.TAG_TABLES[tag]
                         writer.add(tag, key, cast(bytes | None, txn.get(key, db=dbs[name])))
+                retention = None
+                if self._retaining():
+                    tomb = TABLES["tombstones"]
+                    retention = aret.plan(self.db, txn, self.retention_state,
+                                          self.cfg.object_lock, self.cfg.retention_days, t_ns,
+                                          (k[1:] for k, _ in marks if k[:1] == tomb),
+                                          batch=self.retention_batch)
             parts = writer.close()
         except BaseException:
             _discard(writer.paths)
             raise
         return Plan(number, checkpoint, t_ns, blocks, marks, parts,
-                    sum(p.stat().st_size for p in parts))
+                    sum(p.stat().st_size for p in parts), retention)
 
     async def _upload_blocks(self, blocks: list[tuple[bytes, int]]) -> None:
         """Upload with `uploads` always busy (a window, not batches that wait for their
@@ -379,6 +487,15 @@ class Replicator:
         else:
             st.log_bytes += plan.nbytes
         save_state(self.db, tx.txn, st)
+        if plan.retention is not None:
+            self.retention_state = aret.commit(self.retention_state, self.cfg.object_lock,
+                                               plan.retention)
+            self.retention_backlog = plan.retention.backlog_left
+            aret.save_state(self.db, tx.txn, self.retention_state)
+        elif self.retention_state != aret.RetentionState():
+            # Not retaining now: when it starts again, everything is looked at again.
+            self.retention_state = aret.RetentionState()
+            aret.save_state(self.db, tx.txn, self.retention_state)
 
     # -- status ---------------------------------------------------------------------------------
 
@@ -418,7 +535,35 @@ class Replicator:
             "checkpoint_cycle": st.checkpoint[0],
             "last_error": self.last_error,
             "last_error_time": self.last_error_time,
+            "retention": self.retention_status(),
             **{f"since_mount_{k}": v for k, v in self.stats.items()},
+        }
+
+    def retention_status(self) -> dict[str, Any]:
+        """Whether the archive enforces locks and tombstones, in one line and in figures."""
+        mode = self.cfg.object_lock
+        sup = self.support
+        if sup is None:
+            why = self.support_error or "the archive has not been asked yet"
+            summary = f"unknown: {why}"
+        elif not sup.supported:
+            summary = f"not supported by this archive: {sup.reason}"
+        elif mode == "off":
+            summary = (f"off: the archive supports {sup.mechanism}; set [archive] object_lock "
+                       "to have it enforce snapshot locks and tombstones")
+        else:
+            summary = f"enforced by the archive ({sup.mechanism}, {mode})"
+        return {
+            "requested": mode,
+            "enforced": self._retaining(),
+            # A lock was asked for and this archive cannot do it: status marks the health.
+            "unenforced": mode != "off" and sup is not None and not sup.supported,
+            "mechanism": sup.mechanism if sup is not None and sup.mechanism else None,
+            "summary": summary,
+            "snapshots_retained": len(self.retention_state.snapshots),
+            "pass": dict(self.retention_pass) if self.retention_pass else None,
+            "backlog_objects": self.retention_backlog if self._retaining() else 0,
+            **{f"since_mount_{k}": v for k, v in self.retention_stats.items()},
         }
 
 

@@ -10,7 +10,9 @@ cycle a checkpoint, so HEAD stops depending on it.
 Garbage collection is the only code that deletes archive data (deletes become tombstones; see
 docs/architecture.md section 9): blocks whose tombstone is older than the retention, metadata
 parts older than the newest checkpoint, and the leftovers of crashed cycles. Every deletion is
-logged by object name (opaque).
+logged by object name (opaque). On an archive that enforces object retention (S3 Object Lock,
+Azure immutability) an object still under retention is left alone, with its tombstone, and a
+deletion removes every version of the object (a plain delete would only hide it).
 
 Both run in the daemon (they need the keys and the outbox) in worker threads.
 """
@@ -191,6 +193,9 @@ class GcReport:
     bytes_freed: int = 0
     parts_deleted: int = 0
     tombstones_kept: int = 0
+    # Expired by our clock but still under the archive's own retention: left for a later gc.
+    blocks_retained: int = 0
+    parts_retained: int = 0
     # Progress of a run: expired blocks found, how many were looked at, and whether it ended
     # (with `error` if it stopped early).
     blocks_expired: int = 0
@@ -215,13 +220,28 @@ def expired_tombstones(db: MetaDB, retention_ns: int, now: int) -> tuple[list[by
     return old, young
 
 
+def retained(backend: Backend, name: str, now: int) -> bool:
+    """Whether the archive still holds `name` under a retention of its own."""
+    try:
+        ret = backend.get_retention(name)
+    except ArchiveMissing:
+        return False
+    return ret is not None and ret.until_ns > now
+
+
 def collect_blocks(db: MetaDB, backend: Backend, ids: list[bytes], retention_ns: int,
-                   now: int, report: GcReport) -> None:
+                   now: int, report: GcReport, *, locked: bool = False) -> None:
     """Delete one batch of expired blocks. The caller holds the metadata writer, so a resend
     that would revive a tombstone cannot run between the tombstone's removal (committed
-    first, so a crash never leaves a tombstone naming a deleted object) and the deletion."""
-    doomed: list[bytes] = []
+    first, so a crash never leaves a tombstone naming a deleted object) and the deletion.
+    `locked`: the archive enforces object retention; a block still under it keeps its
+    tombstone, and one the archive refuses to delete gets it back."""
+    doomed: list[tuple[bytes, bytes]] = []
     report.blocks_done += len(ids)
+    if locked:
+        held = {b for b in ids if retained(backend, alog.block_name(b), now)}
+        report.blocks_retained += len(held)
+        ids = [b for b in ids if b not in held]
     with db.begin(write=True) as txn:
         for block_id in ids:
             body = db.get(txn, "tombstones", block_id)
@@ -230,19 +250,34 @@ def collect_blocks(db: MetaDB, backend: Backend, ids: list[bytes], retention_ns:
             if db.get(txn, "refs", block_id) is not None:
                 continue
             db.delete(txn, "tombstones", block_id)
-            doomed.append(block_id)
-    for block_id in doomed:
+            doomed.append((block_id, body))
+    refused: list[tuple[bytes, bytes]] = []
+    for block_id, body in doomed:
         name = alog.block_name(block_id)
         size = backend.size(name) or 0
-        backend.delete(name)
+        if locked:
+            if not backend.purge(name):
+                # The server's clock says the retention lasts a little longer than ours does.
+                refused.append((block_id, body))
+                report.blocks_retained += 1
+                continue
+        else:
+            backend.delete(name)
         report.blocks_deleted += 1
         report.bytes_freed += size
         log.info("archive gc: deleted %s (tombstone older than the retention)", name)
+    if refused:
+        with db.begin(write=True) as txn:
+            for block_id, body in refused:
+                if db.get(txn, "refs", block_id) is None:
+                    db.put(txn, "tombstones", block_id, body)
 
 
-def collect_parts(backend: Backend, sealer: Sealer, committed: int, report: GcReport) -> None:
+def collect_parts(backend: Backend, sealer: Sealer, committed: int, report: GcReport, *,
+                  locked: bool = False) -> None:
     """Delete metadata parts no reader needs: older than HEAD's checkpoint, or left by a
-    crashed cycle (not listed in HEAD, numbered below HEAD's cycle)."""
+    crashed cycle (not listed in HEAD, numbered below HEAD's cycle). `locked`: parts a locked
+    snapshot keeps under the archive's retention stay until it ends."""
     try:
         raw = backend.get(alog.HEAD_NAME)
     except ArchiveMissing:
@@ -259,7 +294,12 @@ def collect_parts(backend: Backend, sealer: Sealer, committed: int, report: GcRe
         except (IndexError, ValueError):
             continue
         if cycle <= head.cycle:
-            backend.delete(name)
+            now = time.time_ns()
+            if locked and (retained(backend, name, now) or not backend.purge(name)):
+                report.parts_retained += 1
+                continue
+            if not locked:
+                backend.delete(name)
             report.parts_deleted += 1
             report.bytes_freed += size
             log.info("archive gc: deleted %s (superseded metadata)", name)
