@@ -26,6 +26,7 @@ from conftest import Fs, run_vnafs
 
 from vnafs.keys import KekSource, Keyring, read_key_file
 from vnafs.seal import Sealer
+from vnafs.store.marker import read_format
 
 MIB = 1 << 20
 SEED = 20240611
@@ -69,10 +70,11 @@ def chunks_of(files: dict[str, bytes]) -> dict[Chunk, bytes]:
 
 
 def block_owners(fs: Fs, files: dict[str, bytes]) -> dict[str, Chunk]:
-    """Block id hex -> the chunk it holds, computed with the store's own dedup key."""
+    """Block id hex -> the chunk it holds, computed with the store's own block-id key and
+    algorithm (its FORMAT: keyed BLAKE3 in format 2, HMAC-SHA256 in format 1)."""
     keyring = Keyring.open(fs.hot / "keyring",
                            KekSource(key=read_key_file(fs.key), origin="test key"))
-    sealer = Sealer(keyring)
+    sealer = Sealer(keyring, format_version=read_format(fs.hot))
     owners = {sealer.block_id(data).hex(): chunk for chunk, data in chunks_of(files).items()}
     on_disk = {block_hex(p) for p in block_files(fs.hot)}
     assert on_disk == set(owners), "the hot store does not hold exactly the expected blocks"

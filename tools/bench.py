@@ -317,6 +317,17 @@ def report(runs: dict[str, TargetRun], targets: dict[str, Target], sizes: Sizes)
 # -- main -----------------------------------------------------------------------------------------
 
 
+class _FormatTarget(VnafsTarget):
+    """vnafs made with `mkfs --format N` (docs/performance.md, "Block ids")."""
+
+    def __init__(self, root: Path, exe: str, version: int) -> None:
+        super().__init__(root, exe)
+        self.store_format = version
+
+    def mkfs_options(self) -> list[str]:
+        return ["--format", str(self.store_format)]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m tools.bench",
@@ -325,6 +336,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size-mib", type=int, help="sequential file size in MiB (default 1024)")
     p.add_argument("--files", type=int, help="small files to ingest (default 2000)")
     p.add_argument("--meta-files", type=int, help="files for the metadata walk (default 20000)")
+    p.add_argument("--vnafs-format", type=int, choices=(1, 2),
+                   help="store format of the vnafs target (default: what mkfs writes, 2, keyed "
+                   "BLAKE3 block ids; 1: HMAC-SHA256 block ids, to compare the two)")
     return parse_run_args(p, argv, default_dir=DEFAULT_DIR, names=ALL_TARGETS,
                           quick_help="256 MiB, 500 files, 5000 metadata files",
                           default_sizes=DEFAULT_SIZES, quick_sizes=QUICK_SIZES)
@@ -380,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
                 t: Target
                 if name == "vnafs":
                     assert vnafs_exe is not None
-                    t = VnafsTarget(root, vnafs_exe)
+                    t = (VnafsTarget(root, vnafs_exe) if args.vnafs_format is None
+                         else _FormatTarget(root, vnafs_exe, args.vnafs_format))
                 elif name == "gocryptfs":
                     assert gocryptfs_exe is not None
                     t = GocryptfsTarget(root, gocryptfs_exe)

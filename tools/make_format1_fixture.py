@@ -301,7 +301,8 @@ def make(out: Path) -> None:
     manifest: dict[str, Any] = {}
     try:
         vnafs("keygen", str(key))
-        vnafs("mkfs", "--key-file", str(key), "--archive", url, str(hot))
+        # Format 1 explicitly: mkfs writes format 2 (keyed BLAKE3 block ids) by default now.
+        vnafs("mkfs", "--format", "1", "--key-file", str(key), "--archive", url, str(hot))
         vnafs("mount", "--key-file", str(key), "-o", "allow_other", str(hot), str(mnt))
         populate(mnt)
         vnafs("find", str(mnt), "--problems", "--wait", "--json", ok=(0, 3))
@@ -312,7 +313,7 @@ def make(out: Path) -> None:
         snap = mnt / ".snapshots" / SNAPSHOT
         manifest = {
             "what": "frozen vnafs format 1 store and archive: see tests/test_format1.py",
-            "format": vnafs_pkg.FORMAT_VERSION,
+            "format": 1,
             "made_by": f"vnafs {vnafs_pkg.__version__}, git {git_commit()}",
             "made": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "key_file": "site.key",

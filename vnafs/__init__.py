@@ -1,4 +1,5 @@
 """vnafs: an encrypted, compressed, DICOM-aware archive filesystem for medical imaging."""
 
 __version__ = "0.1.0"
-FORMAT_VERSION = 1
+# The newest store format this vnafs writes and reads (docs/format.md: 1 and 2 are known).
+FORMAT_VERSION = 2

@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vnafs import __version__, logs
+from vnafs import FORMAT_VERSION, __version__, logs
 from vnafs.errors import VnafsError
 
 if TYPE_CHECKING:
@@ -287,7 +287,7 @@ def cmd_mkfs(args: argparse.Namespace) -> int:
     existed = hot.exists()
     source = _source(args)
     mkfs(hot, source, archive_url=args.archive, uid=os.getuid(), gid=os.getgid(),
-         credentials=args.credentials)
+         credentials=args.credentials, format_version=args.format)
     if args.archive:
         try:
             _first_replication(hot, source)
@@ -1044,6 +1044,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--archive", metavar="URL", help="archive URL (file://, s3://, azure://)")
     s.add_argument("--credentials", metavar="FILE",
                    help="archive credentials file (TOML, mode 0600); kept in vnafs.toml")
+    s.add_argument("--format", type=int, choices=(1, 2), default=FORMAT_VERSION,
+                   help=f"store format (default {FORMAT_VERSION}: keyed BLAKE3 block ids; 1: "
+                   "HMAC-SHA256 block ids, for a store an older vnafs must read)")
     s.add_argument("hot")
     s.set_defaults(fn=cmd_mkfs)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from vnafs import FORMAT_VERSION, __version__, keyadmin
+from vnafs import __version__, keyadmin
 from vnafs.archive.follower import ArchiveFollower
 from vnafs.archive.maintenance import ArchiveMaintenance
 from vnafs.archive.replicator import Replicator
@@ -163,7 +163,8 @@ async def status(m: Mounted) -> dict[str, Any]:
     health = engine.health.as_dict()
     out: dict[str, Any] = {
         "version": __version__,
-        "format": FORMAT_VERSION,
+        "format": store.sealer.format_version,
+        "block_id": store.sealer.block_id_algorithm,
         "hot_store": str(store.root),
         "mountpoint": str(m.mountpoint),
         "archive": store.config.archive_url,

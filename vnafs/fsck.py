@@ -1,7 +1,8 @@
 """Offline consistency check and repair of a hot store (`vnafs fsck`).
 
 It recomputes from first principles what the metadata should say (link counts from directory
-entries, reference counts from block maps, parents from entries) and compares. Repairs are the
+entries, reference counts from block maps, parents from entries, and each block's id from its
+content with the store's block-id algorithm) and compares. Repairs are the
 conservative ones only: delete what nothing references (half-written blocks, orphan blocks,
 orphaned inodes), fix counts, and move unreachable files to `/lost+found` rather than deleting
 them. Damage that cannot be repaired (a missing or corrupt block, an unreadable record) is
@@ -63,6 +64,10 @@ class Report:
     damaged_records: list[str] = field(default_factory=list)
     missing_blocks: dict[str, list[int]] = field(default_factory=dict)
     corrupt_blocks: dict[str, list[int]] = field(default_factory=dict)
+    # Blocks that authenticate but whose id is not the store's block-id hash of their content:
+    # reads are right, dedup is not. All of them at once means FORMAT names the wrong format.
+    misnamed_blocks: dict[str, list[int]] = field(default_factory=dict)
+    block_id_algorithm: str = ""
     repaired: bool = False
 
     @property
@@ -76,7 +81,7 @@ class Report:
     @property
     def clean(self) -> bool:
         return not (self.damage or self.bad_nlink or self.bad_parent or self.bad_refcount
-                    or self.dangling_entries or self.unreachable
+                    or self.dangling_entries or self.unreachable or self.misnamed_blocks
                     or (self.in_archive and not self.repaired))
 
     def as_dict(self) -> dict[str, Any]:
@@ -120,6 +125,11 @@ class Report:
             for block, inos in sorted(ino_list.items()):
                 lines.append(f"  DAMAGE: block {block} is {label}; it is used by inodes "
                              f"{', '.join(map(str, sorted(set(inos))))} (reads of it give EIO)")
+        if self.misnamed_blocks:
+            lines.append(f"  blocks whose id is not the {self.block_id_algorithm} of their "
+                         f"content: {len(self.misnamed_blocks)} (their data reads back intact "
+                         "but does not deduplicate; if FORMAT was edited, put back the version "
+                         "the store was made with)")
         for rec in self.damaged_records:
             lines.append(f"  DAMAGE: {rec} failed authentication")
         if self.clean:
@@ -139,7 +149,7 @@ def check(store: Store, *, repair: bool = False, verify_data: bool = True,
           progress: bool = True, archive: Backend | None = None) -> Report:
     """Check (and with `repair` fix) an unmounted store. With `archive`, blocks missing or
     damaged in the hot store are looked up there before they are called damage."""
-    rep = Report()
+    rep = Report(block_id_algorithm=store.sealer.block_id_algorithm)
     db = store.db
     rep.tmp_files = sum(1 for _ in store.hot.tmp.iterdir())
 
@@ -238,9 +248,12 @@ def check(store: Store, *, repair: bool = False, verify_data: bool = True,
             rep.missing_blocks[block_id.hex()] = users
         elif verify_data:
             try:
-                store.hot.get(block_id)
+                content = store.hot.get(block_id)
             except IntegrityError:
                 rep.corrupt_blocks[block_id.hex()] = users
+            else:
+                if store.sealer.block_id(content) != block_id:
+                    rep.misnamed_blocks[block_id.hex()] = users
         if bar is not None:
             bar.update(1)
     if bar is not None:

@@ -95,6 +95,8 @@ _LOWER_HEX = re.compile(r"[0-9a-f]+")
 
 _INFO_NAME = b"vnafs name-hmac v1"
 _INFO_DEDUP = b"vnafs block-id v1"
+# Format 2 block ids (keyed BLAKE3): a key of their own, so ids of the two formats are unrelated.
+_INFO_BLOCK_ID_BLAKE3 = b"vnafs block-id blake3 v2"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -888,6 +890,7 @@ class Keyring:
         self._admin = threading.Lock()
         self._name_key = _hkdf(payload.master, _INFO_NAME)
         self._dedup_key = _hkdf(payload.master, _INFO_DEDUP)
+        self._blake3_key = _hkdf(payload.master, _INFO_BLOCK_ID_BLAKE3)
         # Copy-on-write, so `aead()` (every open) never waits behind a keyring fsync in take_seal.
         self._aeads: dict[int, AESGCM] = {v: AESGCM(k) for v, k in payload.data_keys.items()}
         # The source this object was opened with and the slot it opened: a key operation given
@@ -1061,6 +1064,11 @@ class Keyring:
     @property
     def dedup_key(self) -> bytes:
         return self._dedup_key
+
+    @property
+    def blake3_key(self) -> bytes:
+        """The key of format 2 block ids (docs/format.md section 2)."""
+        return self._blake3_key
 
     @property
     def current_version(self) -> int:

@@ -27,6 +27,7 @@ from vnafs.archive.restore import (
     follow_state,
     get_keyring,
     install_keyring,
+    read_head,
 )
 from vnafs.errors import IntegrityError, VnafsError
 from vnafs.fs.engine import Engine
@@ -66,7 +67,8 @@ def open_archive_store(url: str, source: KekSource, cache: Path,
             # The cache belonged to another file system: start it over.
             shutil.rmtree(cache / "meta", ignore_errors=True)
         fs_file.write_text(keyring.fs_id.hex() + "\n")
-        sealer = Sealer(keyring)
+        # HEAD says the store's format (its block-id algorithm); opening HEAD needs none.
+        sealer = Sealer(keyring, format_version=read_head(backend, Sealer(keyring)).format)
         cfg = fetch_config(backend, sealer, cache, url, credentials)
         db = MetaDB(cache / "meta", sealer)
         try:

@@ -27,7 +27,7 @@ from vnafs.archive.backend import Backend
 from vnafs.errors import IntegrityError
 from vnafs.meta.db import REPLICATED, TABLES, TAG_TABLES, MetaDB, records
 from vnafs.meta.records import STATE_REPLICATED, BlockRef, RefCount
-from vnafs.seal import KIND_RECORD, Sealer
+from vnafs.seal import BLOCK_ID_ALGORITHMS, FORMAT_HMAC_SHA256, KIND_RECORD, Sealer
 
 MAGIC = b"VNAFSLG1"
 KIND_LOG = 1
@@ -252,6 +252,12 @@ def save_state(db: MetaDB, txn: Any, st: ReplState) -> None:
 # -- HEAD -----------------------------------------------------------------------------------------
 
 
+class UnknownFormat(IntegrityError):
+    """HEAD names a store format this vnafs does not know. An IntegrityError for the callers
+    that treat any unreadable HEAD alike; restore and the read-only mount show it alone, as
+    the one line it is."""
+
+
 @dataclass
 class Head:
     """The commit marker: which checkpoint and cycles make up the archive's state."""
@@ -263,10 +269,12 @@ class Head:
     logs: list[tuple[int, int]] = field(default_factory=list)
     keyring_sha256: str = ""
     written_ns: int = 0
+    # The hot store's format version (its block-id algorithm; docs/format.md section 6).
+    format: int = FORMAT_HMAC_SHA256
 
     def to_json(self) -> bytes:
         return json.dumps({
-            "format": 1, "fs_id": self.fs_id, "cycle": self.cycle, "rp_ns": self.rp_ns,
+            "format": self.format, "fs_id": self.fs_id, "cycle": self.cycle, "rp_ns": self.rp_ns,
             "written_ns": self.written_ns,
             "checkpoint": {"cycle": self.checkpoint[0], "parts": self.checkpoint[1]},
             "logs": [list(x) for x in self.logs], "keyring_sha256": self.keyring_sha256,
@@ -276,13 +284,14 @@ class Head:
     def from_json(cls, raw: bytes) -> Head:
         try:
             d: dict[str, Any] = json.loads(raw)
-            if d.get("format") != 1:
-                raise IntegrityError("the archive's HEAD has a format this vnafs does not know; "
-                                     "upgrade vnafs")
+            fmt = d.get("format")
+            if type(fmt) is not int or fmt not in BLOCK_ID_ALGORITHMS:
+                raise UnknownFormat(f"the archive's HEAD has format {fmt}, which this vnafs "
+                                    "does not know: upgrade vnafs")
             return cls(str(d["fs_id"]), int(d["cycle"]), int(d["rp_ns"]),
                        (int(d["checkpoint"]["cycle"]), int(d["checkpoint"]["parts"])),
                        [(int(c), int(p)) for c, p in d["logs"]], str(d["keyring_sha256"]),
-                       int(d.get("written_ns", 0)))
+                       int(d.get("written_ns", 0)), fmt)
         except (ValueError, KeyError, TypeError):
             raise IntegrityError("the archive's HEAD is malformed") from None
 

@@ -226,7 +226,8 @@ class Replicator:
             else:
                 head_ckpt, logs = st.checkpoint, [*st.logs, (number, len(plan.parts))]
             head = alog.Head(self.sealer.keyring.fs_id.hex(), number, plan.t_ns, head_ckpt,
-                             logs, st.keyring_sha256, time.time_ns())
+                             logs, st.keyring_sha256, time.time_ns(),
+                             self.sealer.format_version)
             await self._put(alog.HEAD_NAME,
                             alog.seal_object(self.sealer, alog.HEAD_NAME, head.to_json()))
             if plan.retention is not None:
@@ -362,9 +363,18 @@ class Replicator:
             return
         try:
             head = alog.Head.from_json(alog.open_object(self.sealer, alog.HEAD_NAME, envelope))
+        except alog.UnknownFormat as exc:
+            raise ArchiveError(str(exc)) from None
         except IntegrityError:
             raise ArchiveError(f"the archive {self.backend.url.display()} holds another file "
                                "system's HEAD: give each hot store its own prefix") from None
+        if head.format != self.sealer.format_version:
+            # Same keyring, other block-id algorithm: a restored or copied store whose FORMAT
+            # was changed. Its blocks would not deduplicate against the archive's.
+            raise ArchiveError(
+                f"the archive {self.backend.url.display()} is of store format {head.format} and "
+                f"this hot store of format {self.sealer.format_version}: they must be the same; "
+                "restore the hot store from the archive")
         if head.fs_id != self.sealer.keyring.fs_id.hex() or not (
                 self.state.committed <= head.cycle <= prior):
             raise ArchiveError(

@@ -14,13 +14,19 @@ kernel less than eight competing ones) straight to their final names (no tmp/ an
 system calls fewer per block), with a `syncfs` every 64 MiB in the background so the last one has
 little left to do.
 
+The restored store has the archive's format (HEAD's `format`: its block-id algorithm), so it
+goes on computing ids the way the lost store did and its new blocks dedup against the archived
+ones; the read-only mount takes its format from HEAD in the same way.
+
 Crash notes: restore marks the store `RESTORING` until its last step and writes `FORMAT` last, so
-an interrupted restore is never mounted. The marker moves from the metadata stage to the block
-stage only after a `syncfs`, so the metadata it vouches for is on disk. Because blocks are written
-in place rather than through `tmp/` and a rename, a crash can leave a torn block file; running
-restore again skips the metadata if that stage had finished, authenticates every block file already
-present and downloads the ones that are missing or fail. The read-only mount applies each new HEAD
-in one write transaction, so its readers see the old state or the new, never a mixture.
+an interrupted restore is never mounted. The marker carries HEAD's format, so a resumed restore
+writes the same `FORMAT` without reading HEAD again. The marker moves from the metadata stage to
+the block stage only after a `syncfs`, so the metadata it vouches for is on disk. Because blocks
+are written in place rather than through `tmp/` and a rename, a crash can leave a torn block
+file; running restore again skips the metadata if that stage had finished, authenticates every
+block file already present and downloads the ones that are missing or fail. The read-only mount
+applies each new HEAD in one write transaction, so its readers see the old state or the new,
+never a mixture.
 
 Everything here is synchronous (offline tools and worker threads).
 """
@@ -45,7 +51,7 @@ from vnafs.archive.log import ReplState, save_state
 from vnafs.errors import IntegrityError, VnafsError
 from vnafs.keys import KekSource, Keyring
 from vnafs.meta.db import MetaDB, records
-from vnafs.seal import KIND_BLOCK, Sealer
+from vnafs.seal import FORMAT_HMAC_SHA256, KIND_BLOCK, Sealer
 from vnafs.store.hot import HotStore
 from vnafs.store.marker import RESTORING, write_format
 
@@ -67,6 +73,8 @@ def read_head(backend: Backend, sealer: Sealer) -> alog.Head:
                          "replication cycle") from None
     try:
         head = alog.Head.from_json(alog.open_object(sealer, alog.HEAD_NAME, envelope))
+    except alog.UnknownFormat as exc:
+        raise VnafsError(str(exc)) from None
     except IntegrityError as exc:
         raise VnafsError(f"{exc}: the archive's HEAD is damaged or not this file system's; "
                          "check the URL and run vnafs verify --archive on the source") from None
@@ -161,12 +169,15 @@ def restore(backend: Backend, root: Path, source: KekSource, *, progress: bool =
     marker = root / RESTORING
     url = backend.url.display()
     stage = "metadata"
+    # A marker without a format was left by a vnafs that knew format 1 only.
+    fmt = FORMAT_HMAC_SHA256
     if marker.exists():
         state = json.loads(marker.read_text())
         if state.get("url") != url:
             raise VnafsError(f"{root} holds an unfinished restore from another archive "
                              f"({state.get('url')}): finish that one or empty the directory")
         stage = state.get("stage", "metadata")
+        fmt = int(state.get("format", FORMAT_HMAC_SHA256))
     elif root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise VnafsError(f"{root} is not empty: restore into an empty or new directory")
     raw_keyring = get_keyring(backend) if stage == "metadata" else None
@@ -176,13 +187,15 @@ def restore(backend: Backend, root: Path, source: KekSource, *, progress: bool =
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(root, 0o700)
-    _mark(marker, url, stage)
+    _mark(marker, url, stage, fmt)
 
     if raw_keyring is not None:
         keyring = install_keyring(raw_keyring, root / "keyring", source)
     else:
         keyring = Keyring.open(root / "keyring", source)
-    sealer = Sealer(keyring)
+    # Restore computes no block ids (it authenticates envelopes under the ids the metadata
+    # names), so the sealer's format matters only from the next mount, which reads FORMAT.
+    sealer = Sealer(keyring, format_version=fmt)
     report = RestoreReport()
     hot = HotStore(root, sealer)
     db = MetaDB(root / "meta", sealer)
@@ -193,6 +206,7 @@ def restore(backend: Backend, root: Path, source: KekSource, *, progress: bool =
         if stage == "metadata":
             fetch_config(backend, sealer, root, url, credentials)
             head = read_head(backend, sealer)
+            fmt = head.format
             report.records = apply_head(db, backend, sealer, head, 0)
             reserved = max(head.cycle, alog.highest_part_cycle(backend))
             with db.begin(write=True) as txn:
@@ -213,7 +227,7 @@ def restore(backend: Backend, root: Path, source: KekSource, *, progress: bool =
             # the rerun would download nothing and call the store restored.
             hot.syncfs()
             stage = "blocks"
-            _mark(marker, url, stage)
+            _mark(marker, url, stage, fmt)
         sizes = listing.result()
         with db.begin() as txn:
             wanted = [key for key, _ in records(txn.cursor(db=db.dbs["refs"]))]
@@ -238,15 +252,15 @@ def restore(backend: Backend, root: Path, source: KekSource, *, progress: bool =
     if report.missing or report.corrupt:
         log.error("restore: %d blocks missing and %d damaged in the archive",
                   len(report.missing), len(report.corrupt))
-    write_format(root)
+    write_format(root, fmt)
     marker.unlink()
     report.seconds = time.monotonic() - started
     return report
 
 
-def _mark(marker: Path, url: str, stage: str) -> None:
+def _mark(marker: Path, url: str, stage: str, fmt: int) -> None:
     tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"url": url, "stage": stage}) + "\n")
+    tmp.write_text(json.dumps({"url": url, "stage": stage, "format": fmt}) + "\n")
     tmp.rename(marker)
 
 
@@ -318,6 +332,9 @@ def follow(db: MetaDB, backend: Backend, sealer: Sealer) -> tuple[int, int] | No
         raw = db.get(txn, "repl_state", FOLLOW_KEY)
     applied = json.loads(raw)["cycle"] if raw else 0
     head = read_head(backend, sealer)
+    if head.format != sealer.format_version:
+        raise VnafsError(f"the archive's HEAD changed from store format {sealer.format_version} "
+                         f"to {head.format}: it was replaced; remount to start over")
     if head.cycle < applied:
         raise VnafsError(f"the archive's HEAD went back from cycle {applied} to {head.cycle}: "
                          "it was rolled back or replaced; remount to start over")

@@ -1,10 +1,10 @@
 """Opening, locking, creating and recovering a hot store.
 
 Why a module of its own: the mounted daemon, `fsck`, the read-only archive mount and the tests
-all need the same sequence (check the format version, take the store's lock, unlock the
-keyring, open LMDB) with the same one-line errors when something is wrong, and none of them
-should have to import the daemon for it. `recover` is the crash cleanup every mount runs
-before it answers (docs/architecture.md section 7).
+all need the same sequence (check the format version, which also picks the block-id algorithm,
+take the store's lock, unlock the keyring, open LMDB) with the same one-line errors when
+something is wrong, and none of them should have to import the daemon for it. `recover` is the
+crash cleanup every mount runs before it answers (docs/architecture.md section 7).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vnafs import FORMAT_VERSION
 from vnafs import config as config_mod
 from vnafs.archive.backend import Backend, open_backend
 from vnafs.archive.url import parse_url
@@ -27,7 +28,7 @@ from vnafs.meta.namespace import Namespace
 from vnafs.meta.tx import Tx
 from vnafs.seal import Sealer
 from vnafs.store.hot import HotStore
-from vnafs.store.marker import read_format, write_format
+from vnafs.store.marker import KNOWN_FORMATS, read_format, write_format
 
 log = logging.getLogger("vnafs.store")
 
@@ -68,12 +69,12 @@ def lock_store(root: Path) -> int:
 
 def open_store(root: Path, source: KekSource, *, lock: bool = True) -> Store:
     root = root.resolve()
-    read_format(root)
+    version = read_format(root)
     cfg = config_mod.load(root)
     lock_fd = lock_store(root) if lock else None
     try:
         keyring = Keyring.open(root / "keyring", source)
-        sealer = Sealer(keyring, zstd_level=cfg.store.zstd_level)
+        sealer = Sealer(keyring, zstd_level=cfg.store.zstd_level, format_version=version)
         db = MetaDB(root / "meta", sealer, journal=bool(cfg.archive.url))
         try:
             ns = Namespace(db)
@@ -90,8 +91,13 @@ def open_store(root: Path, source: KekSource, *, lock: bool = True) -> Store:
 
 
 def mkfs(root: Path, source: KekSource, *, archive_url: str | None, uid: int, gid: int,
-         credentials: str | None = None) -> None:
+         credentials: str | None = None, format_version: int = FORMAT_VERSION) -> None:
+    """Create a hot store of `format_version` (docs/format.md: 2, keyed BLAKE3 block ids, unless
+    an older vnafs must read it: 1)."""
     root = root.resolve()
+    if format_version not in KNOWN_FORMATS:
+        raise VnafsError(f"unknown store format {format_version}: give --format "
+                         f"{' or '.join(map(str, KNOWN_FORMATS))}")
     if root.exists() and not root.is_dir():
         raise VnafsError(f"{root} is a file, not a directory: give an empty or new directory for "
                          "the hot store")
@@ -106,7 +112,7 @@ def mkfs(root: Path, source: KekSource, *, archive_url: str | None, uid: int, gi
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(root, 0o700)
     keyring = Keyring.create(root / "keyring", source)
-    sealer = Sealer(keyring, zstd_level=cfg.store.zstd_level)
+    sealer = Sealer(keyring, zstd_level=cfg.store.zstd_level, format_version=format_version)
     db = MetaDB(root / "meta", sealer)
     try:
         Namespace.format(db, uid, gid, time.time_ns())
@@ -114,7 +120,7 @@ def mkfs(root: Path, source: KekSource, *, archive_url: str | None, uid: int, gi
         db.close()
     HotStore(root, sealer).create_layout()
     (root / config_mod.CONFIG_NAME).write_text(cfg.to_toml())
-    write_format(root)
+    write_format(root, format_version)
 
 
 def archive_backend(store: Store) -> Backend | None:

@@ -1,7 +1,9 @@
 """The files that say what a hot store directory is: `FORMAT` and `RESTORING`.
 
 A directory is a hot store only once `FORMAT` exists, and `FORMAT` is the last thing `mkfs`
-and `restore` write, so an unfinished store can never be mounted. `restore` also keeps a
+and `restore` write, so an unfinished store can never be mounted. Its version also says how the
+store computes block ids (docs/format.md: 1 = HMAC-SHA256, 2 = keyed BLAKE3), so every opener
+reads it here and hands it to the `Sealer`. `restore` also keeps a
 `RESTORING` marker for its whole run; a store holding it is refused with the command that
 finishes it. This module imports nothing heavy, so the offline commands that need these checks
 (restore, fsck) do not pay for the daemon's imports.
@@ -17,6 +19,8 @@ from vnafs.errors import VnafsError
 
 FORMAT_FILE = "FORMAT"
 FORMAT_MAGIC = "vnafs-hot-store"
+# Every format this vnafs reads and writes; `mkfs` writes FORMAT_VERSION unless told otherwise.
+KNOWN_FORMATS = (1, 2)
 RESTORING = "RESTORING"
 
 
@@ -40,16 +44,23 @@ def read_format(root: Path) -> int:
         raise VnafsError(f"{root}/{FORMAT_FILE} is damaged: restore it from a backup")
     if int(version) > FORMAT_VERSION:
         raise VnafsError(
-            f"hot store {root} has format version {version}, newer than this vnafs "
-            f"({__version__}, format {FORMAT_VERSION}) understands: upgrade vnafs"
+            f"hot store {root} has format version {int(version)}, newer than this vnafs "
+            f"({__version__}, formats {', '.join(map(str, KNOWN_FORMATS))}) understands: "
+            "upgrade vnafs"
         )
+    if int(version) not in KNOWN_FORMATS:
+        # No vnafs ever wrote it: damage or a hand edit, not a newer store.
+        raise VnafsError(f"{root}/{FORMAT_FILE} is damaged: restore it from a backup")
     return int(version)
 
 
-def write_format(root: Path) -> None:
+def write_format(root: Path, version: int = FORMAT_VERSION) -> None:
     """FORMAT is written last: a store without it is unfinished (mkfs, restore), never used."""
+    if version not in KNOWN_FORMATS:
+        raise VnafsError(f"unknown store format {version}: give one of "
+                         f"{', '.join(map(str, KNOWN_FORMATS))}")
     tmp = root / (FORMAT_FILE + ".tmp")
-    tmp.write_text(f"{FORMAT_MAGIC} {FORMAT_VERSION}\n")
+    tmp.write_text(f"{FORMAT_MAGIC} {version}\n")
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     tmp.rename(root / FORMAT_FILE)
