@@ -93,6 +93,8 @@ _LOWER_HEX = re.compile(r"[0-9a-f]+")
 
 _INFO_NAME = b"vnafs name-hmac v1"
 _INFO_DEDUP = b"vnafs block-id v1"
+# The access audit's chain MAC (vnafs/audit/chain.py, docs/format.md 5.7).
+_INFO_AUDIT = b"vnafs audit v1"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -873,6 +875,7 @@ class Keyring:
         self._admin = threading.Lock()
         self._name_key = _hkdf(payload.master, _INFO_NAME)
         self._dedup_key = _hkdf(payload.master, _INFO_DEDUP)
+        self._audit_key = _hkdf(payload.master, _INFO_AUDIT)
         # Copy-on-write, so `aead()` (every open) never waits behind a keyring fsync in take_seal.
         self._aeads: dict[int, AESGCM] = {v: AESGCM(k) for v, k in payload.data_keys.items()}
         # The source this object was opened with and the slot it opened: a key operation given
@@ -1046,6 +1049,10 @@ class Keyring:
     @property
     def dedup_key(self) -> bytes:
         return self._dedup_key
+
+    @property
+    def audit_key(self) -> bytes:
+        return self._audit_key
 
     @property
     def current_version(self) -> int:
