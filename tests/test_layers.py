@@ -31,11 +31,12 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("offline engine", ["vnafs.dicom.index", "vnafs.dicom.query", "vnafs.store.lifecycle",
                         "vnafs.archive.restore", "vnafs.archive.verify",
                         "vnafs.archive.retention", "vnafs.fsck",
-                        "vnafs.tier.state", "vnafs.keyadmin", "vnafs.reseal"]),
+                        "vnafs.tier.state", "vnafs.keyadmin", "vnafs.reseal",
+                        "vnafs.audit.chain"]),
     ("trio engine", ["vnafs.fs.engine"]),
     ("services", ["vnafs.fs.files", "vnafs.fs.views", "vnafs.fs.snapshot_service",
                   "vnafs.archive.recall", "vnafs.archive.replicator",
-                  "vnafs.archive.follower"]),
+                  "vnafs.archive.follower", "vnafs.audit.recorder"]),
     ("tasks", ["vnafs.fs.indexer", "vnafs.fs.inodes", "vnafs.fs.kernel_cache",
                "vnafs.archive.maintenance", "vnafs.tier.tierer", "vnafs.tier.cache"]),
     ("FUSE", ["vnafs.fs.operations"]),
@@ -75,7 +76,7 @@ def _imports(path: Path, *, top_level_only: bool = False) -> set[str]:
 
 
 def test_every_module_has_a_layer() -> None:
-    missing = sorted(set(_modules()) - set(RANK) - {"vnafs.archive", "vnafs.dicom",
+    missing = sorted(set(_modules()) - set(RANK) - {"vnafs.archive", "vnafs.audit", "vnafs.dicom",
                                                      "vnafs.fs", "vnafs.meta", "vnafs.tier",
                                                      "vnafs.store"})
     assert not missing, f"place these modules in LAYERS and docs/architecture.md: {missing}"

@@ -65,6 +65,7 @@ from tools.gen_studies import CT_NOISE_SIGMA, CtData
 from tools.harness import (
     FAILURES,
     INGEST_DIRS,
+    INGEST_SEQ_BASE,
     KIB,
     MIB,
     SMALL_FILE_BYTES,
@@ -234,6 +235,97 @@ def run_target(t: Target, data: CtData, sizes: Sizes, out: TargetRun) -> None:
         say(f"  peak RSS {t.peak_rss_kib / 1024:.1f} MiB")
 
 
+# -- the access audit's cost -----------------------------------------------------------------------
+
+class VnafsAuditTarget(VnafsTarget):
+    """vnafs with `[audit] enabled = true` (every create, write and open is recorded)."""
+
+    name = "vnafs+audit"
+
+    def create(self) -> None:
+        super().create()
+        cfg = self.hot / "vnafs.toml"
+        lines = cfg.read_text().splitlines()
+        at = lines.index("[audit]")
+        lines.insert(at + 1, "enabled = true")
+        cfg.write_text("\n".join(ln for i, ln in enumerate(lines)
+                                 if not (i > at + 1 and ln == "enabled = false")) + "\n")
+
+
+def daemon_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) the daemon `pid` has used so far; 0 if unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def compare_audit(rundir: RunDir, exe: str, data: CtData, sizes: Sizes, rounds: int
+                  ) -> dict[str, dict[str, list[float]]]:
+    """The cost of the audit, measured so that a busy machine disturbs it least: two stores,
+    audit off and on, mounted side by side; each round runs the same step on both, in
+    alternating order, back to back: an ingest of `sizes.files` files of 512 KiB into a new
+    directory (create, one write, close), then a cold read of those files (remount, drop
+    caches, open and read each: one audited open per file, as a viewer loads a study). Per
+    step and target: the wall time and the daemon's CPU time. Returns, per step, the lists of
+    on/off ratios of both, one per round."""
+    off = VnafsTarget(rundir.path / "audit-off", exe)
+    on = VnafsAuditTarget(rundir.path / "audit-on", exe)
+    out: dict[str, dict[str, list[float]]] = {
+        step: {"wall": [], "cpu": []} for step in ("ingest", "cold read")}
+    try:
+        for t in (off, on):
+            t.create()
+            t.mount()
+        for n in range(rounds):
+            seen: dict[tuple[str, str], tuple[float, float]] = {}
+            pair = (off, on) if n % 2 == 0 else (on, off)
+            for step in ("ingest", "cold read"):
+                for t in pair:
+                    if step == "cold read":
+                        t.remount()
+                        drop_caches()
+                    cpu0, t0 = daemon_cpu(t.pid()), time.perf_counter()
+                    if step == "ingest":
+                        _ingest_round(t.path / f"round{n}", data, sizes.files, n)
+                    else:
+                        _read_round(t.path / f"round{n}")
+                    seen[(step, t.name)] = (time.perf_counter() - t0,
+                                            daemon_cpu(t.pid()) - cpu0)
+                (w_off, c_off), (w_on, c_on) = seen[(step, off.name)], seen[(step, on.name)]
+                out[step]["wall"].append(w_on / w_off)
+                if c_off > 0 and c_on > 0:
+                    out[step]["cpu"].append(c_on / c_off)
+                say(f"  round {n + 1} {step:<9} off {w_off:6.2f} s ({c_off:5.2f} s CPU)  "
+                    f"on {w_on:6.2f} s ({c_on:5.2f} s CPU)")
+    finally:
+        for t in (off, on):
+            with signals_ignored():
+                t.cleanup()
+                t.discard(False)
+    return out
+
+
+def _ingest_round(top: Path, data: CtData, files: int, seq: int) -> None:
+    top.mkdir()
+    base = INGEST_SEQ_BASE + seq * files  # new chunks every round: nothing deduplicates
+    for k in range(files):
+        store_file(top / f"IM{k:06d}.dcm", data.chunk(base + k)[:SMALL_FILE_BYTES])
+
+
+def _read_round(top: Path) -> None:
+    for path in sorted(top.iterdir()):
+        with open(path, "rb", buffering=0) as f:
+            while f.read(CHUNK_READ):
+                pass
+
+
+CHUNK_READ = 1 << 20
+
+
 # -- report ---------------------------------------------------------------------------------------
 
 
@@ -339,9 +431,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vnafs-format", type=int, choices=(1, 2),
                    help="store format of the vnafs target (default: what mkfs writes, 2, keyed "
                    "BLAKE3 block ids; 1: HMAC-SHA256 block ids, to compare the two)")
+    p.add_argument("--audit-rounds", type=int, default=0, metavar="N",
+                   help="instead: the cost of [audit] enabled = true, N rounds of ingest and "
+                   "cold read of --files files on two stores, audit off and on, side by side")
     return parse_run_args(p, argv, default_dir=DEFAULT_DIR, names=ALL_TARGETS,
                           quick_help="256 MiB, 500 files, 5000 metadata files",
                           default_sizes=DEFAULT_SIZES, quick_sizes=QUICK_SIZES)
+
+
+def _audit_report(rundir: RunDir, exe: str, data: CtData, sizes: Sizes,
+                  args: argparse.Namespace) -> int:
+    """`--audit-rounds N`: run `compare_audit`, print the ratios (and write --json)."""
+    import statistics
+
+    say(f"audit off and on, {args.audit_rounds} rounds of {sizes.files} files x 512 KiB "
+        "(ingest, then a cold read of them)")
+    try:
+        with sigterm_as_interrupt():
+            ratios = compare_audit(rundir, exe, data, sizes, args.audit_rounds)
+    except KeyboardInterrupt:
+        say("\ninterrupted")
+        return 130
+    finally:
+        with signals_ignored():
+            rundir.remove(args.keep)
+    say("\naudit on / audit off per round (1.00 = no cost; the goal is <= 1.05)")
+    for step, kinds in ratios.items():
+        for kind, values in kinds.items():
+            cells = " ".join(f"{v:.3f}" for v in values)
+            med = f"median {statistics.median(values):.3f}" if values else "no result"
+            say(f"  {step:<9} {kind:<4} {cells}  {med}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"audit_on_off_ratios": ratios}, indent=2))
+    return 0 if all(k["wall"] for k in ratios.values()) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -384,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     say(f"data: CT-like 16-bit phantom + noise (sigma {CT_NOISE_SIGMA:g}); zstd-1 ratio per "
         f"1 MiB chunk {zs}; pattern built in {time.perf_counter() - t0:.1f} s")
 
+    if args.audit_rounds:
+        assert vnafs_exe is not None
+        return _audit_report(rundir, vnafs_exe, data, sizes, args)
     targets: dict[str, Target] = {}
     runs: dict[str, TargetRun] = {}
     interrupted = False

@@ -947,6 +947,70 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_offline(path: Path, args: argparse.Namespace, req: dict[str, Any]) -> Any:
+    """`vnafs audit` on an unmounted hot store, with its key (like fsck)."""
+    from vnafs.audit.chain import AuditLog, Query, select
+    from vnafs.dicom.index import DicomIndex
+    from vnafs.store.lifecycle import open_store
+
+    store = open_store(path, _source(args))
+    try:
+        audit_log = AuditLog(store.db, store.keyring.audit_key)
+        if req["op"] == "audit_verify":
+            return audit_log.verify().as_dict()
+        index = DicomIndex(store.ns) if store.config.dicom.index else None
+        return select(audit_log, index, Query.from_request(req))
+    finally:
+        store.close()
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from vnafs import control, timespec  # light: no trio, no LMDB
+
+    verify = args.verify
+    path = Path(args.target)
+    if verify:
+        req: dict[str, Any] = {"op": "audit_verify", "archived": args.archived}
+    else:
+        since = None
+        if args.since is not None:
+            seconds = timespec.duration(args.since)
+            try:
+                since = time.time_ns() - seconds * timespec.NS if seconds is not None \
+                    else timespec.parse_when(args.since)
+            except ValueError as exc:
+                raise VnafsError(f"--since: {exc}") from None
+        req = {"op": "audit", "study": args.study, "patient": args.patient,
+               "issuer": args.issuer, "uid": args.uid, "since_ns": since,
+               "archived": args.archived}
+    if _key_given(args):
+        result = _audit_offline(path, args, req)
+    else:
+        result = control.control_request(control.hot_store_of(path), req, timeout=300)
+    if verify:
+        if args.json:
+            print(json.dumps({"schema": JSON_SCHEMA, **result}, indent=2, sort_keys=True))
+        elif result["ok"]:
+            print(f"audit chain intact: {result['records']} records, head {result['head_seq']}")
+        if not result["ok"]:
+            print(f"vnafs audit verify: {result['problem']}", file=sys.stderr)
+            return 1
+        return 0
+    if args.json:
+        print(json.dumps({"schema": JSON_SCHEMA, "records": result}, indent=2,
+                         ensure_ascii=False))
+        return 0
+    for r in result:
+        what = f"study {r['study']}" if r["study"] else (
+            f"study key {r['study_key']}" if r["study_key"] else "")
+        ino = f"inode {r['ino']}" if r["ino"] else "whole store"
+        print(f"{r['time']}  {r['action']:<7} uid {r['uid']} gid {r['gid']} pid {r['pid']} "
+              f"({r['process']})  {ino}  {what}".rstrip())
+    if not result:
+        print("no matching audit records", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from vnafs import demo
 
@@ -1182,6 +1246,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("mountpoint")
     s.set_defaults(fn=cmd_gc)
 
+    s = sub.add_parser("audit", help="who read, created, wrote, renamed, deleted or exported "
+                       "what (vnafs audit verify MNT: check the chain)")
+    _key_args(s)
+    s.add_argument("target", metavar="[verify] MOUNTPOINT",
+                   help="a mount point; with a key option, an unmounted hot store instead")
+    # `vnafs audit verify ...` arrives as --verify (see `_audit_verify_argv`).
+    s.add_argument("--verify", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--study", metavar="UID", help="records of this StudyInstanceUID")
+    s.add_argument("--patient", metavar="ID", help="records of this PatientID's studies")
+    s.add_argument("--issuer", metavar="ISSUER", help="IssuerOfPatientID (with --patient)")
+    s.add_argument("--uid", type=int, metavar="N", help="records of this user id")
+    s.add_argument("--since", metavar="T", help="records from T on: a duration ago (2h, 7d) "
+                   "or a UTC date YYYY-MM-DD[Thh:mm:ss]")
+    s.add_argument("--archived", action="store_true",
+                   help="on a read-only archive mount: the hot store's replicated records "
+                   "instead of this mount's own")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_audit)
+
     s = sub.add_parser("restore", help="rebuild a hot store from the archive")
     _json_arg(s)
     _key_args(s)
@@ -1261,6 +1344,14 @@ def mount_helper_argv(prog: str, argv: list[str]) -> list[str] | None:
     return out + positional
 
 
+def _audit_verify_argv(argv: list[str]) -> list[str]:
+    """`vnafs audit verify [options] MNT` as `vnafs audit --verify [options] MNT`: argparse
+    cannot tell a leading word from the positional argument once options come between them."""
+    if len(argv) >= 2 and argv[0] == "audit" and argv[1] == "verify":
+        return ["audit", "--verify", *argv[2:]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -1270,7 +1361,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if translated is not None:
         argv = translated
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_audit_verify_argv(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.fn(args))
     except VnafsError as exc:

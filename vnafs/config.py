@@ -107,6 +107,15 @@ class MetricsConfig:
 
 
 @dataclass
+class AuditConfig:
+    """`[audit]`: the access audit (docs/admin.md, "Access audit"). Reads of one study (or
+    non-DICOM file) by one process within `collapse_seconds` give one record."""
+
+    enabled: bool = False
+    collapse_seconds: int = 300
+
+
+@dataclass
 class LogConfig:
     # debug | info | warning | error; reloaded by SIGHUP.
     level: str = "info"
@@ -123,6 +132,7 @@ class Config:
     tiering: TieringConfig = field(default_factory=TieringConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     @property
     def archive_url(self) -> str | None:
@@ -210,6 +220,13 @@ class Config:
             "# Empty: off.",
             f"listen = {_toml_str(self.metrics.listen)}",
             "",
+            "[audit]",
+            "# Record who opened, created, wrote, renamed, deleted or exported what (sealed,",
+            "# chained; 'vnafs audit MNT' reads it, 'vnafs audit verify MNT' checks it).",
+            f"enabled = {str(self.audit.enabled).lower()}",
+            "# Reads of one study by one process within this many seconds are one record.",
+            f"collapse_seconds = {self.audit.collapse_seconds}",
+            "",
             "[log]",
             "# debug | info | warning | error. Changes to this, the schedules, the archive",
             "# intervals and the tiering thresholds take effect on SIGHUP (systemctl reload).",
@@ -269,6 +286,7 @@ _INT_RANGES = {
     "checkpoint_every": (1, 100000),
     "poll": (1, 3600),
     "recall_timeout": (1, 3600),
+    "collapse_seconds": (0, 86400),
 }
 
 
@@ -305,7 +323,7 @@ def load(hot: Path) -> Config:
         raise VnafsError(f"{path} is not valid TOML ({exc}); fix or restore the file") from None
     cfg = Config()
     unknown = set(data) - {"format", "store", "mount", "dicom", "archive", "snapshots",
-                           "tiering", "log", "metrics"}
+                           "tiering", "log", "metrics", "audit"}
     if unknown:
         raise VnafsError(f"{path}: unknown section or key {sorted(unknown)[0]!r}; remove it")
     fmt = data.get("format", 1)
@@ -324,6 +342,7 @@ def load(hot: Path) -> Config:
     _tiering(path, data.get("tiering", {}), cfg.tiering)
     _section(path, data, "log", cfg.log)
     _section(path, data, "metrics", cfg.metrics)
+    _section(path, data, "audit", cfg.audit)
     if cfg.metrics.listen:
         parse_listen(cfg.metrics.listen, f"{path}: metrics.listen")
     if cfg.log.level not in LOG_LEVELS:
@@ -358,7 +377,7 @@ def reload(running: Config, new: Config) -> tuple[list[str], list[str]]:
     changed: list[str] = []
     refused: list[str] = []
     for section in ("store", "mount", "dicom", "archive", "snapshots", "tiering", "log",
-                    "metrics"):
+                    "metrics", "audit"):
         old_part, new_part = getattr(running, section), getattr(new, section)
         for key, value in vars(new_part).items():
             if getattr(old_part, key) == value:

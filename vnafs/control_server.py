@@ -26,6 +26,8 @@ from vnafs import __version__, keyadmin
 from vnafs.archive.follower import ArchiveFollower
 from vnafs.archive.maintenance import ArchiveMaintenance
 from vnafs.archive.replicator import Replicator
+from vnafs.audit.chain import AuditLog, Query, select
+from vnafs.audit.recorder import AuditRecorder
 from vnafs.dicom import query
 from vnafs.dicom.index import DicomIndex
 from vnafs.errors import VnafsError
@@ -69,6 +71,7 @@ class Mounted:
     follower: ArchiveFollower | None = None
     tierer: Tierer | None = None
     cache: ArchiveCache | None = None
+    audit: AuditRecorder | None = None
     # Where background jobs started by a request run (a re-seal); the daemon's nursery.
     nursery: trio.Nursery | None = None
 
@@ -151,6 +154,7 @@ def handlers(m: Mounted) -> dict[str, Handler]:
         table.update(_archive_handlers(m.maintenance))
     table.update(_tier_handlers(m))
     table.update(_key_handlers(m))
+    table.update(_audit_handlers(m))
     return table
 
 
@@ -202,6 +206,9 @@ async def status(m: Mounted) -> dict[str, Any]:
             out["health"] = "degraded"  # object_lock asked for, and the archive cannot do it
     if m.follower is not None:
         out["archive"] = m.follower.status()
+    if m.audit is not None:
+        # Events seen, records written, reads collapsed into an earlier record (since mount).
+        out["audit"] = dict(m.audit.stats)
     out["snapshots"] = {"count": len(m.snapshots.snaps.all()),
                         "gc": dict(m.snapshots.gc_progress)}
     if m.tierer is not None:
@@ -410,3 +417,34 @@ def _archive_handlers(maintenance: ArchiveMaintenance) -> dict[str, Handler]:
     return {"archive_verify": verify_start, "archive_verify_progress": verify_progress,
             "archive_gc": gc_start, "archive_gc_progress": gc_progress}
 
+
+
+def _audit_handlers(m: Mounted) -> dict[str, Handler]:
+    """`vnafs audit MNT ...` and `vnafs audit verify MNT`. They answer on every mount, also
+    with `[audit] enabled = false` (records written before it was turned off stay readable).
+    A read-only archive mount answers from its own chain, or with `archived` from the
+    replicated one of the hot store. What is queued is written first, so the answer includes
+    every access made before the request."""
+    key = m.store.keyring.audit_key
+    replicated = AuditLog(m.store.db, key)
+    own = AuditLog.local(m.store.db, key) if m.readonly else replicated
+
+    def chain(req: dict[str, Any]) -> AuditLog:
+        return replicated if req.get("archived") else own
+
+    async def flushed() -> None:
+        if m.audit is not None:
+            await m.audit.flush()
+
+    async def query(req: dict[str, Any]) -> Any:
+        q = Query.from_request(req)
+        await flushed()
+        return await trio.to_thread.run_sync(select, chain(req), m.index, q,
+                                             limiter=m.engine.io)
+
+    async def verify(req: dict[str, Any]) -> Any:
+        await flushed()
+        rep = await trio.to_thread.run_sync(chain(req).verify, limiter=m.engine.io)
+        return rep.as_dict()
+
+    return {"audit": query, "audit_verify": verify}

@@ -32,6 +32,8 @@ from vnafs.archive.follower import ArchiveFollower
 from vnafs.archive.maintenance import ArchiveMaintenance
 from vnafs.archive.recall import Recall
 from vnafs.archive.replicator import Replicator
+from vnafs.audit.chain import AuditLog
+from vnafs.audit.recorder import AuditRecorder
 from vnafs.control import find_mount
 from vnafs.control_server import ControlServer, Mounted, handlers
 from vnafs.control_server import status as control_status
@@ -180,6 +182,13 @@ async def serve(
                             new_studies=new_recv, reader_recalls=reads_recv)
         elif recall is not None:
             cache = ArchiveCache(store.hot, capacity, engine.io, kept=kept_recv)
+        # The access audit (docs/architecture.md 12). A read-only archive mount keeps a chain
+        # of its own accesses in its cache directory, beside the replicated one.
+        audit = None
+        if cfg.audit.enabled:
+            chain = (AuditLog.local if readonly else AuditLog)(store.db, store.keyring.audit_key)
+            audit = AuditRecorder(engine, store.ns, chain, index,
+                                  collapse_seconds=cfg.audit.collapse_seconds)
         from vnafs.fs.operations import Operations  # imports pyfuse3
 
         ops = Operations(engine, files, Inodes(snaps, views), kernel, block_size=BLOCK_SIZE,
@@ -187,7 +196,8 @@ async def serve(
                          snapshot_mkdir=cfg.snapshots.mkdir and not readonly,
                          snapshots_visible=cfg.snapshots.visible,
                          file_state=tierer.file_state if tierer is not None else None,
-                         meters=metrics.meters if metrics is not None else None)
+                         meters=metrics.meters if metrics is not None else None,
+                         audit=audit)
         try:
             pyfuse3.init(ops, str(mountpoint), fuse_options(store, readonly=readonly))
         except RuntimeError as exc:
@@ -204,12 +214,16 @@ async def serve(
             await nursery.start(tierer.run, crashed)
         if cache is not None:
             await nursery.start(cache.run)
+        if audit is not None:
+            await nursery.start(audit.run)
+            if readonly:
+                await audit.exported()
         if follower is not None:
             await nursery.start(follower.run, engine)
         else:
             await nursery.start(snapshots.run)
         mounted = Mounted(store, mountpoint, engine, files, snapshots, index, indexer,
-                          replicator, maintenance, follower, tierer, cache, nursery)
+                          replicator, maintenance, follower, tierer, cache, audit, nursery)
         control = ControlServer(store.root / "control.sock", handlers(mounted))
         await nursery.start(control.serve)
         notifier = Notifier()
@@ -248,6 +262,10 @@ async def serve(
                     await files.flush(ino)
                 except OSError as exc:
                     log.error("could not commit inode %d at unmount: %s", ino, exc.strerror)
+            if audit is not None:
+                # Before the last replication cycle, so the archive gets these records too
+                # (a failure is logged there).
+                await audit.final_flush()
             if indexer is not None:
                 # Index what is queued, so the next mount starts clean; what does not fit in
                 # the time keeps its change mark and is indexed at the next mount.

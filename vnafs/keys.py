@@ -97,6 +97,8 @@ _INFO_NAME = b"vnafs name-hmac v1"
 _INFO_DEDUP = b"vnafs block-id v1"
 # Format 2 block ids (keyed BLAKE3): a key of their own, so ids of the two formats are unrelated.
 _INFO_BLOCK_ID_BLAKE3 = b"vnafs block-id blake3 v2"
+# The access audit's chain MAC (vnafs/audit/chain.py, docs/format.md 5.7).
+_INFO_AUDIT = b"vnafs audit v1"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -891,6 +893,7 @@ class Keyring:
         self._name_key = _hkdf(payload.master, _INFO_NAME)
         self._dedup_key = _hkdf(payload.master, _INFO_DEDUP)
         self._blake3_key = _hkdf(payload.master, _INFO_BLOCK_ID_BLAKE3)
+        self._audit_key = _hkdf(payload.master, _INFO_AUDIT)
         # Copy-on-write, so `aead()` (every open) never waits behind a keyring fsync in take_seal.
         self._aeads: dict[int, AESGCM] = {v: AESGCM(k) for v, k in payload.data_keys.items()}
         # The source this object was opened with and the slot it opened: a key operation given
@@ -1069,6 +1072,11 @@ class Keyring:
     def blake3_key(self) -> bytes:
         """The key of format 2 block ids (docs/format.md section 2)."""
         return self._blake3_key
+
+    @property
+    def audit_key(self) -> bytes:
+        """The key of the access audit's chain MAC (docs/format.md section 5.7)."""
+        return self._audit_key
 
     @property
     def current_version(self) -> int:

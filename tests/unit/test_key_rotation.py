@@ -159,3 +159,27 @@ async def test_a_keyring_copy_from_before_retire_is_what_opens_old_blocks(vfs: V
         store.sealer.open(KIND_BLOCK, block_id, stolen)
     assert Sealer(Keyring.open(old_keyring, SOURCE)).open(KIND_BLOCK, block_id, stolen) == \
         pattern(200_000)
+
+
+async def test_the_audit_chain_still_verifies_after_reseal_and_retire(vfs: Vfs) -> None:
+    """Re-sealing changes every audit record's envelope but not its plaintext, so the chain
+    (MACs over the plaintext, docs/format.md 5.7) is unchanged and still verifies."""
+    from vnafs.audit.chain import AuditLog, Event
+    from vnafs.meta.tx import Tx
+
+    store = vfs.store
+    log = AuditLog(store.db, store.keyring.audit_key)
+    events = [Event(1_767_225_600_000_000_000 + n, 1000, 100, 4000 + n, "p", "read", n)
+              for n in range(1, 4)]
+
+    def append(tx: Tx) -> None:
+        log.append(tx.txn, events)
+
+    await vfs.engine.commit(append)
+    keyadmin.apply(store.keyring, keyadmin.ROTATE, SOURCE)
+    assert Resealer(store.db, store.hot, store.sealer, None).run().records_resealed >= 4
+    keyadmin.retire(store, None, SOURCE, 1)
+    rep = log.verify()
+    assert rep.ok and rep.records == 3
+    with store.db.begin() as txn:
+        assert [e for _, e in log.records(txn)] == events

@@ -44,10 +44,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lmdb
+
 from vnafs import config as config_mod
 from vnafs.archive import log as alog
 from vnafs.archive.backend import ArchiveMissing, Backend
 from vnafs.archive.log import ReplState, save_state
+from vnafs.audit.chain import AuditLog, Event
 from vnafs.errors import IntegrityError, VnafsError
 from vnafs.keys import KekSource, Keyring
 from vnafs.meta.db import MetaDB, records
@@ -204,7 +207,7 @@ def restore(backend: Backend, root: Path, source: KekSource, *, progress: bool =
         listing = pool.submit(_block_sizes, backend)
         resuming = stage == "blocks"
         if stage == "metadata":
-            fetch_config(backend, sealer, root, url, credentials)
+            cfg = fetch_config(backend, sealer, root, url, credentials)
             head = read_head(backend, sealer)
             fmt = head.format
             report.records = apply_head(db, backend, sealer, head, 0)
@@ -219,6 +222,8 @@ def restore(backend: Backend, root: Path, source: KekSource, *, progress: bool =
                     cycle=reserved, committed=head.cycle, checkpoint=head.checkpoint,
                     logs=list(head.logs), rp_ns=head.rp_ns, since_checkpoint=len(head.logs),
                     keyring_sha256=alog.sha256((root / "keyring").read_bytes())))
+                if cfg.audit.enabled:
+                    _audit_export(db, txn, keyring)
             report.cycle, report.recovery_point_ns = head.cycle, head.rp_ns
             hot.create_layout()
             # LMDB commits are not synced one by one (MetaDB opens it with sync=False): the
@@ -256,6 +261,23 @@ def restore(backend: Backend, root: Path, source: KekSource, *, progress: bool =
     marker.unlink()
     report.seconds = time.monotonic() - started
     return report
+
+
+def _audit_export(db: MetaDB, txn: lmdb.Transaction, keyring: Keyring) -> None:
+    """An `export` record for this restore in the restored store's audit chain, which came
+    from the archive with everything else. It is marked for replication (the restored store
+    has an archive by definition), so the archive learns of the export at the first cycle."""
+    try:
+        with open("/proc/self/comm", "rb") as f:
+            name = f.read().decode("utf-8", "replace").strip() or "?"
+    except OSError:
+        name = "?"
+    event = Event(time.time_ns(), os.getuid(), os.getgid(), os.getpid(), name, "export", 0)
+    journal, db.journal = db.journal, True
+    try:
+        AuditLog(db, keyring.audit_key).append(txn, [event])
+    finally:
+        db.journal = journal
 
 
 def _mark(marker: Path, url: str, stage: str, fmt: int) -> None:

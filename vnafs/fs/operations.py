@@ -27,6 +27,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 import pyfuse3
 import trio
 
+from vnafs.audit.recorder import AuditRecorder
 from vnafs.errors import IntegrityError
 from vnafs.fs.engine import Engine
 from vnafs.fs.files import Files
@@ -126,7 +127,7 @@ class Operations(pyfuse3.Operations):
                  snapshots: SnapshotService | None = None, snapshot_mkdir: bool = False,
                  snapshots_visible: bool = False,
                  file_state: Callable[[int], str] | None = None,
-                 meters: Meters | None = None) -> None:
+                 meters: Meters | None = None, audit: AuditRecorder | None = None) -> None:
         super().__init__()
         self.engine = engine
         self.ns = engine.ns
@@ -156,6 +157,9 @@ class Operations(pyfuse3.Operations):
             dict(meters.latency) if meters is not None else {}
         self._count_read = meters.read_bytes if meters is not None else None
         self._count_written = meters.written_bytes if meters is not None else None
+        # The access audit (`[audit] enabled`), None when off: then each hook below costs one
+        # comparison.
+        self.audit = audit
 
     # -- attributes -----------------------------------------------------------------------------
 
@@ -333,7 +337,10 @@ class Operations(pyfuse3.Operations):
             changes["mtime_ns"] = attr.st_mtime_ns
         if fields.update_size:
             changes["size"] = attr.st_size
-        return self._entry(await self.files.setattr(at.ino, changes))
+        node = await self.files.setattr(at.ino, changes)
+        if fields.update_size and self.audit is not None:
+            self.audit.truncated(at.ino, ctx.uid, ctx.gid, ctx.pid)
+        return self._entry(node)
 
     @translated
     async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
@@ -356,9 +363,16 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         _name_ok(name)
         at = self._guard(parent_inode, name)
-        node = await self.engine.commit(self.ns.mknod, at.ino, name, mode, ctx.uid, ctx.gid,
-                                        rdev)
+        node = await self.engine.commit(self._audited(self.ns.mknod, "create", ctx), at.ino,
+                                        name, mode, ctx.uid, ctx.gid, rdev)
         return self._entry(node)
+
+    def _audited(self, fn: Callable[..., R], action: str, ctx: pyfuse3.RequestContext,
+                 target: tuple[int, bytes] | None = None) -> Callable[..., R]:
+        """`fn`, or with the audit on, `fn` appending its audit record in its transaction."""
+        if self.audit is None:
+            return fn
+        return self.audit.audited(fn, action, ctx.uid, ctx.gid, ctx.pid, target)
 
     @translated
     async def mkdir(
@@ -408,7 +422,10 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
     ) -> None:
         at = self._guard(parent_inode)
-        await self._change(self.ns.unlink, at.ino, name)
+        if self.audit is not None:
+            await self.audit.before_change()
+        await self._change(self._audited(self.ns.unlink, "delete", ctx, (at.ino, name)), at.ino,
+                           name)
 
     @translated
     async def rmdir(
@@ -418,7 +435,10 @@ class Operations(pyfuse3.Operations):
             await self._snapdir_change(name, create=False)
             return
         at = self._guard(parent_inode)
-        await self.engine.commit(self.ns.rmdir, at.ino, name)
+        if self.audit is not None:
+            await self.audit.before_change()
+        await self.engine.commit(self._audited(self.ns.rmdir, "delete", ctx, (at.ino, name)),
+                                 at.ino, name)
 
     @translated
     async def rename(
@@ -437,7 +457,10 @@ class Operations(pyfuse3.Operations):
             raise fail(errno.EXDEV)  # mv copies out of a snapshot instead
         src = self._guard(parent_inode_old)
         dst = self._guard(parent_inode_new, name_new)
-        await self._change(self.ns.rename, src.ino, name_old, dst.ino, name_new, int(flags))
+        if self.audit is not None:
+            await self.audit.before_change()
+        await self._change(self._audited(self.ns.rename, "rename", ctx, (src.ino, name_old)),
+                           src.ino, name_old, dst.ino, name_new, int(flags))
 
     @translated
     async def link(
@@ -465,7 +488,10 @@ class Operations(pyfuse3.Operations):
             case ViewDir() | SnapshotsDir():
                 raise fail(errno.EISDIR)
             case Snapshotted() as at:
-                return self._open_in_snapshot(at, flags)
+                fi = self._open_in_snapshot(at, flags)
+                if self.audit is not None:
+                    self.audit.opened(at.ino, ctx.uid, ctx.gid, ctx.pid, flags)
+                return fi
             case Live() as at:
                 pass
         node = self.ns.get_inode(at.ino)
@@ -479,6 +505,10 @@ class Operations(pyfuse3.Operations):
             except BaseException:
                 await self.files.release(at.ino)
                 raise
+        if self.audit is not None:
+            self.audit.opened(at.ino, ctx.uid, ctx.gid, ctx.pid, flags)
+            if flags & os.O_TRUNC and stat.S_ISREG(node.mode) and node.size:
+                self.audit.wrote(at.ino)  # the truncation is this open's one write record
         return pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, at.ino),
                                 keep_cache=not self.files.readonly)
 
@@ -505,10 +535,12 @@ class Operations(pyfuse3.Operations):
         _name_ok(name)
         at = self._guard(parent_inode, name)
         exclusive = bool(flags & os.O_EXCL)
-        node = await self.engine.commit(self.ns.mknod, at.ino, name,
-                                        stat.S_IFREG | stat.S_IMODE(mode), ctx.uid, ctx.gid, 0,
-                                        b"", exclusive)
+        node = await self.engine.commit(self._audited(self.ns.mknod, "create", ctx), at.ino,
+                                        name, stat.S_IFREG | stat.S_IMODE(mode), ctx.uid,
+                                        ctx.gid, 0, b"", exclusive)
         self.files.attach(node)
+        if self.audit is not None:
+            self.audit.created(node.ino, ctx.uid, ctx.gid, ctx.pid)
         if flags & os.O_TRUNC and node.size:  # create() on an existing file (no O_EXCL)
             node = await self.files.setattr(node.ino, {"size": 0})
         # A read-only archive mount's files can change under it (a newer replicated cycle), so
@@ -528,6 +560,8 @@ class Operations(pyfuse3.Operations):
     @translated
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         self.engine.last_write = trio.current_time()
+        if self.audit is not None:
+            self.audit.wrote(fh)
         written = await self.files.write(fh, off, buf)
         if self._count_written is not None:
             self._count_written(written)

@@ -54,13 +54,19 @@ TABLES: dict[str, bytes] = {
     "repl_state": b"z",
     "repl_dirty": b"y",
     "repl_blocks": b"u",
+    # The access audit's chained records (vnafs/audit/, docs/format.md 5.7), and the chain a
+    # read-only archive mount keeps of its own accesses (never replicated).
+    "audit": b"A",
+    "audit_local": b"a",
 }
 TAG_TABLES = {tag: name for name, tag in TABLES.items()}
 
 # Tables whose changes go to the archive. `refs` is rebuilt from `blockmap` on restore (its
 # replication state differs between the hot store and the archive by definition), and the
-# replication bookkeeping describes this hot store's outbox, not the file system.
-REPLICATED = frozenset(TABLES) - {"refs", "repl_state", "repl_dirty", "repl_blocks"}
+# replication bookkeeping describes this hot store's outbox, not the file system; a read-only
+# archive mount's own audit chain describes that mount.
+REPLICATED = frozenset(TABLES) - {"refs", "repl_state", "repl_dirty", "repl_blocks",
+                                  "audit_local"}
 
 # LMDB reserves address space, not disk: the file grows only as records are written.
 MAP_SIZE = 1 << 40
