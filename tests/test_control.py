@@ -182,3 +182,20 @@ def test_mount_on_a_dead_mount_of_another_store_is_refused(workdir: Path) -> Non
     finally:
         first.cleanup()
         second.cleanup()
+
+
+def test_wait_idle_returns_once_closed_files_are_sealed_and_indexed(fs: Fs) -> None:
+    """`wait_idle` (what tools/bench.py's "sustained" figures end with): after it, nothing of
+    the files written so far is waiting for the indexer."""
+    src = Path(pydicom.data.get_testdata_file("CT_small.dcm"))
+    (fs.mnt / "study").mkdir()
+    for i in range(20):
+        shutil.copyfile(src, fs.mnt / "study" / f"IM{i:03d}.dcm")
+    started = time.monotonic()
+    answer = control_request(fs.hot, {"op": "wait_idle"}, timeout=120)
+    assert 0 <= answer["seconds"] <= time.monotonic() - started + 0.1
+    st = fs.status()
+    assert st["dicom"]["pending"] == 0 and st["dirty_blocks"] == 0
+    assert st["dicom"]["instances"] >= 1
+    # Idle already: it answers again (nothing to wait for).
+    assert control_request(fs.hot, {"op": "wait_idle"}, timeout=30)["seconds"] >= 0

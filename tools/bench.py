@@ -17,9 +17,19 @@ runs, in this order:
            read must equal that of what was written;
 3. ingest: --files (default 2000) files of 512 KiB, open(O_CREAT|O_WRONLY), one write, close, no
            fsync, spread over 20 directories: one CT study arriving from a PACS;
-4. walk:   --meta-files (default 20000) files of 100 bytes in 100 directories are created (timed
-           for information only), then after a remount and a cache drop, os.walk plus os.lstat of
-           every entry is timed: what `ls -lR` or a backup scan does.
+   (1-3 run on CT-like data, then again on random bytes as "write:random" and so on; --data
+   picks one or both)
+4. smallw: a quarter as many 512 KiB files, each in 8 KiB writes: pydicom's `save_as` and
+           storescp `+B`;
+5. create: --meta-files (default 20000) files of 100 bytes in 100 directories;
+6. walk:   after a remount and a cache drop, os.walk plus os.lstat of every entry of 5: what
+           `ls -lR` or a backup scan does.
+
+Every write workload (1, 3, 4, 5) is reported twice: when the writer got its last answer, and
+"sustained", when the file system was idle again (for vnafs its control request `wait_idle`: no
+block left unsealed, nothing queued for the DICOM indexer; gocryptfs and a plain directory do
+their work inside each call). A file system that answers before it has finished (an intent log,
+a write-back cache) shows it as a gap between the two.
 
 The data is CT-like: 16-bit little-endian samples of a smooth phantom (air, water, soft tissue,
 lungs, bone, contrast) plus gaussian noise of a few units, generated once as an 8 MiB pattern.
@@ -61,7 +71,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tools.gen_studies import CT_NOISE_SIGMA, CtData
+from tools.gen_studies import CT_NOISE_SIGMA, CtData, RandomData
 from tools.harness import (
     FAILURES,
     INGEST_DIRS,
@@ -70,6 +80,7 @@ from tools.harness import (
     MIB,
     SMALL_FILE_BYTES,
     BenchError,
+    Chunks,
     GocryptfsTarget,
     PlainTarget,
     Result,
@@ -88,6 +99,7 @@ from tools.harness import (
     store_file,
     wl_ingest,
     wl_read,
+    wl_small_writes,
     wl_write,
 )
 from tools.report import say
@@ -107,6 +119,8 @@ class Workload:
     key: str
     label: str
     target: float | None  # the issue's goal for the vnafs/gocryptfs time ratio
+    # A write workload: also timed until the target is idle again ("sustained").
+    writes: bool = False
 
 
 # -- workloads ------------------------------------------------------------------------------------
@@ -117,6 +131,11 @@ class Sizes:
     size_mib: int
     files: int
     meta_files: int
+
+    @property
+    def small_write_files(self) -> int:
+        """Files of the 8 KiB-writes workload: a quarter of the ingest's (64 writes each)."""
+        return max(1, self.files // 4)
 
 
 @dataclass
@@ -157,23 +176,34 @@ def wl_walk(path: Path, count: int) -> Result:
     return Result(seconds, entries, "entries/s")
 
 
+# Targets: docs/performance.md (issue 16's table). "random" runs the same workload on random
+# bytes, which vnafs stores raw: the sealing without the compression.
 WORKLOADS = (
-    Workload("write", "seq write+fsync", 0.55),
-    Workload("read", "cold seq read", 0.5),
-    Workload("ingest", "small-file ingest", 0.9),
-    Workload("walk", "cold walk+lstat", 1.5),
-    Workload("create", "meta create (info)", None),
+    Workload("write", "seq write+fsync", 0.55, writes=True),
+    Workload("read", "cold seq read", 0.45),
+    Workload("ingest", "small-file ingest", 0.7, writes=True),
+    Workload("smallw", "8 KiB writes", 1.0, writes=True),
+    Workload("create", "creates", 1.0, writes=True),
+    Workload("walk", "cold walk+lstat", 0.8),
+    Workload("write:random", "seq write+fsync, random", 0.55, writes=True),
+    Workload("read:random", "cold seq read, random", 0.45),
+    Workload("ingest:random", "small-file ingest, random", 0.7, writes=True),
 )
+DATA_KINDS = ("ct", "random")
 
 
-def run_target(t: Target, data: CtData, sizes: Sizes, out: TargetRun) -> None:
-    """All workloads on a fresh `t`, in order, into `out`; a failed workload is recorded."""
+def run_target(t: Target, data: CtData, sizes: Sizes, out: TargetRun,
+               kinds: tuple[str, ...] = DATA_KINDS) -> None:
+    """All workloads on a fresh `t`, in order, into `out`; a failed workload is recorded.
+    A write workload is timed twice: when the writer got its last answer (`seconds`), and
+    when the target was idle again (`sustained`, `Target.wait_idle`)."""
     out.loadavg.append(loadavg())
     say(f"\n== {t.name}: {t.root}  (load average {out.loadavg[0]:.2f})")
     t.create()
     out.version = t.version()
     say(f"  {out.version}")
     t.mount()
+    writes = {w.key for w in WORKLOADS if w.writes}
 
     def attempt(key: str, fn: Callable[[], Result], *, cold: bool = False) -> Result:
         try:
@@ -184,34 +214,56 @@ def run_target(t: Target, data: CtData, sizes: Sizes, out: TargetRun) -> None:
             t.served.append(key)
             t.check_ready()
             res = fn()
+            if key in writes and res.seconds is not None:
+                t1 = time.perf_counter()
+                t.wait_idle()
+                res.sustained = res.seconds + time.perf_counter() - t1
             res.cold = dropped
         except FAILURES as exc:
             res = Result(error=str(exc))
-            say(f"  {key:<7} FAILED: {exc}")
+            say(f"  {key:<13} FAILED: {exc}")
         else:
             rate = res.rate
             note = "" if res.cold is None else ("  (cold)" if res.cold else "  (WARM)")
-            say(f"  {key:<7} {res.seconds or 0:9.2f} s  {rate or 0:10.1f} {res.unit}{note}")
+            idle = "" if res.sustained is None else f"  sustained {res.sustained:.2f} s"
+            say(f"  {key:<13} {res.seconds or 0:9.2f} s  {rate or 0:10.1f} {res.unit}{note}{idle}")
         out.results[key] = res
         return res
 
-    digest = ""
     size = sizes.size_mib * MIB
+    sources: dict[str, Chunks] = {"ct": data, "random": RandomData()}
 
-    def do_write() -> Result:
-        nonlocal digest
+    def sequential(kind: str) -> None:
+        suffix = "" if kind == "ct" else f":{kind}"
+        name = f"series-{kind}.raw"
+        digest = ""
+
+        def do_write() -> Result:
+            nonlocal digest
+            os.sync()
+            res, digest = wl_write(t.path, sources[kind], sizes.size_mib, name)
+            return res
+
+        def do_read() -> Result:
+            if not digest:
+                raise BenchError("skipped: the write failed")
+            return wl_read(t.path, size, digest, name)
+
+        attempt("write" + suffix, do_write)
+        attempt("read" + suffix, do_read, cold=True)
+
+    def ingest(kind: str) -> None:
+        suffix = "" if kind == "ct" else f":{kind}"
+
+        def do_ingest() -> Result:
+            os.sync()
+            return wl_ingest(t.path, sources[kind], sizes.files, f"study-{kind}")
+
+        attempt("ingest" + suffix, do_ingest)
+
+    def do_small_writes() -> Result:
         os.sync()
-        res, digest = wl_write(t.path, data, sizes.size_mib)
-        return res
-
-    def do_read() -> Result:
-        if not digest:
-            raise BenchError("skipped: the write failed")
-        return wl_read(t.path, size, digest)
-
-    def do_ingest() -> Result:
-        os.sync()
-        return wl_ingest(t.path, data, sizes.files)
+        return wl_small_writes(t.path, data, sizes.small_write_files)
 
     def do_create() -> Result:
         os.sync()
@@ -222,9 +274,10 @@ def run_target(t: Target, data: CtData, sizes: Sizes, out: TargetRun) -> None:
             raise BenchError("skipped: creating the files failed")
         return wl_walk(t.path, sizes.meta_files)
 
-    attempt("write", do_write)
-    attempt("read", do_read, cold=True)
-    attempt("ingest", do_ingest)
+    for kind in kinds:
+        sequential(kind)
+        ingest(kind)
+    attempt("smallw", do_small_writes)
     attempt("create", do_create)
     attempt("walk", do_walk, cold=True)
     t.umount()  # samples the daemon's VmHWM first
@@ -329,25 +382,32 @@ CHUNK_READ = 1 << 20
 # -- report ---------------------------------------------------------------------------------------
 
 
-def _cell(res: Result | None) -> str:
+def _seconds(res: Result, sustained: bool) -> float | None:
+    return res.sustained if sustained else res.seconds
+
+
+def _cell(res: Result | None, sustained: bool = False) -> str:
     if res is None:
         return "-"
-    if res.error is not None or res.seconds is None:
+    secs = _seconds(res, sustained)
+    if res.error is not None or secs is None or secs <= 0:
         return "FAILED"
-    rate = res.rate or 0.0
+    rate = res.amount / secs / (1e6 if res.unit == "MB/s" else 1.0)
     unit = "MB/s" if res.unit == "MB/s" else "/s"
     warm = "*" if res.cold is False else " "
-    return f"{res.seconds:8.2f} s {rate:8.0f} {unit:<4}{warm}"
+    return f"{secs:8.2f} s {rate:8.0f} {unit:<4}{warm}"
 
 
-def ratio(runs: dict[str, TargetRun], a: str, b: str, key: str) -> float | None:
+def ratio(runs: dict[str, TargetRun], a: str, b: str, key: str, *,
+          sustained: bool = False) -> float | None:
     ra = runs[a].results.get(key) if a in runs else None
     rb = runs[b].results.get(key) if b in runs else None
-    if ra is None or rb is None or ra.seconds is None or rb.seconds is None or rb.seconds <= 0:
+    if ra is None or rb is None or ra.error or rb.error:
         return None
-    if ra.error or rb.error:
+    sa, sb = _seconds(ra, sustained), _seconds(rb, sustained)
+    if sa is None or sb is None or sb <= 0:
         return None
-    return ra.seconds / rb.seconds
+    return sa / sb
 
 
 def workload_label(w: Workload, sizes: Sizes) -> str:
@@ -355,32 +415,38 @@ def workload_label(w: Workload, sizes: Sizes) -> str:
         "write": f"{sizes.size_mib} MiB",
         "read": f"{sizes.size_mib} MiB",
         "ingest": f"{sizes.files} x 512 KiB",
+        "smallw": f"{sizes.small_write_files} x 512 KiB",
         "walk": f"{sizes.meta_files + META_DIRS} entries",
         "create": f"{sizes.meta_files} x 100 B",
-    }[w.key]
+    }[w.key.split(":")[0]]
     return f"{w.label} {detail}"
 
 
 def report(runs: dict[str, TargetRun], targets: dict[str, Target], sizes: Sizes) -> list[str]:
     names = [n for n in ALL_TARGETS if n in runs]
-    label_w = max(len(workload_label(w, sizes)) for w in WORKLOADS) + 2
+    label_w = max(len(workload_label(w, sizes)) for w in WORKLOADS) + 4
     col = 26
     head = "workload".ljust(label_w) + "".join(n.rjust(col) for n in names)
     head += "  vnafs/gocryptfs  target        vnafs/plain"
     lines = [head, "-" * len(head)]
-    for w in WORKLOADS:
-        line = workload_label(w, sizes).ljust(label_w)
-        line += "".join(_cell(runs[n].results.get(w.key)).rjust(col) for n in names)
-        vg = ratio(runs, "vnafs", "gocryptfs", w.key)
-        vp = ratio(runs, "vnafs", "plain", w.key)
-        line += f"  {vg:15.2f}" if vg is not None else "  " + "-".rjust(15)
-        if w.target is not None:
-            verdict = "" if vg is None else ("  ok" if vg <= w.target else "  MISS")
-            line += f"  <= {w.target:<4.2f}{verdict}".ljust(14)
-        else:
-            line += "".ljust(14)
-        line += f"{vp:12.2f}" if vp is not None else "-".rjust(12)
-        lines.append(line)
+    ran = [w for w in WORKLOADS if any(w.key in runs[n].results for n in names)]
+    for w in ran:
+        for sustained in (False, True) if w.writes else (False,):
+            label = ("  ... sustained (until idle)" if sustained
+                     else workload_label(w, sizes))
+            line = label.ljust(label_w)
+            line += "".join(_cell(runs[n].results.get(w.key), sustained).rjust(col)
+                            for n in names)
+            vg = ratio(runs, "vnafs", "gocryptfs", w.key, sustained=sustained)
+            vp = ratio(runs, "vnafs", "plain", w.key, sustained=sustained)
+            line += f"  {vg:15.2f}" if vg is not None else "  " + "-".rjust(15)
+            if w.target is not None and not sustained:
+                verdict = "" if vg is None else ("  ok" if vg <= w.target else "  MISS")
+                line += f"  <= {w.target:<4.2f}{verdict}".ljust(14)
+            else:
+                line += "".ljust(14)
+            line += f"{vp:12.2f}" if vp is not None else "-".rjust(12)
+            lines.append(line)
     rss = "peak RSS (VmHWM)".ljust(label_w)
     for n in names:
         peak = targets[n].peak_rss_kib
@@ -399,6 +465,9 @@ def report(runs: dict[str, TargetRun], targets: dict[str, Target], sizes: Sizes)
     lines.append("")
     lines.append("times in s (lower is better); rates in MB/s = 10^6 B/s, or entries (files) per s;"
                  " ratios are time ratios; * = caches could not be dropped (warm)")
+    lines.append("a write workload's first row is when the writer got its last answer, its "
+                 "'sustained' row when the file system was idle again (vnafs: nothing unsealed "
+                 "or unindexed)")
     for n in names:
         for key, res in runs[n].results.items():
             if res.error:
@@ -431,6 +500,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vnafs-format", type=int, choices=(1, 2),
                    help="store format of the vnafs target (default: what mkfs writes, 2, keyed "
                    "BLAKE3 block ids; 1: HMAC-SHA256 block ids, to compare the two)")
+    p.add_argument("--data", default=",".join(DATA_KINDS), metavar="KINDS",
+                   help="data for the write, read and ingest workloads: ct, random or both "
+                   "(default ct,random)")
     p.add_argument("--audit-rounds", type=int, default=0, metavar="N",
                    help="instead: the cost of [audit] enabled = true, N rounds of ingest and "
                    "cold read of --files files on two stores, audit off and on, side by side")
@@ -490,7 +562,12 @@ def main(argv: list[str] | None = None) -> int:
         say("nothing to benchmark")
         return 2
 
-    need = (sizes.size_mib * MIB + sizes.files * SMALL_FILE_BYTES
+    kinds = tuple(k for k in args.data.split(",") if k)
+    if not kinds or any(k not in DATA_KINDS for k in kinds):
+        say(f"--data: give ct, random or ct,random (got {args.data!r})")
+        return 2
+    need = (len(kinds) * (sizes.size_mib * MIB + sizes.files * SMALL_FILE_BYTES)
+            + sizes.small_write_files * SMALL_FILE_BYTES
             + sizes.meta_files * PAGE) * (len(wanted) if args.keep else 1)
     rundir = RunDir.create(args.dir, need * 1.2)
     if rundir is None:
@@ -529,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
                 targets[name] = t
                 runs[name] = TargetRun()
                 try:
-                    run_target(t, data, sizes, runs[name])
+                    run_target(t, data, sizes, runs[name], kinds)
                 except FAILURES as exc:
                     say(f"  {name}: FAILED: {exc}")
                     runs[name].results["setup"] = Result(error=str(exc))

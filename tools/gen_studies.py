@@ -896,13 +896,32 @@ class CtData:
 
     def zstd1_ratio(self, chunks: int = 8) -> float | None:
         """Compression ratio of zstd level 1 over whole 1 MiB chunks, as vnafs compresses."""
-        try:
-            import zstandard
-        except ImportError:
-            return None
-        cctx = zstandard.ZstdCompressor(level=1)
-        sizes = [len(cctx.compress(self.chunk(i))) for i in range(chunks)]
-        return chunks * CHUNK / sum(sizes)
+        return zstd1_ratio(self, chunks)
+
+
+class RandomData:
+    """Distinct 1 MiB chunks of random bytes (seeded by the chunk number): what compressed
+    or encrypted pixel data looks like to a file system. Nothing compresses or deduplicates;
+    vnafs stores such blocks raw (its sampled codec choice), so only the sealing costs."""
+
+    def chunk(self, seq: int) -> bytes:
+        import numpy as np
+
+        return np.random.default_rng(seq).bytes(CHUNK)
+
+    def zstd1_ratio(self, chunks: int = 8) -> float | None:
+        return zstd1_ratio(self, chunks)
+
+
+def zstd1_ratio(data: CtData | RandomData, chunks: int = 8) -> float | None:
+    """Compression ratio of zstd level 1 over whole 1 MiB chunks, as vnafs compresses."""
+    try:
+        import zstandard
+    except ImportError:
+        return None
+    cctx = zstandard.ZstdCompressor(level=1)
+    sizes = [len(cctx.compress(data.chunk(i))) for i in range(chunks)]
+    return chunks * CHUNK / sum(sizes)
 
 
 # -- command line --------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from tools.gen_studies import CHUNK, CtData
+from tools.gen_studies import CHUNK, CtData, RandomData
 from tools.report import Report, say
 from vnafs import mountinfo
 from vnafs.errors import VnafsError
@@ -50,6 +50,9 @@ SMALL_FILE_BYTES = 512 * KIB  # one file of the small-file ingest: about a CT sl
 INGEST_DIRS = 20
 # Chunk sequence numbers: the sequential file uses 0.., the small files start here.
 INGEST_SEQ_BASE = 1 << 21
+SMALL_WRITES_SEQ_BASE = 3 << 20
+# The data a workload writes: CT-like or random chunks (tools/gen_studies.py).
+Chunks = CtData | RandomData
 
 
 class BenchError(Exception):
@@ -200,7 +203,7 @@ def drop_caches() -> bool:
     return True
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
@@ -310,6 +313,11 @@ class Target:
     def remount(self) -> None:
         self.umount()
         self.mount()
+
+    def wait_idle(self) -> None:
+        """Return once the file system has nothing left to do for what was written (vnafs:
+        sealing, indexing). A plain directory and gocryptfs finish their work inside each
+        call, so there is nothing to wait for."""
 
     def sample_rss(self) -> None:
         pid = self.pid()
@@ -451,6 +459,16 @@ class VnafsTarget(FuseTarget):
         rev = vnafs_revision()
         return self.vnafs("--version").strip() + (f" (git {rev})" if rev else "")
 
+    def wait_idle(self) -> None:
+        """The daemon's `wait_idle` request (no partial or unsealed block, nothing queued for
+        the indexer), through its control socket."""
+        from vnafs import control
+
+        try:
+            control.control_request(self.hot, {"op": "wait_idle"}, timeout=1800)
+        except Exception as exc:  # a VnafsError: one line from the daemon or the socket
+            raise BenchError(f"waiting for vnafs to be idle failed: {exc}") from None
+
 
 class GocryptfsTarget(FuseTarget):
     name = "gocryptfs"
@@ -521,6 +539,9 @@ class Result:
     unit: str = "MB/s"
     cold: bool | None = None  # None: not a cold workload
     error: str | None = None
+    # Writes only: seconds until the target had nothing left to do for them (`wait_idle`):
+    # `seconds` is when the writer got its last answer.
+    sustained: float | None = None
 
     @property
     def rate(self) -> float | None:
@@ -530,16 +551,18 @@ class Result:
 
     def as_dict(self) -> dict[str, Any]:
         return {"seconds": self.seconds, "amount": self.amount, "unit": self.unit,
-                "rate": self.rate, "cold": self.cold, "error": self.error}
+                "rate": self.rate, "cold": self.cold, "error": self.error,
+                "sustained": self.sustained}
 
 
-def wl_write(path: Path, data: CtData, size_mib: int) -> tuple[Result, str]:
-    """`path/series.raw`: `size_mib` chunks in 1 MiB writes, fsync, close; and its SHA-256.
+def wl_write(path: Path, data: Chunks, size_mib: int, name: str = "series.raw"
+             ) -> tuple[Result, str]:
+    """`path/name`: `size_mib` chunks in 1 MiB writes, fsync, close; and its SHA-256.
     Making and hashing the chunks is not timed."""
     h = hashlib.sha256()
     excluded = 0.0
     t0 = time.perf_counter()
-    fd = os.open(path / "series.raw", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+    fd = os.open(path / name, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
     try:
         for i in range(size_mib):
             g0 = time.perf_counter()
@@ -554,8 +577,8 @@ def wl_write(path: Path, data: CtData, size_mib: int) -> tuple[Result, str]:
     return Result(seconds, size_mib * MIB, "MB/s"), h.hexdigest()
 
 
-def wl_read(path: Path, size: int, digest: str) -> Result:
-    """`path/series.raw` read in 1 MiB reads; its size and SHA-256 must match (hashing is not
+def wl_read(path: Path, size: int, digest: str, name: str = "series.raw") -> Result:
+    """`path/name` read in 1 MiB reads; its size and SHA-256 must match (hashing is not
     timed)."""
     h = hashlib.sha256()
     buf = bytearray(CHUNK)
@@ -563,7 +586,7 @@ def wl_read(path: Path, size: int, digest: str) -> Result:
     total = 0
     excluded = 0.0
     t0 = time.perf_counter()
-    with open(path / "series.raw", "rb", buffering=0) as f:
+    with open(path / name, "rb", buffering=0) as f:
         while n := f.readinto(buf):
             g0 = time.perf_counter()
             h.update(view[:n])
@@ -577,10 +600,10 @@ def wl_read(path: Path, size: int, digest: str) -> Result:
     return Result(seconds, size, "MB/s")
 
 
-def wl_ingest(path: Path, data: CtData, files: int) -> Result:
+def wl_ingest(path: Path, data: Chunks, files: int, top_name: str = "study") -> Result:
     """`files` files of SMALL_FILE_BYTES in INGEST_DIRS directories of `path/study`: open,
     one write, close, no fsync, as a PACS stores a study. Making the data is not timed."""
-    top = path / "study"
+    top = path / top_name
     dirs = [top / f"series{d:02d}" for d in range(INGEST_DIRS)]
     names = [str(dirs[k % INGEST_DIRS] / f"IM{k:06d}.dcm") for k in range(files)]
     excluded = 0.0
@@ -593,6 +616,28 @@ def wl_ingest(path: Path, data: CtData, files: int) -> Result:
         content = data.chunk(INGEST_SEQ_BASE + k)[:SMALL_FILE_BYTES]
         excluded += time.perf_counter() - g0
         store_file(name, content)
+    seconds = time.perf_counter() - t0 - excluded
+    return Result(seconds, files * SMALL_FILE_BYTES, "MB/s")
+
+
+def wl_small_writes(path: Path, data: Chunks, files: int, write_size: int = 8 * KIB,
+                    top_name: str = "small") -> Result:
+    """`files` files of SMALL_FILE_BYTES, each written in `write_size` writes, then closed:
+    how pydicom's `save_as` and storescp `+B` write (8 KiB). Making the data is not timed."""
+    top = path / top_name
+    excluded = 0.0
+    t0 = time.perf_counter()
+    top.mkdir()
+    for k in range(files):
+        g0 = time.perf_counter()
+        content = memoryview(data.chunk(SMALL_WRITES_SEQ_BASE + k)[:SMALL_FILE_BYTES])
+        excluded += time.perf_counter() - g0
+        fd = os.open(top / f"IM{k:06d}.dcm", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        try:
+            for off in range(0, len(content), write_size):
+                write_all(fd, content[off:off + write_size])
+        finally:
+            os.close(fd)
     seconds = time.perf_counter() - t0 - excluded
     return Result(seconds, files * SMALL_FILE_BYTES, "MB/s")
 

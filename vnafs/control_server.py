@@ -147,7 +147,8 @@ class ControlServer:
 
 def handlers(m: Mounted) -> dict[str, Handler]:
     """The request table of one mount."""
-    table: dict[str, Handler] = {"status": lambda req: status(m)}
+    table: dict[str, Handler] = {"status": lambda req: status(m),
+                                 "wait_idle": lambda req: wait_idle(m)}
     table.update(_dicom_handlers(m))
     table.update(_snapshot_handlers(m))
     if m.maintenance is not None:
@@ -156,6 +157,20 @@ def handlers(m: Mounted) -> dict[str, Handler]:
     table.update(_key_handlers(m))
     table.update(_audit_handlers(m))
     return table
+
+
+async def wait_idle(m: Mounted) -> dict[str, Any]:
+    """Return once the store has nothing left to do for what was written so far: no partial
+    blocks of open files, no block waiting to be sealed, nothing queued for the indexer (which
+    then runs at once instead of standing back). Replication is not waited for. The
+    benchmark's "sustained" figures end here (tools/bench.py); the seconds waited."""
+    started = trio.current_time()
+    if m.indexer is not None:
+        await m.indexer.wait_idle()
+    while (m.engine.inflight.value < m.engine.inflight_max
+           or any(of.dirty for of in m.files.open.values())):
+        await trio.sleep(0.005)
+    return {"seconds": round(trio.current_time() - started, 6)}
 
 
 async def status(m: Mounted) -> dict[str, Any]:

@@ -180,6 +180,7 @@ class Engine:
         self.io = trio.CapacityLimiter(max(8, workers * 4))
         # Bounds plaintext held by blocks waiting to be sealed: memory stays flat under any load.
         self.inflight = trio.Semaphore(max_inflight_blocks)
+        self.inflight_max = max_inflight_blocks
         # Block id -> event set when its load ends; one load per block however many readers
         # wait (loop).
         self._loading: dict[bytes, trio.Event] = {}
