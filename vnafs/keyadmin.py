@@ -189,6 +189,17 @@ def check_hot(hot: Path) -> Path:
     return hot
 
 
+def _lock_unless_mounted(hot: Path) -> int | None:
+    """The store's lock (its fd), or None when a running daemon holds the store (its control
+    socket is there): the operation then goes to that daemon."""
+    try:
+        return lock_store(hot)
+    except VnafsError:
+        if (hot / "control.sock").exists():
+            return None
+        raise
+
+
 def change_offline(hot: Path, op: str, auth: KekSource, new: KekSource | None = None, *,
                    label: str | None = None, slot: int | None = None,
                    drop_other_slots: bool = False, version: int | None = None
@@ -196,12 +207,9 @@ def change_offline(hot: Path, op: str, auth: KekSource, new: KekSource | None = 
     """Run `op` on an unmounted hot store, under its lock. None when a running daemon holds the
     store (its control socket is there): the request then goes to that daemon."""
     hot = check_hot(hot)
-    try:
-        fd = lock_store(hot)
-    except VnafsError:
-        if (hot / "control.sock").exists():
-            return None
-        raise
+    fd = _lock_unless_mounted(hot)
+    if fd is None:
+        return None
     try:
         if op == RETIRE:
             store = open_store(hot, auth, lock=False)
@@ -246,12 +254,9 @@ def reseal_offline(hot: Path, auth: KekSource) -> ResealReport | None:
     """`vnafs key reseal` on an unmounted hot store; None when a daemon holds it. The archive
     gets its blocks at once; its metadata with a checkpoint at the next mount's first cycle."""
     hot = check_hot(hot)
-    try:
-        fd = lock_store(hot)
-    except VnafsError:
-        if (hot / "control.sock").exists():
-            return None
-        raise
+    fd = _lock_unless_mounted(hot)
+    if fd is None:
+        return None
     try:
         store = open_store(hot, auth, lock=False)
         try:

@@ -553,6 +553,12 @@ class _ObjectStoreBackend(Backend):
         }
         return client, retry
 
+    def _key(self, name: str) -> str:
+        """The full object key of `name` (with the site prefix), for the retention clients,
+        which do not work relative to a prefix as obstore's store does."""
+        name = _check_name(name)
+        return f"{self.url.prefix}/{name}" if self.url.prefix else name
+
     def _scrub(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, "***")
@@ -734,10 +740,6 @@ class S3Backend(_ObjectStoreBackend):
                                                              **self._boto_args)
             return self._boto
 
-    def _key(self, name: str) -> str:
-        name = _check_name(name)
-        return f"{self.url.prefix}/{name}" if self.url.prefix else name
-
     def _boto_error(self, exc: Exception, op: str, name: str) -> ArchiveError:
         """One sentence for a boto3 failure, in the words `_error` uses for obstore's."""
         from botocore.exceptions import ClientError
@@ -899,10 +901,6 @@ class AzureBackend(_ObjectStoreBackend):
                     retry_total=1)
                 self._container = service.get_container_client(self.url.container)
             return self._container
-
-    def _key(self, name: str) -> str:
-        name = _check_name(name)
-        return f"{self.url.prefix}/{name}" if self.url.prefix else name
 
     def _azure_error(self, exc: Exception, op: str, name: str) -> ArchiveError:
         from azure.core.exceptions import ClientAuthenticationError, ResourceNotFoundError
