@@ -20,6 +20,7 @@ from typing import Any
 
 from vnafs.archive.backend import ArchiveError, ArchiveMissing, Backend
 from vnafs.archive.log import block_name
+from vnafs.audit.chain import AuditLog
 from vnafs.errors import IntegrityError
 from vnafs.meta.db import INF, TABLES, read_u64, records, u64
 from vnafs.meta.records import (
@@ -68,6 +69,10 @@ class Report:
     # reads are right, dedup is not. All of them at once means FORMAT names the wrong format.
     misnamed_blocks: dict[str, list[int]] = field(default_factory=dict)
     block_id_algorithm: str = ""
+    # The access audit's chain (vnafs/audit/chain.py): the first gap or edit, None when it
+    # verifies. Tamper evidence, not damage: fsck never "repairs" an audit record.
+    audit_problem: str | None = None
+    audit_records: int = 0
     repaired: bool = False
 
     @property
@@ -82,7 +87,7 @@ class Report:
     def clean(self) -> bool:
         return not (self.damage or self.bad_nlink or self.bad_parent or self.bad_refcount
                     or self.dangling_entries or self.unreachable or self.misnamed_blocks
-                    or (self.in_archive and not self.repaired))
+                    or self.audit_problem or (self.in_archive and not self.repaired))
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items()} | {"clean": self.clean,
@@ -132,6 +137,10 @@ class Report:
                          "the store was made with)")
         for rec in self.damaged_records:
             lines.append(f"  DAMAGE: {rec} failed authentication")
+        if self.audit_problem:
+            lines.append(f"  AUDIT: {self.audit_problem} (the chain of {self.audit_records} "
+                         "records no longer verifies: keep the store as it is and report it; "
+                         "vnafs audit verify names the record)")
         if self.clean:
             lines.append("clean")
         return "\n".join(lines)
@@ -259,6 +268,8 @@ def check(store: Store, *, repair: bool = False, verify_data: bool = True,
     if bar is not None:
         bar.close()
 
+    audit = AuditLog(db, store.keyring.audit_key).verify()
+    rep.audit_records, rep.audit_problem = audit.records, audit.problem
     if archive is not None and (rep.missing_blocks or rep.corrupt_blocks):
         _check_archive(store, archive, rep, stored_refs, repair)
     if repair:

@@ -368,3 +368,18 @@ async def test_a_damaged_chain_head_fails_changes_closed_and_keeps_reads_queued(
     assert vfs.engine.health.as_dict()["state"] == "damaged"
     assert rec.stats["events"] == 2 and rec.stats["records"] == 0
     assert "fails authentication" in str(audit_log(vfs).verify().problem)
+
+
+async def test_fsck_verifies_the_audit_chain(vfs: Vfs) -> None:
+    """fsck reports a broken audit chain as not clean (tamper evidence, never "repaired")."""
+    from vnafs import fsck
+
+    vfs.fsck_at_exit = False  # a record is removed on purpose
+    await append(vfs, [event(n) for n in range(1, 4)])
+    await vfs.settle()
+    rep = fsck.check(vfs.store, progress=False)
+    assert rep.clean and rep.audit_records == 3 and rep.audit_problem is None
+    _put_raw(vfs, "audit", {u64(2): None})
+    rep = fsck.check(vfs.store, progress=False)
+    assert not rep.clean and rep.audit_problem == "audit record 2 is missing"
+    assert "AUDIT: audit record 2 is missing" in rep.summary()
