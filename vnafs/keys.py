@@ -97,7 +97,7 @@ _INFO_NAME = b"vnafs name-hmac v1"
 _INFO_DEDUP = b"vnafs block-id v1"
 # Format 2 block ids (keyed BLAKE3): a key of their own, so ids of the two formats are unrelated.
 _INFO_BLOCK_ID_BLAKE3 = b"vnafs block-id blake3 v2"
-# The access audit's chain MAC (vnafs/audit/chain.py, docs/format.md 5.7).
+# The access audit's chain MAC (vnafs/audit/chain.py, docs/format.md 5.6).
 _INFO_AUDIT = b"vnafs audit v1"
 
 
@@ -1075,7 +1075,7 @@ class Keyring:
 
     @property
     def audit_key(self) -> bytes:
-        """The key of the access audit's chain MAC (docs/format.md section 5.7)."""
+        """The key of the access audit's chain MAC (docs/format.md section 5.6)."""
         return self._audit_key
 
     @property

@@ -3,7 +3,7 @@
 `AuditRecorder` runs over the real engine, index and indexer (tests/unit/harness.py) and is
 called the way `Operations` calls it; its clocks and the process-name lookup are injected, so
 the collapse window is tested without waiting and without timing. The chain is checked against
-the known-answer vector of docs/format.md 5.7, computed here from that section with a general
+the known-answer vector of docs/format.md 5.6, computed here from that section with a general
 HMAC/HKDF library and none of vnafs's code.
 """
 
@@ -180,7 +180,7 @@ def _vectors() -> dict[str, bytes]:
 
 def test_known_answer_vector_of_the_format_document() -> None:
     v = _vectors()
-    # Independent of vnafs: section 2's HKDF, 5.7's layout and MAC.
+    # Independent of vnafs: section 2's HKDF, 5.6's layout and MAC.
     key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
                info=b"vnafs audit v1").derive(v["master"])
     assert key == v["audit_key"]
@@ -331,7 +331,7 @@ async def test_reads_queued_before_a_delete_keep_their_study_and_their_order(
 
 async def test_an_archive_mounts_own_chain_survives_a_checkpoint_from_the_archive(
         vfs: Vfs) -> None:
-    """The local chain (format.md 5.7) keeps its head beside its records: applying a
+    """The local chain (format.md 5.6) keeps its head beside its records: applying a
     checkpoint clears every replicated table, `counters` with the replicated chain's head."""
     from vnafs.archive.log import clear_replicated
 

@@ -163,7 +163,7 @@ async def test_a_keyring_copy_from_before_retire_is_what_opens_old_blocks(vfs: V
 
 async def test_the_audit_chain_still_verifies_after_reseal_and_retire(vfs: Vfs) -> None:
     """Re-sealing changes every audit record's envelope but not its plaintext, so the chain
-    (MACs over the plaintext, docs/format.md 5.7) is unchanged and still verifies."""
+    (MACs over the plaintext, docs/format.md 5.6) is unchanged and still verifies."""
     from vnafs.audit.chain import AuditLog, Event
     from vnafs.meta.tx import Tx
 

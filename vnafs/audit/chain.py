@@ -3,7 +3,7 @@
 Why a module of its own, below trio: the records are written by the mounted daemon (through
 `vnafs/audit/recorder.py`), by `vnafs restore` (its `export` record) and read by the control
 handlers and the offline `vnafs audit --key-file`, so the format, the chain and the checks live
-in one place that needs nothing but LMDB (docs/format.md 5.7).
+in one place that needs nothing but LMDB (docs/format.md 5.6).
 
 Each record is a sealed value of the replicated `audit` table under its sequence number; its
 plaintext ends with `HMAC(audit key, previous MAC || seq || fields)`, and `counters/audit_head`
@@ -63,7 +63,7 @@ class Event:
 
 
 def encode_fields(e: Event) -> bytes:
-    """The record's plaintext without its MAC (docs/format.md 5.7)."""
+    """The record's plaintext without its MAC (docs/format.md 5.6)."""
     name = e.process.encode("utf-8", "replace")[:_MAX_PROCESS]
     study = e.study if e.study is not None else bytes(STUDY_LEN)
     return _FIXED.pack(RECORD_VERSION, ACTIONS.index(e.action) + 1, e.time_ns,
@@ -121,7 +121,7 @@ class AuditLog:
 
     @classmethod
     def local(cls, db: MetaDB, key: bytes) -> AuditLog:
-        """The chain of a read-only archive mount's own accesses (docs/format.md 5.7)."""
+        """The chain of a read-only archive mount's own accesses (docs/format.md 5.6)."""
         return cls(db, key, table=LOCAL_TABLE, head=(LOCAL_TABLE, LOCAL_HEAD_KEY))
 
     def _entries(self, txn: lmdb.Transaction) -> Iterator[tuple[bytes, bytes]]:

@@ -47,14 +47,14 @@ TABLES: dict[str, bytes] = {
     "dicom_todo": b"q",
     # Snapshots (vnafs/meta/snapshots.py, docs/architecture.md section 10).
     "snapshots": b"n",
-    # Tiering: pinned studies and files (vnafs/tier/, docs/format.md 5.6).
+    # Tiering: pinned studies and files (vnafs/tier/, docs/format.md 5.3).
     "tier_pins": b"P",
     # Archive replication (vnafs/archive/, docs/format.md sections 5.3 and 6).
     "tombstones": b"t",
     "repl_state": b"z",
     "repl_dirty": b"y",
     "repl_blocks": b"u",
-    # The access audit's chained records (vnafs/audit/, docs/format.md 5.7), and the chain a
+    # The access audit's chained records (vnafs/audit/, docs/format.md 5.6), and the chain a
     # read-only archive mount keeps of its own accesses (never replicated).
     "audit": b"A",
     "audit_local": b"a",

@@ -29,7 +29,7 @@ from vnafs.meta.namespace import Namespace
 from vnafs.meta.records import STATE_EVICTED, STATE_HOT, STATE_REPLICATED, BlockRef, Inode, RefCount
 from vnafs.meta.tx import Tx
 
-# `tier_pins` keys (docs/format.md 5.6).
+# `tier_pins` keys (docs/format.md 5.3).
 PIN_STUDY = b"s"
 PIN_FILE = b"i"
 
