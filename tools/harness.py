@@ -463,10 +463,11 @@ class VnafsTarget(FuseTarget):
         """The daemon's `wait_idle` request (no partial or unsealed block, nothing queued for
         the indexer), through its control socket."""
         from vnafs import control
+        from vnafs.errors import VnafsError
 
         try:
             control.control_request(self.hot, {"op": "wait_idle"}, timeout=1800)
-        except Exception as exc:  # a VnafsError: one line from the daemon or the socket
+        except (VnafsError, OSError) as exc:
             raise BenchError(f"waiting for vnafs to be idle failed: {exc}") from None
 
 

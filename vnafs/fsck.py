@@ -22,7 +22,7 @@ from vnafs.archive.backend import ArchiveError, ArchiveMissing, Backend
 from vnafs.archive.log import block_name
 from vnafs.audit.chain import AuditLog
 from vnafs.errors import IntegrityError
-from vnafs.meta.db import INF, TABLES, read_u64, records, u64
+from vnafs.meta.db import INF, TABLES, UNSEALED, read_u64, records, u64
 from vnafs.meta.records import (
     ROOT_INO,
     STATE_EVICTED,
@@ -306,13 +306,12 @@ def _check_archive(store: Store, archive: Backend, rep: Report,
 # Tables whose every record the checks above already opened.
 _FULLY_SCANNED = frozenset({"blockmap", "refs", "orphans"})
 # Tables whose values are not sealed (docs/format.md 5.3): nothing to authenticate.
-_UNSEALED = frozenset({"repl_dirty", "repl_blocks"})
 
 
 def _authenticate_rest(rep: Report, db: Any, txn: Any) -> None:
     seen = set(rep.damaged_records)
     for table in TABLES:
-        if table in _FULLY_SCANNED or table in _UNSEALED:
+        if table in _FULLY_SCANNED or table in UNSEALED:
             continue
         for key, value in records(txn.cursor(db=db.dbs[table])):
             try:

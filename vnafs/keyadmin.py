@@ -143,8 +143,7 @@ def retire(store: Store, backend: Backend | None, auth: KekSource, version: Any
     if not isinstance(version, int) or isinstance(version, bool):
         raise VnafsError("bad control request: field 'version' is not a number")
     started = time.perf_counter()
-    if version not in store.keyring.versions or version == store.keyring.current_version:
-        store.keyring.retire(auth, version)  # the one-line refusal for these cases
+    store.keyring.check_retirable(version)
     sealed = find_sealed(store.db, store.hot, backend, version)
     if sealed.total:
         where = ", ".join(f"{n} {what}" for n, what in (

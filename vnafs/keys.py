@@ -1197,17 +1197,8 @@ class Keyring:
         with self._admin:
             self._authenticate(self._sealing, auth)
             with self._lock:
+                self._check_retirable_locked(version)
                 payload = self._payload.copy()
-                if version == payload.current:
-                    raise VnafsError(f"data key version {version} is the current one: rotate "
-                                     "first (vnafs key rotate), then re-seal (nothing was "
-                                     "changed)")
-                if version in payload.retired:
-                    raise VnafsError(f"data key version {version} is retired already "
-                                     "(nothing was changed)")
-                if version not in payload.data_keys:
-                    raise VnafsError(f"this keyring has no data key version {version}: 'vnafs "
-                                     "status' shows the versions in use (nothing was changed)")
                 del payload.data_keys[version]
                 payload.reserved.pop(version, None)
                 payload.retired.append(version)
@@ -1216,6 +1207,25 @@ class Keyring:
                 aeads.pop(version, None)
                 self._aeads = aeads
                 self._payload = payload
+
+    def check_retirable(self, version: int) -> None:
+        """The one-line refusal of `retire(version)` for a version it can never remove (the
+        current one, a retired one, one it never had), so a caller can refuse before the long
+        check that nothing is sealed under it."""
+        with self._lock:
+            self._check_retirable_locked(version)
+
+    def _check_retirable_locked(self, version: int) -> None:
+        payload = self._payload
+        if version == payload.current:
+            raise VnafsError(f"data key version {version} is the current one: rotate first "
+                             "(vnafs key rotate), then re-seal (nothing was changed)")
+        if version in payload.retired:
+            raise VnafsError(f"data key version {version} is retired already "
+                             "(nothing was changed)")
+        if version not in payload.data_keys:
+            raise VnafsError(f"this keyring has no data key version {version}: 'vnafs status' "
+                             "shows the versions in use (nothing was changed)")
 
     # -- key slots (docs/format.md section 3, docs/admin.md "Keys") -------------------------------
 

@@ -31,9 +31,9 @@ from typing import Any, TypeVar
 from vnafs.archive import log as alog
 from vnafs.archive.backend import ArchiveMissing, Backend
 from vnafs.errors import IntegrityError
-from vnafs.meta.db import TABLES, MetaDB, records
+from vnafs.meta.db import TABLES, UNSEALED, MetaDB, records
 from vnafs.meta.records import STATE_HOT, RefCount
-from vnafs.seal import HEADER_LEN, KIND_BLOCK, KIND_RECORD, MAGIC, Sealer
+from vnafs.seal import HEADER_LEN, KIND_BLOCK, KIND_RECORD, Sealer
 from vnafs.store.hot import HotStore
 
 log = logging.getLogger("vnafs.keys")
@@ -42,8 +42,6 @@ T = TypeVar("T")
 # Called with a step that writes; runs it while no metadata commit runs, and returns its result.
 UnderWriter = Callable[[Callable[[], T]], T]
 
-# Tables whose values are not envelopes (docs/format.md section 5).
-UNSEALED = frozenset({"repl_dirty", "repl_blocks"})
 SEALED_TABLES = tuple(sorted(set(TABLES) - UNSEALED))
 RECORD_BATCH = 2000
 BLOCK_BATCH = 32
@@ -76,13 +74,9 @@ def _direct(step: Callable[[], T]) -> T:
     return step()
 
 
-def envelope_version(envelope: bytes | memoryview, name: str) -> int:
-    """The data key version in an envelope's header (unauthenticated: a header that lies only
-    makes the re-seal or the retire check look at the object, never skip it)."""
-    env = memoryview(envelope)
-    if env.nbytes < HEADER_LEN or bytes(env[:4]) != MAGIC:
-        raise IntegrityError(f"{name} failed authentication (bad header)")
-    return int.from_bytes(env[8:12], "big")
+# Unauthenticated: a header that lies only makes the re-seal or the retire check look at the
+# object, never skip it.
+envelope_version = Sealer.key_version
 
 
 class Resealer:

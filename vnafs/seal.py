@@ -282,6 +282,18 @@ class Sealer:
         return hmac.digest(self._keyring.name_key, name, "sha256")
 
     @staticmethod
+    def key_version(envelope: bytes | memoryview, name: str = "object") -> int:
+        """The data key version of an envelope from its 28-byte header alone (what a ranged
+        read of an archive object gives); unauthenticated."""
+        env = memoryview(envelope)
+        if env.nbytes < HEADER_LEN:
+            raise _failed(name, "truncated")
+        magic, _, _, reserved, version, _, _ = _HEADER.unpack(env[:HEADER_LEN])
+        if magic != MAGIC or reserved != 0:
+            raise _failed(name, "bad header")
+        return int(version)
+
+    @staticmethod
     def header_info(
         envelope: bytes | memoryview, *, name: str = "object"
     ) -> tuple[int, int, int, int]:

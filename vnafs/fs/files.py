@@ -302,16 +302,13 @@ class Files:
 
     async def _seal_task(self, of: OpenFile, index: int, buf: bytearray, done: trio.Event) -> None:
         try:
-            if index == 0 and is_encapsulated(buf):
-                of.compress = False
+            self._check_encapsulated(of, index, buf)
             block_id, stored = await self.engine.store_block(buf, compress=of.compress)
             of.pending_ids.append(block_id)
             length = min(len(buf), of.size - index * BLOCK_SIZE)
             of.sealed[index] = NewBlock(BlockRef(block_id, length), stored) if length > 0 else None
         except OSError as exc:
-            log.error("writing a block of inode %d failed: %s", of.ino, exc.strerror)
-            self.engine.health.report("block_write",
-                                      f"writing a block failed: {exc.strerror}")
+            self._write_failed(of, exc)
             of.error = exc
             of.dirty.setdefault(index, buf)  # keep the data; the next flush retries
         except Exception:
@@ -322,6 +319,16 @@ class Files:
             del of.inflight[index]
             self.engine.inflight.release()
             done.set()
+
+    @staticmethod
+    def _check_encapsulated(of: OpenFile, index: int, buf: bytearray) -> None:
+        # Compressed pixel data (JPEG...) is not worth compressing again.
+        if index == 0 and is_encapsulated(buf):
+            of.compress = False
+
+    def _write_failed(self, of: OpenFile, exc: OSError) -> None:
+        log.error("writing a block of inode %d failed: %s", of.ino, exc.strerror)
+        self.engine.health.report("block_write", f"writing a block failed: {exc.strerror}")
 
     async def _drain(self, of: OpenFile) -> None:
         while of.inflight:
@@ -376,8 +383,7 @@ class Files:
             done.set()
             raise
         try:
-            if index == 0 and is_encapsulated(buf):
-                of.compress = False
+            self._check_encapsulated(of, index, buf)
             length = min(len(buf), of.size - index * BLOCK_SIZE)
             sealed = dict(of.sealed)
             try:
@@ -389,19 +395,12 @@ class Files:
                 of.dirty[index] = buf
                 raise exc.__cause__ or OSError(errno.EIO, os.strerror(errno.EIO)) from None
             except OSError as exc:
-                log.error("writing a block of inode %d failed: %s", of.ino, exc.strerror)
-                self.engine.health.report("block_write",
-                                          f"writing a block failed: {exc.strerror}")
+                self._write_failed(of, exc)
                 of.dirty[index] = buf
                 raise
-            of.changed = of.changed or bool(tx.changed)
-            for i, new in sealed.items():
-                of.committed[i] = None if new is None else new.ref
-            of.committed[index] = BlockRef(block_id, length) if length > 0 else None
-            of.sealed.clear()
-            of.meta_dirty = False
-            pending, of.pending_ids = [*of.pending_ids, block_id], []
-            self.engine.release_pending(pending)
+            of.pending_ids.append(block_id)
+            sealed[index] = NewBlock(BlockRef(block_id, length), 0) if length > 0 else None
+            self._committed(of, tx, sealed)
         finally:
             del of.inflight[index]
             self.engine.inflight.release()
@@ -441,12 +440,18 @@ class Files:
         """Commit the sealed blocks, size and times; the caller holds `of.lock`, which keeps
         writers and seal tasks out, and the sealed blocks stay visible to readers until LMDB
         has them."""
+        sealed = dict(of.sealed)
         _, tx = await self.engine.commit_tx(
-            self.ns.commit_file, of.ino, dict(of.sealed), size=of.size,
+            self.ns.commit_file, of.ino, sealed, size=of.size,
             mtime_ns=of.mtime_ns, ctime_ns=of.ctime_ns, atime_ns=of.atime_ns,
         )
+        self._committed(of, tx, sealed)
+
+    def _committed(self, of: OpenFile, tx: Tx, blocks: dict[int, NewBlock | None]) -> None:
+        """After the commit of `blocks` (the caller holds `of.lock`): they are in LMDB now, so
+        they move to `committed`, and the ids they hold pending are released."""
         of.changed = of.changed or bool(tx.changed)
-        for index, new in of.sealed.items():
+        for index, new in blocks.items():
             of.committed[index] = None if new is None else new.ref
         of.sealed.clear()
         of.meta_dirty = False

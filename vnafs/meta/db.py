@@ -60,6 +60,8 @@ TABLES: dict[str, bytes] = {
     "audit_local": b"a",
 }
 TAG_TABLES = {tag: name for name, tag in TABLES.items()}
+# Tables whose values are not sealed envelopes (docs/format.md section 5): the outbox marks.
+UNSEALED = frozenset({"repl_dirty", "repl_blocks"})
 
 # Tables whose changes go to the archive. `refs` is rebuilt from `blockmap` on restore (its
 # replication state differs between the hot store and the archive by definition), and the
